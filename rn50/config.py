@@ -1,0 +1,337 @@
+"""Typed experiment configuration: dataclass sections, YAML recipes and dotted CLI overrides.
+
+A recipe is a YAML file whose top-level keys are the section names below. Every value a user
+types (in a recipe, an override `optim.lr=0.2` or a tune space) goes through `Config.from_dict`,
+which coerces it to the field's type and names the offending key when it cannot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user supplied is wrong; the message says which and why."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """Source: `digits` (scikit-learn's bundled digits, written as JPEGs), `imagefolder`
+    (train/ and val/ class folders, incl. ILSVRC layout), `parquet` (HF-style shards of JPEG bytes
+    + label) or `imagenette` (downloaded from its public URL and cached)."""
+    root: str = "~/.cache/rn50/digits"
+    """Directory (or s3:// URI for parquet) holding the data set; `~` is expanded."""
+    num_classes: int = 10
+    """Number of output classes of the classifier head."""
+    train_crop_px: int = 32
+    """Side of the square RandomResizedCrop used for training, in pixels."""
+    val_resize_px: int = 32
+    """Shorter side the validation image is resized to before the center crop, in pixels."""
+    val_crop_px: int = 32
+    """Side of the square validation center crop, in pixels."""
+    min_crop_scale: float = 0.08
+    """Smallest fraction of the image area RandomResizedCrop may keep."""
+    hflip: bool = True
+    """Random horizontal flip during training (off for digits, where it changes the class)."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength; 0 disables it."""
+    loader_workers: int = 0
+    """DataLoader worker processes per training worker (0 decodes in the training process)."""
+    max_train_samples: int = 0
+    """Use only the first N training samples (after a fixed shuffle); 0 uses all."""
+    max_val_samples: int = 0
+    """Use only the first N validation samples; 0 uses all."""
+    imagenette_size_px: int = 160
+    """Which Imagenette archive to download: 160, 320 or 0 for full size."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    """`resnet50` (torchvision v1.5) or `resnet50d` (deep stem + avg-pool downsample)."""
+    zero_init_residual: bool = True
+    """Start each residual block's last BN gamma at 0 so blocks begin as identities."""
+    channels_last: bool = True
+    """Use channels_last memory format when training on a GPU (ignored on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    """Peak learning rate for a global batch of `lr_reference_batch_size` images."""
+    lr_reference_batch_size: int = 256
+    """Batch size `lr` refers to; the peak LR scales linearly with global_batch_size / this."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Use Nesterov momentum."""
+    weight_decay: float = 1e-4
+    """L2 weight decay applied by SGD."""
+    no_bn_bias_decay: bool = False
+    """Exclude BatchNorm parameters and biases from weight decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy target, in [0, 1)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 5.0
+    """Linear warmup from `warmup_start_fraction` × peak LR to the peak, in epochs."""
+    warmup_start_fraction: float = 0.1
+    """LR at step 0 as a fraction of the peak LR."""
+    decay: str = "step"
+    """After warmup: `step` (×step_gamma at each milestone), `cosine` or `linear` to final_lr_fraction."""
+    step_milestones_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """Epochs at which `step` decay multiplies the LR by step_gamma."""
+    step_gamma: float = 0.1
+    """Multiplier applied at each step milestone."""
+    final_lr_fraction: float = 0.0
+    """LR at the end of cosine/linear decay as a fraction of the peak LR."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    """Number of passes over the training set."""
+    global_batch_size: int = 256
+    """Images per optimizer step summed over all workers."""
+    seed: int = 0
+    """Seed for weights, data order and augmentation."""
+    amp: bool = True
+    """bf16 autocast when training on a GPU (ignored on CPU)."""
+    ema_decay: float = 0.0
+    """Per-step decay of an exponential moving average of the weights; 0 disables EMA."""
+    torch_threads: int = 1
+    """torch intra-op threads per training worker (OMP_NUM_THREADS)."""
+    log_every_steps: int = 50
+    """Print a progress line every N steps on rank 0."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    """Ray Train workers (one process each, one GPU each when use_gpu)."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per training worker."""
+    use_gpu: bool = False
+    """Reserve one GPU per worker; the device is still chosen from what torch sees."""
+    accelerator_type: str = ""
+    """Ray accelerator type the workers must run on (e.g. `A10G`); empty for any."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Save a checkpoint every N epochs (and always after the last one)."""
+    keep_last: int = 2
+    """How many recent checkpoints Ray keeps in storage."""
+    max_failures: int = 3
+    """How many worker-group failures a run survives by restarting from its latest checkpoint."""
+
+
+@dataclass
+class FaultsConfig:
+    raise_at_epoch: int = -1
+    """Testing aid: raise an error on rank 0 once at the start of this epoch; -1 disables it."""
+    marker_path: str = ""
+    """File created when the injected fault fires, so it fires only once across restarts."""
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "rn50"
+    """MLflow experiment name."""
+    log_model: bool = True
+    """Log the final model to MLflow at the end of the run."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Build a validated Config from nested dicts, coercing values and rejecting unknown keys."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+        sections = {}
+        for section_name, section_raw in raw.items():
+            section_type = _section_types().get(section_name)
+            if section_type is None:
+                raise ConfigError(f"unknown config section '{section_name}'; "
+                                  f"known sections: {', '.join(_section_types())}")
+            sections[section_name] = _build_section(section_name, section_type, section_raw or {})
+        config = cls(**sections)
+        validate(config)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-dict form (what a recipe YAML holds)."""
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key form, e.g. {'optim.lr': 0.1}, for MLflow params and tune spaces."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def to_yaml(self) -> str:
+        """The resolved config as a recipe YAML that `load_config` accepts unchanged."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak LR after linear scaling with the global batch size."""
+        return self.optim.lr * self.train.global_batch_size / self.optim.lr_reference_batch_size
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _build_section(section_name: str, section_type: type, raw: Any):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{section_name}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(section_type)
+    known = {f.name for f in dataclasses.fields(section_type)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{section_name}.{key}'; "
+                              f"known keys in '{section_name}': {', '.join(sorted(known))}")
+        values[key] = coerce(f"{section_name}.{key}", value, hints[key])
+    return section_type(**values)
+
+
+def coerce(key: str, value: Any, expected: Any) -> Any:
+    """Convert `value` (possibly a string from the command line) to `expected` or raise ConfigError."""
+    if isinstance(value, str) and expected is not str:
+        value = _parse_scalar(value)
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' expects a list like [30, 60], got {value!r}")
+        return [coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"'{key}' expects {getattr(expected, '__name__', expected)}, got {value!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+_CHOICES = {
+    "data.dataset": ("digits", "imagefolder", "parquet", "imagenette"),
+    "data.imagenette_size_px": (160, 320, 0),
+    "model.arch": ("resnet50", "resnet50d"),
+    "schedule.decay": ("step", "cosine", "linear"),
+}
+_POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",
+             "optim.lr", "optim.lr_reference_batch_size", "train.epochs",
+             "train.global_batch_size", "train.torch_threads", "train.log_every_steps",
+             "scaling.num_workers", "scaling.cpus_per_worker", "checkpoint.every_epochs",
+             "checkpoint.keep_last")
+_NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_samples",
+                 "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
+                 "schedule.warmup_start_fraction", "schedule.final_lr_fraction",
+                 "checkpoint.max_failures", "train.seed")
+_FRACTIONS = ("optim.label_smoothing", "train.ema_decay", "data.min_crop_scale")
+
+
+def validate(config: Config) -> None:
+    """Check value ranges and choices, raising ConfigError that names the key."""
+    flat = config.flat()
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"'{key}' must be one of {list(allowed)}, got {flat[key]!r}")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {flat[key]!r}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {flat[key]!r}")
+    for key in _FRACTIONS:
+        if not 0 <= flat[key] < 1:
+            raise ConfigError(f"'{key}' must be in [0, 1), got {flat[key]!r}")
+    if config.train.global_batch_size % config.scaling.num_workers:
+        raise ConfigError(f"'train.global_batch_size' ({config.train.global_batch_size}) must be "
+                          f"divisible by 'scaling.num_workers' ({config.scaling.num_workers})")
+    if config.data.val_crop_px > config.data.val_resize_px:
+        raise ConfigError("'data.val_crop_px' must not exceed 'data.val_resize_px'")
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """Map a recipe name (`demo`) or a YAML path to an existing file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{name_or_path}' does not exist")
+        return path
+    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(names)} "
+                          "(or pass a path to a .yaml file)")
+    return builtin
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split `section.field=value` into key and raw value."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.field=value, e.g. optim.lr=0.2")
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of nested `raw` with each dotted override set (validated later)."""
+    merged = {section: dict(values or {}) for section, values in raw.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def load_config(recipe: str = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a recipe by name or path, apply dotted overrides and validate the result."""
+    path = resolve_recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {err}") from None
+    return Config.from_dict(apply_overrides(raw, overrides or []))
