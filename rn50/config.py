@@ -149,6 +149,8 @@ class FaultsConfig:
 class TrackingConfig:
     experiment: str = "rn50"
     """MLflow experiment name."""
+    uri: str = ""
+    """MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."""
     log_model: bool = True
     """Log the final model to MLflow at the end of the run."""
 

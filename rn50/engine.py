@@ -1,0 +1,123 @@
+"""The plain-PyTorch parts of training: optimizer, one epoch of SGD, evaluation.
+
+No Ray here. `torch.distributed` is used only if a process group is already initialised (Ray
+Train's TorchTrainer sets one up), so these functions also run in a single process under pytest.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rn50.config import Config
+from rn50.model import EMA, parameter_groups
+from rn50.transforms import normalize
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD with momentum at the batch-scaled peak LR (the schedule multiplies it per step)."""
+    groups = parameter_groups(model, config.optim.weight_decay, config.optim.no_bn_bias_decay)
+    # foreach=True batches the update over all tensors: same maths, fewer kernel launches.
+    return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.optim.momentum,
+                           nesterov=config.optim.nesterov and config.optim.momentum > 0,
+                           foreach=True)
+
+
+def autocast_context(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU trains in fp32)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(images_uint8: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy a uint8 batch to the device (async from pinned memory) and normalize it there."""
+    non_blocking = device.type == "cuda"
+    images = normalize(images_uint8.to(device, non_blocking=non_blocking))
+    if channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=non_blocking)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch measured, summed over all workers."""
+    loss: float
+    images: int
+    seconds: float
+    skipped_images: int
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the whole worker group."""
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler, ema: EMA | None, device: torch.device, config: Config,
+                    log: Callable[[str], None] = lambda message: None) -> EpochStats:
+    """One pass of SGD over `batches` of (uint8 images, labels, skipped count)."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    loss_sum, images_seen, skipped = 0.0, 0, 0
+    start = time.perf_counter()
+    for step, (images_uint8, labels, num_skipped) in enumerate(batches):
+        skipped += num_skipped
+        if labels.numel() == 0:
+            continue
+        images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
+        with autocast_context(device, config.train.amp):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.item() * labels.numel()
+        images_seen += labels.numel()
+        if step % config.train.log_every_steps == 0:
+            log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.5f}")
+    seconds = time.perf_counter() - start
+    loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
+        [loss_sum, images_seen, skipped, seconds], device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return EpochStats(loss=loss_sum / max(images_seen, 1), images=int(images_seen),
+                      seconds=seconds / world, skipped_images=int(skipped))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
+             channels_last: bool = False, amp: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, top1, top5, count = 0.0, 0.0, 0.0, 0
+    for images_uint8, labels, _ in batches:
+        if labels.numel() == 0:
+            continue
+        images, labels = to_device(images_uint8, labels, device, channels_last)
+        with autocast_context(device, amp):
+            logits = model(images).float()
+        loss_sum += criterion(logits, labels).item()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+        count += labels.numel()
+    loss_sum, top1, top5, count = _all_reduce_sum([loss_sum, top1, top5, count], device)
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}

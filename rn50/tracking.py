@@ -1,0 +1,126 @@
+"""MLflow tracking: one MLflow run per training run, resumed (not duplicated) after a restart.
+
+The driver opens the run and logs what is known before training (params, tags, the resolved
+recipe); rank 0 of the worker group logs per-epoch metrics with step=epoch; the driver closes the
+run with the training curves and the final model. A run is found again by the tag
+`rn50.run_key` = "<storage>/<name>", which is exactly what makes a Ray Train run resumable.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from rn50.config import Config
+
+RUN_KEY_TAG = "rn50.run_key"
+CURVE_METRICS = ("train/loss", "val/top1", "val/top5", "lr")
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep a local store's artifacts beside its database, not relative to whatever cwd is.
+        artifact_location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    """The current git commit of the working directory, or 'unknown' outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_name: str,
+                        tags: dict[str, str]) -> tuple[str, bool]:
+    """Return (run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, config.tracking.experiment, tracking_uri)
+    escaped = run_key.replace("'", "\\'")
+    found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "rn50.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    params = [Param(key, str(value)) for key, value in sorted(config.flat().items())]
+    for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    client.log_text(run.info.run_id, config.to_yaml(), "recipe.yaml")
+    return run.info.run_id, False
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log a dict of metrics at `step` (the epoch) in one request."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Set several tags on a run."""
+    MlflowClient(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def curves_png(tracking_uri: str, run_id: str) -> bytes:
+    """A 2×2 PNG of loss, top-1, top-5 and LR against epoch, from the run's metric history."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient(tracking_uri)
+    figure, axes = plt.subplots(2, 2, figsize=(9, 6))
+    for axis, key in zip(axes.flat, CURVE_METRICS):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        axis.plot([m.step for m in history], [m.value for m in history], marker="o")
+        axis.set_title(key)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
+               example_input=None) -> None:
+    """Log the curves PNG and (optionally) the final model, then mark the run finished/failed."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = Path(tmp) / "training_curves.png"
+        curves.write_bytes(curves_png(tracking_uri, run_id))
+        client.log_artifact(run_id, str(curves))
+    if model is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            signature = mlflow.models.infer_signature(
+                example_input.numpy(), model(example_input).detach().numpy())
+            mlflow.pytorch.log_model(model, name="model", signature=signature,
+                                     pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
+    client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")

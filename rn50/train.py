@@ -1,0 +1,240 @@
+"""Distributed training with Ray Train V2: the per-worker loop and the driver that launches it.
+
+Read top to bottom: `train_loop_per_worker` runs in every worker process (Ray sets up
+torch.distributed), restores the latest checkpoint if Ray hands one back, and then trains epoch by
+epoch, reporting metrics (every rank) and a checkpoint (rank 0) to Ray at each epoch end. The
+driver, `run_training`, checks storage and MLflow, builds the `TorchTrainer`, and turns Ray's
+result into the run summary. Everything that is not Ray-specific lives in the plain-PyTorch modules.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from rn50 import checkpoint as ckpt
+from rn50 import storage, tracking
+from rn50.config import Config
+from rn50.data import build_datasets, build_loader
+from rn50.engine import build_optimizer, evaluate, train_one_epoch
+from rn50.model import EMA, build_model, unwrap
+from rn50.schedule import build_scheduler
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by `faults.raise_at_epoch` to test recovery."""
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[rn50 rank0] {message}", flush=True)
+
+
+def _pick_device() -> torch.device:
+    # A node may advertise a GPU to Ray without torch seeing one (fake clusters, broken drivers):
+    # trust torch, not the resource label.
+    if torch.cuda.is_available():
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _load_data(config: Config):
+    """Datasets for this worker; one process per node writes any cached files, the rest wait."""
+    context = ray.train.get_context()
+    if context.get_local_rank() == 0:
+        build_datasets(config.data)
+    if dist.is_initialized():
+        dist.barrier()
+    return build_datasets(config.data)
+
+
+def _restore(model, optimizer, scheduler, ema, rank: int) -> int:
+    """Load Ray's latest checkpoint into the training state; return the epoch to start at."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = ckpt.load_checkpoint(directory)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    _log(rank, f"resumed from {checkpoint.path} after epoch {state['epoch']}")
+    return state["epoch"] + 1
+
+
+def _maybe_inject_fault(config: Config, epoch: int, rank: int) -> None:
+    marker = Path(config.faults.marker_path) if config.faults.marker_path else None
+    if rank != 0 or epoch != config.faults.raise_at_epoch or (marker and marker.exists()):
+        return
+    if marker:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"fault injected at epoch {epoch}\n")
+    raise InjectedFault(f"injected fault at the start of epoch {epoch} (faults.raise_at_epoch)")
+
+
+def _report(metrics: dict, state: dict | None, rank: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint written into a temporary directory."""
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as directory:
+        ckpt.save_checkpoint(directory, state, summary=metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The training loop every Ray Train worker runs."""
+    config = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.train.torch_threads)
+    device = _pick_device()
+    train_set, val_set, _ = _load_data(config)
+    batch_per_worker = config.train.global_batch_size // world_size
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    model = build_model(config.model, config.data.num_classes).to(device)
+    if config.model.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(train_set) // config.train.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
+                         f"batch ({config.train.global_batch_size}); lower train.global_batch_size")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, config.train.epochs, config.schedule)
+    ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    start_epoch = _restore(model, optimizer, scheduler, ema, rank)
+    tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+    if rank == 0:
+        tracking.set_tags(tracking_uri, run_id, {"device": device.type, "world_size": world_size})
+
+    for epoch in range(start_epoch, config.train.epochs):
+        _maybe_inject_fault(config, epoch, rank)
+        # Data order and augmentation depend only on (seed, epoch, rank): a resumed run sees the
+        # same images in the same order as one that never stopped.
+        torch.manual_seed(config.train.seed * 1_000_003 + epoch * 1_009 + rank)
+        train_loader = build_loader(train_set, batch_per_worker, rank, world_size,
+                                    config.train.seed, epoch, True, config.data.loader_workers)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, ema, device, config,
+                                log=lambda message: _log(rank, f"epoch {epoch} {message}"))
+        val_loader = build_loader(val_set, batch_per_worker, rank, world_size,
+                                  config.train.seed, epoch, False, config.data.loader_workers)
+        val = evaluate(model, val_loader, device, config.model.channels_last, config.train.amp)
+        metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1": val["top1"],
+                   "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
+                   "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images}
+        _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if rank == 0:
+            tracking.log_metrics(tracking_uri, run_id, _mlflow_names(metrics), step=epoch)
+        last = epoch == config.train.epochs - 1
+        wants_checkpoint = last or (epoch + 1) % config.checkpoint.every_epochs == 0
+        state = _training_state(model, optimizer, scheduler, ema, epoch, config) \
+            if wants_checkpoint and rank == 0 else None
+        _report(metrics, state, rank)
+
+
+def _training_state(model, optimizer, scheduler, ema, epoch: int, config: Config) -> dict:
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "epoch": epoch, "config": config.to_dict(), "rng": ckpt.capture_rng_state()}
+
+
+def _mlflow_names(metrics: dict) -> dict:
+    names = {"train_loss": "train/loss", "val_top1": "val/top1", "val_top5": "val/top5",
+             "val_loss": "val/loss"}
+    return {names.get(k, k): v for k, v in metrics.items() if k != "epoch"}
+
+
+def _init_ray(config: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # A local Ray sized explicitly: workers × CPUs, never fewer than the machine has.
+    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
+    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False)
+
+
+def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
+    if result_checkpoint is None:
+        return ""
+    path = result_checkpoint.path
+    return f"s3://{path}" if storage_uri.startswith("s3://") else path
+
+
+def _final_model(result_checkpoint, config: Config):
+    """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
+    with result_checkpoint.as_directory() as directory:
+        manifest = ckpt.verify_checkpoint(directory)
+        state = ckpt.load_checkpoint(directory)
+    model = build_model(config.model, config.data.num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval(), manifest["summary"]
+
+
+def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict) -> TorchTrainer:
+    """The TorchTrainer for one run: scaling, storage, failure handling and checkpoint retention."""
+    filesystem, storage_path = storage.resolve_storage(storage_uri)
+    threads = str(config.train.torch_threads)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            accelerator_type=config.scaling.accelerator_type or None),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
+                                             "MKL_NUM_THREADS": threads}}))
+
+
+def run_training(config: Config, name: str, storage_uri: str) -> dict:
+    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
+    storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    run_key = f"{storage_uri.rstrip('/')}/{name}"
+    run_id, resumed = tracking.start_or_resume_run(
+        config, tracking_uri, run_key, name,
+        tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
+              "torch_version": torch.__version__, "num_workers": str(config.scaling.num_workers),
+              "device_type": "gpu" if config.scaling.use_gpu else "cpu",
+              "storage": storage.describe_storage(storage_uri)})
+    print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
+          f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
+    _init_ray(config)
+    trainer = build_trainer(config, name, storage_uri,
+                            {"config": config.to_dict(), "tracking_uri": tracking_uri,
+                             "mlflow_run_id": run_id})
+    start = time.time()
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(tracking_uri, run_id, succeeded=False)
+        raise
+    model, summary = _final_model(result.checkpoint, config)
+    example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
+    tracking.finish_run(tracking_uri, run_id, succeeded=True,
+                        model=model if config.tracking.log_model else None, example_input=example)
+    return {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
+            "epochs": summary["epoch"] + 1, "checkpoint": _checkpoint_uri(result.checkpoint,
+                                                                        storage_uri),
+            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+            "wall_s": round(time.time() - start, 1)}
