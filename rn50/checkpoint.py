@@ -108,7 +108,7 @@ def fingerprint_weights(weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())

@@ -251,9 +251,15 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a number
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 _CHOICES = {

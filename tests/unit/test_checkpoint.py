@@ -1,0 +1,81 @@
+"""Checkpoint files: round trip, manifest integrity, fingerprint, CLI."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rn50.checkpoint import (CheckpointError, capture_rng_state, fingerprint_weights,
+                             load_checkpoint, main, restore_rng_state, save_checkpoint)
+from rn50.config import ModelConfig
+from rn50.model import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(), 10)
+
+
+def _state(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
+            "rng": capture_rng_state(), "config": {"optim": {"lr": 0.1}}}
+
+
+def test_round_trip_preserves_every_tensor(tmp_path, model):
+    state = _state(model)
+    save_checkpoint(tmp_path / "c", state, summary={"epoch": 3})
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded["epoch"] == 3
+    for name, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][name], tensor), name
+    assert fingerprint_weights(loaded["model"]) == fingerprint_weights(state["model"])
+
+
+def test_fingerprint_tells_different_weights_apart(model):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = fingerprint_weights(weights)
+    weights["fc.bias"][0] += 1e-7
+    assert fingerprint_weights(weights) != before
+
+
+def test_missing_manifest_is_refused(tmp_path, model):
+    save_checkpoint(tmp_path / "c", {"model": {"w": torch.ones(2)}}, {})
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not finished"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_truncated_state_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "c", {"model": {"w": torch.ones(1000)}}, {})
+    state_file = tmp_path / "c" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_altered_state_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "c", {"model": {"w": torch.ones(1000)}}, {})
+    state_file = tmp_path / "c" / "state.pt"
+    data = bytearray(state_file.read_bytes())
+    data[-50] ^= 0xFF
+    state_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_cli_fingerprint_and_verify(tmp_path, capsys):
+    save_checkpoint(tmp_path / "c", {"model": {"w": torch.arange(4.0)}}, {"epoch": 0})
+    assert main(["fingerprint", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.strip() == fingerprint_weights({"w": torch.arange(4.0)})
+    assert main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "no manifest.json" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""Config: recipes load, overrides coerce types, mistakes name the key."""
+import pytest
+import yaml
+
+from rn50.config import RECIPES_DIR, Config, ConfigError, load_config
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_builtin_recipe_loads(recipe):
+    config = load_config(recipe)
+    assert config.train.epochs > 0
+
+
+def test_overrides_coerce_types():
+    config = load_config("demo", ["optim.lr=0.2", "train.epochs=3", "data.hflip=true",
+                                  "schedule.step_milestones_epochs=[1, 2]", "optim.weight_decay=1e-4"])
+    assert config.optim.lr == 0.2 and isinstance(config.optim.lr, float)
+    assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
+    assert config.data.hflip is True
+    assert config.schedule.step_milestones_epochs == [1, 2]
+    assert config.optim.weight_decay == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lrr=0.2", "unknown config key 'optim.lrr'"),
+    ("optimizer.lr=0.2", "unknown config section 'optimizer'"),
+    ("train.epochs=three", "'train.epochs' expects int"),
+    ("train.epochs=2.5", "'train.epochs' expects int"),
+    ("data.hflip=maybe", "'data.hflip' expects bool"),
+    ("optim.lr=-1", "'optim.lr' must be > 0"),
+    ("schedule.decay=exp", "'schedule.decay' must be one of"),
+    ("optim.label_smoothing=1.5", "'optim.label_smoothing' must be in [0, 1)"),
+    ("train.global_batch_size=63", "divisible by 'scaling.num_workers'"),
+    ("lr=0.2", "must look like section.field=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(ConfigError, match="built-in recipes: .*demo"):
+        load_config("no_such_recipe")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load_config("imagenet_90ep", ["optim.lr=0.3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(str(path)) == config
+
+
+def test_peak_lr_scales_with_global_batch():
+    config = load_config("imagenet_90ep", ["train.global_batch_size=2048"])
+    assert config.peak_lr == pytest.approx(0.1 * 2048 / 256)
+
+
+def test_flat_keys_are_dotted():
+    flat = Config().flat()
+    assert flat["optim.lr"] == 0.1 and "scaling.num_workers" in flat
+
+
+def test_invalid_yaml_recipe(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: {lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+def test_every_field_has_a_docstring():
+    source = (RECIPES_DIR.parent / "config.py").read_text()
+    for key in Config().flat():
+        field_name = key.split(".")[1]
+        line_index = next(i for i, line in enumerate(source.splitlines())
+                          if line.strip().startswith(f"{field_name}:"))
+        assert source.splitlines()[line_index + 1].strip().startswith('"""'), key
+    assert yaml.safe_load(Config().to_yaml())["optim"]["lr"] == 0.1

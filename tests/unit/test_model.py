@@ -1,0 +1,57 @@
+"""Model: parameter count, variants, zero-init, EMA."""
+import pytest
+import torch
+
+from rn50.config import ModelConfig
+from rn50.model import EMA, build_model, count_parameters, parameter_groups, unwrap
+
+
+def test_resnet50_has_the_published_parameter_count():
+    assert count_parameters(build_model(ModelConfig(), 1000)) == 25_557_032
+
+
+def test_resnet50d_runs_and_differs():
+    model = build_model(ModelConfig(arch="resnet50d"), 10)
+    assert count_parameters(model) != count_parameters(build_model(ModelConfig(), 10))
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert isinstance(model.layer2[0].downsample[0], torch.nn.AvgPool2d)
+
+
+def test_zero_init_residual_zeroes_last_bn():
+    zero = build_model(ModelConfig(zero_init_residual=True), 10)
+    plain = build_model(ModelConfig(zero_init_residual=False), 10)
+    assert zero.layer1[0].bn3.weight.abs().sum() == 0
+    assert plain.layer1[0].bn3.weight.abs().sum() > 0
+
+
+def test_parameter_groups_exclude_bn_and_bias():
+    model = build_model(ModelConfig(), 10)
+    groups = parameter_groups(model, 1e-4, no_bn_bias_decay=True)
+    assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
+    total = sum(p.numel() for g in groups for p in g["params"])
+    assert total == count_parameters(model)
+
+
+def test_ema_tracks_and_round_trips():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    before = ema.state_dict()["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.state_dict()["weight"], before + 0.5)
+    other = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.state_dict()["weight"], ema.state_dict()["weight"])
+    with pytest.raises(ValueError, match="shape"):
+        EMA(torch.nn.Linear(4, 2), 0.5).load_state_dict(ema.state_dict())
+
+
+def test_unwrap_compiled_like_wrapper():
+    model = torch.nn.Linear(2, 2)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._orig_mod = model
+    assert unwrap(Wrapper()) is model
