@@ -108,7 +108,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(train_set) // config.train.global_batch_size
+    # Each rank gets len // world_size samples (DistributedSampler, drop_last) in full batches.
+    steps_per_epoch = (len(train_set) // world_size) // batch_per_worker
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
                          f"batch ({config.train.global_batch_size}); lower train.global_batch_size")
@@ -122,9 +123,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(start_epoch, config.train.epochs):
         _maybe_inject_fault(config, epoch, rank)
-        # Data order and augmentation depend only on (seed, epoch, rank): a resumed run sees the
-        # same images in the same order as one that never stopped.
-        torch.manual_seed(config.train.seed * 1_000_003 + epoch * 1_009 + rank)
+        # Data order and each image's augmentation depend only on (seed, epoch, index): a resumed
+        # run sees the same images, cropped the same way, as one that never stopped.
         train_loader = build_loader(train_set, batch_per_worker, rank, world_size,
                                     config.train.seed, epoch, True, config.data.loader_workers)
         lr = optimizer.param_groups[0]["lr"]
