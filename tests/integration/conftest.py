@@ -1,0 +1,64 @@
+"""Fixtures for the integration tests: one real S3 server and one MLflow server per session."""
+from pathlib import Path
+
+import pytest
+
+from tests.integration.servers import MlflowServer, S3Server
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: needs a local Ray cluster, the S3 server or the MLflow server")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Everything under tests/integration is an integration test, marked or not.
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server with bucket `rn50-test`; yields a `servers.S3Server`."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _s3_server_running(request):
+    """A test that stopped the shared S3 server and failed before restarting it must not take
+    the rest of the session down with it."""
+    if "s3_server" in request.fixturenames:
+        server = request.getfixturevalue("s3_server")
+        if not server.running():
+            server.start()
+    yield
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """os.environ pointed at the S3 server (and nothing else AWS); yields the server."""
+    for name in ("AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """`mlflow server` (sqlite, artifacts in s3://rn50-test/mlflow-artifacts); yields a
+    `servers.MlflowServer` whose `tracking_uri` is http://127.0.0.1:PORT."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_server)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
