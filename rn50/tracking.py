@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
@@ -119,8 +120,10 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
     if model is not None:
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            signature = mlflow.models.infer_signature(
-                example_input.numpy(), model(example_input).detach().numpy())
+            with torch.no_grad():
+                signature = mlflow.models.infer_signature(
+                    example_input.numpy(), model(example_input).numpy())
             mlflow.pytorch.log_model(model, name="model", signature=signature,
+                                     input_example=example_input.numpy(),
                                      pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
     client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")

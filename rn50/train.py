@@ -8,6 +8,7 @@ result into the run summary. Everything that is not Ray-specific lives in the pl
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -27,14 +28,18 @@ from rn50.engine import build_optimizer, evaluate, train_one_epoch
 from rn50.model import EMA, build_model, unwrap
 from rn50.schedule import build_scheduler
 
+logger = logging.getLogger(__name__)
+
 
 class InjectedFault(RuntimeError):
     """Raised on purpose by `faults.raise_at_epoch` to test recovery."""
 
 
 def _log(rank: int, message: str) -> None:
+    # Through logging, not print: Ray Train routes worker loggers to the driver's console and to
+    # its per-worker log files (a patched print would be echoed twice).
     if rank == 0:
-        print(f"[rn50 rank0] {message}", flush=True)
+        logger.info("[rn50 rank0] %s", message)
 
 
 def _pick_device() -> torch.device:
@@ -167,7 +172,8 @@ def _init_ray(config: Config) -> None:
         return
     # A local Ray sized explicitly: workers × CPUs, never fewer than the machine has.
     needed = config.scaling.num_workers * config.scaling.cpus_per_worker
-    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False)
+    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1))
 
 
 def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
