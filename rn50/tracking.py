@@ -76,6 +76,11 @@ def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_nam
     return run.info.run_id, False
 
 
+def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Log extra params (at most 100) on a run."""
+    MlflowClient(tracking_uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Log a dict of metrics at `step` (the epoch) in one request."""
     now = int(time.time() * 1000)

@@ -163,7 +163,7 @@ def _mlflow_names(metrics: dict) -> dict:
     return {names.get(k, k): v for k, v in metrics.items() if k != "epoch"}
 
 
-def _init_ray(config: Config) -> None:
+def init_ray(config: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one."""
     if ray.is_initialized():
         return
@@ -193,7 +193,8 @@ def _final_model(result_checkpoint, config: Config):
     return model.eval(), manifest["summary"]
 
 
-def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict) -> TorchTrainer:
+def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict,
+                  callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run: scaling, storage, failure handling and checkpoint retention."""
     filesystem, storage_path = storage.resolve_storage(storage_uri)
     threads = str(config.train.torch_threads)
@@ -208,6 +209,7 @@ def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
                                              "MKL_NUM_THREADS": threads}}))
 
@@ -225,7 +227,7 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
               "storage": storage.describe_storage(storage_uri)})
     print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
           f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
-    _init_ray(config)
+    init_ray(config)
     trainer = build_trainer(config, name, storage_uri,
                             {"config": config.to_dict(), "tracking_uri": tracking_uri,
                              "mlflow_run_id": run_id})

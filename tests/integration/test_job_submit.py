@@ -22,7 +22,9 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path):
     """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ray 2.60's `ray start --head` turns token auth on and writes ~/.ray/auth_token; the job CLI
+    # only sends that token when RAY_AUTH_MODE=token is set (it does not fall back on its own).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
