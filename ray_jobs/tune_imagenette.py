@@ -1,0 +1,44 @@
+"""Sweep LR and weight decay with Ray Tune: `python ray_jobs/tune_imagenette.py --space FILE`.
+
+Each trial is a full Ray Train run; the sweep is one MLflow parent run with a child per trial.
+Re-running with the same --name and --storage resumes an interrupted sweep.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
+
+from rn50.config import ConfigError  # noqa: E402
+from rn50.search_space import load_sweep  # noqa: E402
+from rn50.storage import StorageError  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="tune_spaces/imagenette_lr_wd.yaml", help="sweep YAML")
+    parser.add_argument("--name", help="sweep name; the same name + storage resumes the sweep")
+    parser.add_argument("--storage", default="./runs", help="local folder or s3://bucket/prefix")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial")
+    args = parser.parse_args()
+    try:
+        spec = load_sweep(args.space)
+        spec.base_config(args.overrides)
+    except ConfigError as err:  # before Ray starts
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    name = args.name or f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from rn50.tune import run_sweep  # imports Ray; only needed once the space is valid
+    try:
+        summary = run_sweep(spec, name, args.storage, args.overrides)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    print("RESULT " + json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What a finished sweep leaves on its MLflow parent run: the LR × weight-decay plane, every
+trial's learning curve, a table of trials and the best config as a recipe YAML."""
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from rn50.config import Config
+
+
+@dataclass
+class TrialRecord:
+    """One trial's outcome, gathered from Tune's results."""
+    trial_id: str
+    params: dict
+    status: str  # completed | stopped_by_asha | errored
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    checkpoint: str = ""
+
+    def best(self, mode: str) -> float | None:
+        """The trial's best metric value, or None if it never reported."""
+        values = [value for _, value in self.history]
+        return (max if mode == "max" else min)(values) if values else None
+
+
+def _figure_png(figure) -> bytes:
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plane_png(records: list[TrialRecord], metric: str, mode: str,
+              x_key: str = "optim.lr", y_key: str = "optim.weight_decay") -> bytes:
+    """Scatter of the trials on the (x_key, y_key) plane, log axes, coloured by best metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in records if r.best(mode) is not None and x_key in r.params and y_key in r.params]
+    figure, axis = plt.subplots(figsize=(6, 5))
+    if scored:
+        points = axis.scatter([r.params[x_key] for r in scored], [r.params[y_key] for r in scored],
+                              c=[r.best(mode) for r in scored], cmap="viridis", s=80,
+                              edgecolors=["red" if r.status == "stopped_by_asha" else "black"
+                                          for r in scored])
+        figure.colorbar(points, label=metric)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+    axis.set_xlabel(x_key)
+    axis.set_ylabel(y_key)
+    axis.set_title(f"{metric} per trial (red edge: stopped by ASHA)")
+    return _figure_png(figure)
+
+
+def curves_png(records: list[TrialRecord], metric: str) -> bytes:
+    """Every trial's metric against epoch on one chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for record in records:
+        if record.history:
+            epochs, values = zip(*record.history)
+            axis.plot(epochs, values, marker="o", label=f"{record.trial_id} ({record.status})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    if records:
+        axis.legend(fontsize=7)
+    return _figure_png(figure)
+
+
+def trials_table(records: list[TrialRecord], metric: str, mode: str) -> dict[str, list]:
+    """Columns for `MlflowClient.log_table`: one row per trial."""
+    keys = sorted({key for record in records for key in record.params})
+    table: dict[str, list] = {"trial_id": [], "status": [], "epochs": [], f"best_{metric}": []}
+    table.update({key: [] for key in keys})
+    for record in records:
+        table["trial_id"].append(record.trial_id)
+        table["status"].append(record.status)
+        table["epochs"].append(len(record.history))
+        table[f"best_{metric}"].append(record.best(mode))
+        for key in keys:
+            table[key].append(record.params.get(key))
+    return table
+
+
+def log_sweep_report(tracking_uri: str, parent_run_id: str, records: list[TrialRecord],
+                     metric: str, mode: str, best_config: Config) -> None:
+    """Log plane, curves, table and best recipe to the parent run."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"lr_wd_plane.png": plane_png(records, metric, mode),
+                 "learning_curves.png": curves_png(records, metric),
+                 "best_recipe.yaml": best_config.to_yaml().encode()}
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+            client.log_artifact(parent_run_id, str(Path(tmp) / name))
+    client.log_table(parent_run_id, trials_table(records, metric, mode), "trials.json")

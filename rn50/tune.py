@@ -1,0 +1,177 @@
+"""Ray Tune sweeps over the config: one TorchTrainer per trial, one MLflow child run per trial.
+
+The Train V2 pattern: Tune runs `train_trial` (a driver function, reserving no CPU) per
+trial; it builds the same TorchTrainer as a normal run, with `TuneReportCallback` forwarding the
+workers' per-epoch metrics to Tune so ASHA can stop weak trials. `max_concurrent_trials` comes from
+the cluster's resources, so Tune never starts more trial drivers than there are workers for them
+(a driver waiting for workers held by another trial's driver would deadlock the sweep).
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from rn50 import storage, tracking
+from rn50.search_space import SweepSpec
+from rn50.sweep_report import TrialRecord, log_sweep_report
+from rn50.train import build_trainer
+
+
+def param_space(spec: SweepSpec) -> dict:
+    """Ray Tune distributions for the sweep's dotted keys."""
+    build = {"loguniform": lambda v: ray.tune.loguniform(*v), "uniform": lambda v: ray.tune.uniform(*v),
+             "choice": ray.tune.choice, "grid": ray.tune.grid_search}
+    return {key: build[dist.kind](dist.values) for key, dist in spec.space.items()}
+
+
+def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
+    """How many trials the cluster can run at once, from one trial's worker resources."""
+    scaling = spec.base_config(extra_overrides).scaling
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker))
+    if scaling.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // scaling.num_workers))
+    if fits < 1:
+        raise RuntimeError(f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
+                           f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
+    return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
+
+
+def train_trial(params: dict, spec: SweepSpec, sweep: dict) -> None:
+    """Tune trainable: train one trial's config with Ray Train, logging to a child MLflow run."""
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    config = spec.trial_config(params, sweep["overrides"])
+    run_id, _ = tracking.start_or_resume_run(
+        config, sweep["tracking_uri"], f"{sweep['run_key']}/{trial_id}", context.get_trial_name(),
+        tags={"mlflow.parentRunId": sweep["parent_run_id"], "rn50.trial_id": trial_id,
+              "rn50.sweep": sweep["name"]})
+    trainer = build_trainer(config, f"{sweep['name']}-{trial_id}",
+                            storage.join(sweep["storage"], sweep["name"], "trials"),
+                            {"config": config.to_dict(), "tracking_uri": sweep["tracking_uri"],
+                             "mlflow_run_id": run_id},
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+    tracking.finish_run(sweep["tracking_uri"], run_id, succeeded=True)
+
+
+def _tuner(spec: SweepSpec, sweep: dict, concurrency: int) -> ray.tune.Tuner:
+    # The trial driver only waits on its TorchTrainer: it reserves a little memory but no CPU, so
+    # a trial's CPUs all go to its training workers (Tune refuses an all-zero request).
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(train_trial, spec=spec, sweep=sweep),
+        {"CPU": 0, "memory": 256 * 1024 * 1024})
+    filesystem, storage_path = storage.resolve_storage(sweep["storage"])
+    run_config = ray.tune.RunConfig(name=sweep["name"], storage_path=storage_path,
+                                    storage_filesystem=filesystem)
+    restore_path = os.path.join(storage_path, sweep["name"])
+    if ray.tune.Tuner.can_restore(restore_path, storage_filesystem=filesystem):
+        print(f"[rn50] resuming sweep '{sweep['name']}' from {restore_path}", flush=True)
+        return ray.tune.Tuner.restore(restore_path, trainable, resume_errored=True,
+                                      storage_filesystem=filesystem, param_space=param_space(spec))
+    return ray.tune.Tuner(trainable, param_space=param_space(spec), run_config=run_config,
+                          tune_config=_tune_config(spec, sweep, concurrency))
+
+
+def _tune_config(spec: SweepSpec, sweep: dict, concurrency: int) -> ray.tune.TuneConfig:
+    scheduler = None
+    if spec.asha is not None:
+        # One Tune iteration is one reported epoch, so grace and max_t are in epochs.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep["epochs"],
+                                  grace_period=spec.asha.grace_period_epochs,
+                                  reduction_factor=spec.asha.reduction_factor)
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg, limit = OptunaSearch(seed=spec.seed), concurrency  # Tune wraps it in a limiter
+    else:
+        # The random/grid generator takes its limit itself (Tune ignores max_concurrent_trials
+        # for a SearchGenerator, with only a warning).
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        search_alg, limit = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency), None
+    return ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                               scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit)
+
+
+def _records(results, spec: SweepSpec, epochs: int) -> list[TrialRecord]:
+    records = []
+    for result in results:
+        frame = result.metrics_dataframe
+        history = [] if frame is None or spec.metric not in frame else \
+            list(zip(frame["epoch"].astype(int), frame[spec.metric].astype(float)))
+        status = "errored" if result.error else \
+            "completed" if history and history[-1][0] >= epochs - 1 else "stopped_by_asha"
+        params = {key: result.config[key] for key in spec.space}
+        checkpoint = (result.metrics or {}).get("checkpoint_path", "")
+        records.append(TrialRecord(result.metrics.get("trial_id", "?") if result.metrics else "?",
+                                   params, status, history, checkpoint))
+    return records
+
+
+def _mark_children(tracking_uri: str, parent_run_id: str, records: list[TrialRecord]) -> None:
+    """Tag each child run with how its trial ended; ASHA-stopped trials become KILLED runs."""
+    client = tracking.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    by_trial = {run.data.tags.get("rn50.trial_id"): run for run in children}
+    for record in records:
+        child = by_trial.get(record.trial_id)
+        if child is None:
+            continue
+        client.set_tag(child.info.run_id, "rn50.trial_status", record.status)
+        # Tune ends a trial's driver as soon as ASHA (or max_t) says stop, often before the driver
+        # could close its own MLflow run: close it here from what Tune recorded.
+        status = {"completed": "FINISHED", "stopped_by_asha": "KILLED"}.get(record.status, "FAILED")
+        client.set_terminated(child.info.run_id, status)
+
+
+def _sweep_params(spec: SweepSpec) -> dict[str, str]:
+    params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
+              "sweep.num_samples": str(spec.num_samples), "sweep.base_recipe": spec.base_recipe,
+              "sweep.asha": str(spec.asha)}
+    params.update({f"sweep.space.{key}": f"{d.kind}{d.values}" for key, d in spec.space.items()})
+    return params
+
+
+def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
+    """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
+    from rn50.train import init_ray
+    overrides = list(overrides or [])
+    storage.preflight(storage_uri)
+    base = spec.base_config(overrides)
+    tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)
+    run_key = f"{storage_uri.rstrip('/')}/{name}"
+    parent_id, resumed = tracking.start_or_resume_run(
+        base, tracking_uri, run_key, name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
+                                                 "ray_version": ray.__version__})
+    if not resumed:
+        tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
+    print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)
+    init_ray(base)
+    sweep = {"name": name, "storage": storage_uri, "overrides": overrides, "run_key": run_key,
+             "tracking_uri": tracking_uri, "parent_run_id": parent_id, "epochs": base.train.epochs}
+    concurrency = max_concurrent_trials(spec, overrides)
+    print(f"[rn50] sweep '{name}': at most {concurrency} trial(s) at once", flush=True)
+    results = _tuner(spec, sweep, concurrency).fit()
+    records = _records(results, spec, base.train.epochs)
+    _mark_children(tracking_uri, parent_id, records)
+    best = results.get_best_result(spec.metric, spec.mode, scope="all")
+    best_params = {key: best.config[key] for key in spec.space}
+    best_config = spec.trial_config(best_params, overrides)
+    log_sweep_report(tracking_uri, parent_id, records, spec.metric, spec.mode, best_config)
+    best_value = best.metrics_dataframe[spec.metric].agg(spec.mode)
+    tracking.log_metrics(tracking_uri, parent_id, {f"best_{spec.metric}": best_value}, step=0)
+    best_recipe = storage.join(storage_uri, name, "best_recipe.yaml")
+    storage.write_bytes(best_recipe, best_config.to_yaml().encode())
+    tracking.MlflowClient(tracking_uri).set_terminated(parent_id, "FINISHED")
+    checkpoint = best.metrics.get("checkpoint_path", "")
+    if checkpoint and storage_uri.startswith("s3://"):
+        checkpoint = f"s3://{checkpoint}"
+    return {"name": name, "metric": spec.metric, "best_value": float(best_value),
+            "best_config": best_params, "best_recipe": best_recipe, "checkpoint": checkpoint,
+            "mlflow_run_id": parent_id,
+            "trials": {s: sum(r.status == s for r in records) for s in {r.status for r in records}}}
