@@ -104,6 +104,32 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from None
 
 
+def training_state(model, optimizer, scheduler, ema, epoch: int, steps_done: int,
+                   config_dict: dict, extra: dict | None = None) -> dict[str, Any]:
+    """Everything a bit-exact resume needs, after `steps_done` optimizer steps of `epoch`."""
+    from rn50.model import unwrap
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "epoch": epoch, "steps_done": steps_done, "config": config_dict,
+            "rng": capture_rng_state(), **(extra or {})}
+
+
+def apply_training_state(state: dict[str, Any], model, optimizer, scheduler, ema,
+                         steps_per_epoch: int) -> tuple[int, int]:
+    """Load `state` into the live objects; return (epoch, step) to continue from."""
+    from rn50.model import unwrap
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    restore_rng_state(state["rng"])
+    steps_done = state.get("steps_done", steps_per_epoch)
+    if steps_done >= steps_per_epoch:
+        return state["epoch"] + 1, 0
+    return state["epoch"], steps_done
+
+
 def fingerprint_weights(weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()

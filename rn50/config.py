@@ -131,6 +131,10 @@ class ScalingConfig:
 class CheckpointConfig:
     every_epochs: int = 1
     """Save a checkpoint every N epochs (and always after the last one)."""
+    every_steps: int = 0
+    """Also save one every N optimizer steps within an epoch (exact mid-epoch resume); 0 = off."""
+    every_minutes: float = 0.0
+    """Also save one when this many minutes have passed since the last save; 0 = off."""
     keep_last: int = 2
     """How many recent checkpoints Ray keeps in storage."""
     max_failures: int = 3
@@ -141,6 +145,8 @@ class CheckpointConfig:
 class FaultsConfig:
     raise_at_epoch: int = -1
     """Testing aid: raise an error on rank 0 once at the start of this epoch; -1 disables it."""
+    kill_at_step: int = -1
+    """Testing aid: SIGKILL the highest-rank worker process once at this global step; -1 disables it."""
     marker_path: str = ""
     """File created when the injected fault fires, so it fires only once across restarts."""
 
@@ -274,6 +280,7 @@ _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "da
              "scaling.num_workers", "scaling.cpus_per_worker", "checkpoint.every_epochs",
              "checkpoint.keep_last")
 _NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_samples",
+                 "checkpoint.every_steps", "checkpoint.every_minutes",
                  "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
                  "schedule.warmup_start_fraction", "schedule.final_lr_fraction",
                  "checkpoint.max_failures", "train.seed")

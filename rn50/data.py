@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from rn50.datasets import (IMAGE_EXTENSIONS, DataError, ImageFolderDataset,  # noqa: F401
                            ParquetDataset)
@@ -314,14 +314,32 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % (1 << 32))
 
 
+class _SkipSampler(Sampler):
+    """A sampler's order without its first `skip` indices: resuming mid-epoch never decodes the
+    images already trained on, and sees the rest in exactly the original order."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
 def build_loader(dataset: Dataset, batch_size_per_worker: int, rank: int, world_size: int,
-                 seed: int, epoch: int, train: bool, loader_workers: int = 0) -> DataLoader:
+                 seed: int, epoch: int, train: bool, loader_workers: int = 0,
+                 skip_batches: int = 0) -> DataLoader:
     """This rank's loader for one epoch: train shuffles by (seed, epoch) and drops the ragged tail
-    (DistributedSampler, drop_last); val is an unshuffled, unpadded 1/world_size shard."""
+    (DistributedSampler, drop_last), starting after `skip_batches` batches; val is an unshuffled,
+    unpadded 1/world_size shard."""
     if train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
+        if skip_batches:
+            sampler = _SkipSampler(sampler, skip_batches * batch_size_per_worker)
         dataset = _SeededAugmentation(dataset, seed, epoch)
     else:
         sampler = ShardedEvalSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)

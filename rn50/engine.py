@@ -68,13 +68,18 @@ class EpochStats:
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler, ema: EMA | None, device: torch.device, config: Config,
-                    log: Callable[[str], None] = lambda message: None) -> EpochStats:
-    """One pass of SGD over `batches` of (uint8 images, labels, skipped count)."""
+                    log: Callable[[str], None] = lambda message: None, start_step: int = 0,
+                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+    """One pass of SGD over `batches` of (uint8 images, labels, skipped count).
+
+    `start_step` is how many steps of this epoch were done before (a mid-epoch resume);
+    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints, fault tests).
+    """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     loss_sum, images_seen, skipped = 0.0, 0, 0
     start = time.perf_counter()
-    for step, (images_uint8, labels, num_skipped) in enumerate(batches):
+    for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
         skipped += num_skipped
         if labels.numel() == 0:
             continue
@@ -91,6 +96,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         images_seen += labels.numel()
         if step % config.train.log_every_steps == 0:
             log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.5f}")
+        if after_step is not None:
+            after_step(step + 1)
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
         [loss_sum, images_seen, skipped, seconds], device)

@@ -123,7 +123,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in '{path}'; known: {sorted(known)}")
     spec = _build_spec(raw)
-    spec.base_config()  # the base recipe and fixed overrides must load on their own
+    base = spec.base_config()  # the base recipe and fixed overrides must load on their own
+    if base.checkpoint.every_steps or base.checkpoint.every_minutes:
+        # Tune counts every report as an iteration and expects the metric in each one; mid-epoch
+        # checkpoints report neither, so ASHA would compare trials at the wrong points.
+        raise ConfigError("sweeps need checkpoint.every_steps=0 and checkpoint.every_minutes=0 "
+                          "(trials checkpoint once per epoch)")
     return spec
 
 

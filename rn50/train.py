@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import signal
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -25,7 +28,7 @@ from rn50 import storage, tracking
 from rn50.config import Config
 from rn50.data import build_datasets, build_loader
 from rn50.engine import build_optimizer, evaluate, train_one_epoch
-from rn50.model import EMA, build_model, unwrap
+from rn50.model import EMA, build_model
 from rn50.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -60,20 +63,33 @@ def _load_data(config: Config):
     return build_datasets(config.data)
 
 
-def _restore(model, optimizer, scheduler, ema, rank: int) -> int:
-    """Load Ray's latest checkpoint into the training state; return the epoch to start at."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        state = ckpt.load_checkpoint(directory)
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    _log(rank, f"resumed from {checkpoint.path} after epoch {state['epoch']}")
-    return state["epoch"] + 1
+def _checkpoints_newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """Ray's latest checkpoint, then the run's older ones (their names sort by time)."""
+    run_dir = posixpath.dirname(latest.path.rstrip("/"))
+    listing = latest.filesystem.get_file_info(pafs.FileSelector(run_dir))
+    older = sorted((info.path for info in listing if info.type == pafs.FileType.Directory
+                    and posixpath.basename(info.path).startswith("checkpoint_")
+                    and info.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
+    return [latest] + [ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older]
+
+
+def _load_newest_good_checkpoint(rank: int) -> dict | None:
+    """The newest checkpoint whose files match its manifest; broken ones are named and skipped."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    for candidate in _checkpoints_newest_first(latest):
+        try:
+            with candidate.as_directory() as directory:
+                state = ckpt.load_checkpoint(directory)
+        except (ckpt.CheckpointError, OSError) as err:
+            logger.warning("skipping checkpoint %s: %s", candidate.path, err)
+            continue
+        _log(rank, f"resumed from {candidate.path} (epoch {state['epoch']}, "
+                   f"{state.get('steps_done', '?')} steps done)")
+        return state
+    raise ckpt.CheckpointError(f"no checkpoint of this run verifies (newest: {latest.path}); "
+                               "start a fresh run with a new --name, or fix the storage")
 
 
 def _maybe_inject_fault(config: Config, epoch: int, rank: int) -> None:
@@ -86,14 +102,57 @@ def _maybe_inject_fault(config: Config, epoch: int, rank: int) -> None:
     raise InjectedFault(f"injected fault at the start of epoch {epoch} (faults.raise_at_epoch)")
 
 
+def _maybe_kill_self(config: Config, global_step: int, rank: int, world_size: int) -> None:
+    """Testing aid: a real SIGKILL of this worker process, once (the marker file remembers)."""
+    marker = Path(config.faults.marker_path) if config.faults.marker_path else None
+    if global_step != config.faults.kill_at_step or rank != world_size - 1 \
+            or (marker and marker.exists()):
+        return
+    if marker:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"SIGKILL at global step {global_step}\n")
+    logger.warning("faults.kill_at_step: SIGKILL to worker rank %d at step %d", rank, global_step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _report(metrics: dict, state: dict | None, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint written into a temporary directory."""
+    """Every rank reports; rank 0 attaches its checkpoint, uploaded while training goes on."""
     if state is None or rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as directory:
-        ckpt.save_checkpoint(directory, state, summary=metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    # Serialising the state is the only pause; Ray uploads the folder in the background and
+    # deletes it afterwards. The manifest inside is what makes a half-uploaded copy unloadable.
+    directory = tempfile.mkdtemp(prefix="rn50-ckpt-")
+    ckpt.save_checkpoint(directory, state, summary=metrics)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+class _MidEpochSaves:
+    """Decides when to checkpoint inside an epoch: every N steps and/or every M minutes.
+
+    Every rank must call `ray.train.report` the same number of times, so a time-based decision
+    is taken on rank 0 and broadcast."""
+
+    def __init__(self, config: Config, device: torch.device):
+        self.every_steps = config.checkpoint.every_steps
+        self.every_s = config.checkpoint.every_minutes * 60
+        self.device, self.last_save = device, time.monotonic()
+
+    def due(self, steps_done: int) -> bool:
+        """Whether to checkpoint after `steps_done` steps of the current epoch."""
+        due = bool(self.every_steps) and steps_done % self.every_steps == 0
+        if self.every_s:
+            flag = torch.tensor([time.monotonic() - self.last_save >= self.every_s],
+                                dtype=torch.int32, device=self.device)
+            if dist.is_initialized():
+                dist.broadcast(flag, src=0)
+            due = due or bool(flag.item())
+        return due
+
+    def saved(self) -> None:
+        """Restart the clock after any checkpoint."""
+        self.last_save = time.monotonic()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -103,7 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.train.torch_threads)
     device = _pick_device()
-    train_set, val_set, _ = _load_data(config)
+    train_set, val_set, class_names = _load_data(config)
     batch_per_worker = config.train.global_batch_size // world_size
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
@@ -121,20 +180,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, steps_per_epoch, config.train.epochs, config.schedule)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
-    start_epoch = _restore(model, optimizer, scheduler, ema, rank)
+    start_epoch, start_step = 0, 0
+    state = _load_newest_good_checkpoint(rank)
+    if state is not None:
+        start_epoch, start_step = ckpt.apply_training_state(state, model, optimizer, scheduler,
+                                                            ema, steps_per_epoch)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
     if rank == 0:
         tracking.set_tags(tracking_uri, run_id, {"device": device.type, "world_size": world_size})
 
+    def snapshot(epoch: int, steps_done: int) -> dict | None:
+        return ckpt.training_state(model, optimizer, scheduler, ema, epoch, steps_done,
+                                   config.to_dict(), {"class_names": class_names}) \
+            if rank == 0 else None
+
+    saves = _MidEpochSaves(config, device)
     for epoch in range(start_epoch, config.train.epochs):
         _maybe_inject_fault(config, epoch, rank)
+        skip = start_step if epoch == start_epoch else 0
+
+        def after_step(steps_done: int, epoch: int = epoch) -> None:
+            _maybe_kill_self(config, epoch * steps_per_epoch + steps_done, rank, world_size)
+            if steps_done < steps_per_epoch and saves.due(steps_done):
+                _report({"epoch": epoch, "steps_done": steps_done}, snapshot(epoch, steps_done), rank)
+                saves.saved()
+
         # Data order and each image's augmentation depend only on (seed, epoch, index): a resumed
         # run sees the same images, cropped the same way, as one that never stopped.
-        train_loader = build_loader(train_set, batch_per_worker, rank, world_size,
-                                    config.train.seed, epoch, True, config.data.loader_workers)
+        train_loader = build_loader(train_set, batch_per_worker, rank, world_size, config.train.seed,
+                                    epoch, True, config.data.loader_workers, skip_batches=skip)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, ema, device, config,
-                                log=lambda message: _log(rank, f"epoch {epoch} {message}"))
+                                log=lambda message: _log(rank, f"epoch {epoch} {message}"),
+                                start_step=skip, after_step=after_step)
         val_loader = build_loader(val_set, batch_per_worker, rank, world_size,
                                   config.train.seed, epoch, False, config.data.loader_workers)
         val = evaluate(model, val_loader, device, config.model.channels_last, config.train.amp)
@@ -146,15 +224,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracking.log_metrics(tracking_uri, run_id, _mlflow_names(metrics), step=epoch)
         last = epoch == config.train.epochs - 1
         wants_checkpoint = last or (epoch + 1) % config.checkpoint.every_epochs == 0
-        state = _training_state(model, optimizer, scheduler, ema, epoch, config) \
-            if wants_checkpoint and rank == 0 else None
-        _report(metrics, state, rank)
-
-
-def _training_state(model, optimizer, scheduler, ema, epoch: int, config: Config) -> dict:
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "epoch": epoch, "config": config.to_dict(), "rng": ckpt.capture_rng_state()}
+        _report(metrics, snapshot(epoch, steps_per_epoch) if wants_checkpoint else None, rank)
+        saves.saved()
 
 
 def _mlflow_names(metrics: dict) -> dict:

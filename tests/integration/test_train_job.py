@@ -59,7 +59,7 @@ def test_worker_failure_resumes_and_rerun_continues_the_same_mlflow_run(tmp_path
         [*base, "faults.raise_at_epoch=2", f"faults.marker_path={tmp_path / 'fault.marker'}"])
     assert code == 0, output[-4000:]
     assert "injected fault at the start of epoch 2" in output
-    assert "resumed from" in output and "after epoch 1" in output
+    assert "resumed from" in output and "(epoch 1, 8 steps done)" in output
     assert result["epochs"] == 3
     client = MlflowClient(tracking)
     assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/top1")) \
@@ -68,7 +68,7 @@ def test_worker_failure_resumes_and_rerun_continues_the_same_mlflow_run(tmp_path
     code, output, again = run_job([*base[:-len(small(tmp_path))], *small(tmp_path, epochs=4)])
     assert code == 0, output[-4000:]
     assert again["mlflow_run_id"] == result["mlflow_run_id"] and again["epochs"] == 4
-    assert "after epoch 2" in output
+    assert "(epoch 2, 8 steps done)" in output
     steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/top1"))
     assert steps == [0, 1, 2, 3]
     experiment = client.get_experiment_by_name("rn50-demo")

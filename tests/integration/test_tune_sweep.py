@@ -2,6 +2,7 @@
 showing them in a real headless Chromium."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,11 @@ def sweep(tmp_path_factory, mlflow_server):
 
 
 def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):
-    result, _, tmp = sweep
+    result, output, tmp = sweep
+    # Two CPUs, one 1-CPU worker per trial: never more than two trials running at once.
+    assert "at most 2 trial(s) at once" in output
+    running = [int(n) for n in re.findall(r"Trial status:[^\n]*?(\d+) RUNNING", output)]
+    assert running and max(running) <= 2
     assert result["metric"] == "val_top1" and 0 <= result["best_value"] <= 100
     assert set(result["best_config"]) == {"optim.lr", "optim.weight_decay"}
     assert sum(result["trials"].values()) == 4
