@@ -4,8 +4,10 @@ The manifest lists every file's size and SHA-256. A checkpoint directory without
 whose files do not match it, was cut short (a worker died mid-write, an upload broke) and is never
 loaded. Loading uses `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
 
-    python -m rn50.checkpoint fingerprint CHECKPOINT_DIR   # SHA-256 of the model weights
-    python -m rn50.checkpoint verify CHECKPOINT_DIR
+    python -m rn50.checkpoint fingerprint CHECKPOINT   # SHA-256 of the model weights
+    python -m rn50.checkpoint verify CHECKPOINT        # files match the manifest?
+    python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified
+(local paths or s3:// URIs)
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,11 @@ import torch
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+
+
+# Ray names checkpoint folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff> (sorting is chronological);
+# the same run folder also holds checkpoint_manager_snapshot.json, which is not one.
+CHECKPOINT_DIR_NAME = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
 
 
 class CheckpointError(RuntimeError):
@@ -142,18 +150,64 @@ def fingerprint_weights(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def verify_remote(uri: str) -> dict[str, Any]:
+    """Like `verify_checkpoint` for a local path or s3:// checkpoint, streaming each file."""
+    from rn50 import storage
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} has no {MANIFEST_FILE}: it was not finished") from None
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {uri} has an unreadable manifest: {err}") from None
+    for name, expected in manifest.get("files", {}).items():
+        try:
+            data = storage.read_bytes(storage.join(uri, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {uri} is missing {name}") from None
+        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {uri}: {name} does not match its manifest "
+                                  f"({len(data)} bytes, manifest says {expected['size']})")
+    return manifest
+
+
+def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
+    """One row per `checkpoint_*` of a run: name, epoch, steps, size, val_top1, verified."""
+    from rn50 import storage
+    rows = []
+    for name in sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n)):
+        uri = storage.join(run_uri, name)
+        row = {"checkpoint": name, "epoch": None, "steps_done": None, "size_mb": None,
+               "val_top1": None, "verified": "yes"}
+        try:
+            manifest = verify_remote(uri)
+        except CheckpointError as err:
+            row["verified"] = f"NO: {err}"
+        else:
+            summary = manifest.get("summary", {})
+            row.update(epoch=summary.get("epoch"), steps_done=summary.get("steps_done", "end"),
+                       val_top1=summary.get("val_top1"),
+                       size_mb=round(sum(f["size"] for f in manifest["files"].values()) / 2**20, 1))
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: `fingerprint DIR` prints the weights' SHA-256; `verify DIR` checks the manifest."""
+    """CLI: `fingerprint CKPT`, `verify CKPT`, `ls RUN` (local paths or s3:// URIs)."""
     parser = argparse.ArgumentParser(prog="python -m rn50.checkpoint")
-    parser.add_argument("command", choices=["fingerprint", "verify"])
-    parser.add_argument("checkpoint", help="checkpoint directory (holds state.pt and manifest.json)")
+    parser.add_argument("command", choices=["fingerprint", "verify", "ls"])
+    parser.add_argument("uri", help="a checkpoint (fingerprint, verify) or a run directory (ls)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "verify":
-            summary = verify_checkpoint(args.checkpoint)["summary"]
-            print(f"OK {args.checkpoint} {json.dumps(summary)}")
+        if args.command == "ls":
+            for row in list_checkpoints(args.uri):
+                top1 = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}"
+                print(f"{row['checkpoint']}  epoch={row['epoch']} steps={row['steps_done']} "
+                      f"size_mb={row['size_mb']} val_top1={top1} verified={row['verified']}")
+        elif args.command == "verify":
+            print(f"OK {args.uri} {json.dumps(verify_remote(args.uri)['summary'])}")
         else:
-            print(fingerprint_weights(load_checkpoint(args.checkpoint)["model"]))
+            from rn50.artifacts import download_checkpoint
+            print(fingerprint_weights(load_checkpoint(download_checkpoint(args.uri))["model"]))
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

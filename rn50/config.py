@@ -135,6 +135,9 @@ class CheckpointConfig:
     """Also save one every N optimizer steps within an epoch (exact mid-epoch resume); 0 = off."""
     every_minutes: float = 0.0
     """Also save one when this many minutes have passed since the last save; 0 = off."""
+    preemption_check_every_steps: int = 10
+    """Ask Ray every N steps whether a node of the run is being preempted (a spot reclaim
+    notice) and checkpoint at once if so; 0 = never ask."""
     keep_last: int = 2
     """How many recent checkpoints Ray keeps in storage."""
     max_failures: int = 3
@@ -281,6 +284,7 @@ _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "da
              "checkpoint.keep_last")
 _NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_samples",
                  "checkpoint.every_steps", "checkpoint.every_minutes",
+                 "checkpoint.preemption_check_every_steps",
                  "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
                  "schedule.warmup_start_fraction", "schedule.final_lr_fraction",
                  "checkpoint.max_failures", "train.seed")

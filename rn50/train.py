@@ -125,7 +125,31 @@ def _report(metrics: dict, state: dict | None, rank: int) -> None:
     directory = tempfile.mkdtemp(prefix="rn50-ckpt-")
     ckpt.save_checkpoint(directory, state, summary=metrics)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=_upload_with_retries(ray.train.get_context().get_storage()))
+
+
+UPLOAD_ATTEMPTS = 6  # 2+4+8+16+30 s of back-off: rides out a storage restart of ~1 minute
+
+
+def _upload_with_retries(storage_context):
+    """Ray's own upload, retried with back-off (a storage blip must not cost a restart).
+
+    A retry rewrites the same folder; a copy torn by the outage is never loaded because its
+    files do not match the manifest."""
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                return storage_context.persist_current_checkpoint(checkpoint, dir_name)
+            except Exception as err:  # noqa: BLE001 - pyarrow raises OSError and friends
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise
+                delay_s = min(2 ** attempt, 30)
+                logger.warning("checkpoint upload %s failed (attempt %d/%d): %s; retrying in %d s",
+                               dir_name, attempt, UPLOAD_ATTEMPTS, err, delay_s)
+                time.sleep(delay_s)
+        raise AssertionError("unreachable")
+    return upload
 
 
 class _MidEpochSaves:
@@ -138,6 +162,8 @@ class _MidEpochSaves:
         self.every_steps = config.checkpoint.every_steps
         self.every_s = config.checkpoint.every_minutes * 60
         self.device, self.last_save = device, time.monotonic()
+        self.preemption_every = config.checkpoint.preemption_check_every_steps
+        self.preemption_seen = False
 
     def due(self, steps_done: int) -> bool:
         """Whether to checkpoint after `steps_done` steps of the current epoch."""
@@ -149,6 +175,16 @@ class _MidEpochSaves:
                 dist.broadcast(flag, src=0)
             due = due or bool(flag.item())
         return due
+
+    def preempted(self, steps_done: int) -> bool:
+        """True once, when Ray first reports that a node of this run is being preempted."""
+        if not self.preemption_every or steps_done % self.preemption_every or self.preemption_seen:
+            return False
+        info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+        if info is not None:
+            logger.warning("preemption notice: %s; checkpointing now", info)
+            self.preemption_seen = True
+        return self.preemption_seen
 
     def saved(self) -> None:
         """Restart the clock after any checkpoint."""
@@ -201,8 +237,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         def after_step(steps_done: int, epoch: int = epoch) -> None:
             _maybe_kill_self(config, epoch * steps_per_epoch + steps_done, rank, world_size)
-            if steps_done < steps_per_epoch and saves.due(steps_done):
-                _report({"epoch": epoch, "steps_done": steps_done}, snapshot(epoch, steps_done), rank)
+            if steps_done >= steps_per_epoch:
+                return  # the end-of-epoch checkpoint follows
+            reason = "preemption" if saves.preempted(steps_done) else \
+                "schedule" if saves.due(steps_done) else None
+            if reason:
+                _log(rank, f"checkpoint at epoch {epoch} step {steps_done} ({reason})")
+                _report({"epoch": epoch, "steps_done": steps_done, "reason": reason},
+                        snapshot(epoch, steps_done), rank)
                 saves.saved()
 
         # Data order and each image's augmentation depend only on (seed, epoch, index): a resumed

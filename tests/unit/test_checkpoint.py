@@ -79,3 +79,20 @@ def test_cli_fingerprint_and_verify(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == fingerprint_weights({"w": torch.arange(4.0)})
     assert main(["verify", str(tmp_path / "nowhere")]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_cli_ls_lists_and_verifies_each_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint_2026-01-01_00-00-00.000001", {"model": {"w": torch.ones(3)}},
+                    {"epoch": 0, "val_top1": 50.0})
+    save_checkpoint(run / "checkpoint_2026-01-01_00-00-01.000001", {"model": {"w": torch.ones(3)}},
+                    {"epoch": 1, "steps_done": 4})
+    broken = run / "checkpoint_2026-01-01_00-00-02.000001" / "state.pt"
+    save_checkpoint(broken.parent, {"model": {"w": torch.ones(300)}}, {"epoch": 1})
+    broken.write_bytes(broken.read_bytes()[:10])
+    assert main(["ls", str(run)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert "epoch=0 steps=end" in lines[0] and "val_top1=50.00 verified=yes" in lines[0]
+    assert "epoch=1 steps=4" in lines[1] and "verified=yes" in lines[1]
+    assert "verified=NO" in lines[2]
