@@ -191,6 +191,22 @@ def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _load_any(uri: str) -> dict[str, Any]:
+    """Load a local or s3:// checkpoint (an S3 one is copied to a temporary folder first)."""
+    if not uri.startswith("s3://"):
+        return load_checkpoint(uri)
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from rn50 import storage
+    filesystem, path = storage.resolve_storage(uri)
+    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as local:
+        pafs.copy_files(path, local, source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return load_checkpoint(local)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: `fingerprint CKPT`, `verify CKPT`, `ls RUN` (local paths or s3:// URIs)."""
     parser = argparse.ArgumentParser(prog="python -m rn50.checkpoint")
@@ -206,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "verify":
             print(f"OK {args.uri} {json.dumps(verify_remote(args.uri)['summary'])}")
         else:
-            from rn50.artifacts import download_checkpoint
-            print(fingerprint_weights(load_checkpoint(download_checkpoint(args.uri))["model"]))
+            print(fingerprint_weights(_load_any(args.uri)["model"]))
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

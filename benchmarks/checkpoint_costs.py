@@ -1,0 +1,116 @@
+"""What a checkpoint costs: size, training-loop stall per save, upload time to S3 (the local
+SeaweedFS server) against a plain boto3 multipart upload of the same bytes, and the extra wall
+time one SIGKILLed worker adds to a run.
+
+    python benchmarks/checkpoint_costs.py            # size, stall, upload (~1 min)
+    python benchmarks/checkpoint_costs.py --with-kill  # + straight vs killed demo runs (~3 min)
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from rn50.checkpoint import capture_rng_state, save_checkpoint  # noqa: E402
+from rn50.config import ModelConfig  # noqa: E402
+from rn50.model import build_model  # noqa: E402
+
+
+def resnet50_state() -> dict:
+    """A real ResNet-50 (1000 classes) training state after one SGD step (momentum buffers set)."""
+    model = build_model(ModelConfig(), 1000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0,
+            "steps_done": 1, "rng": capture_rng_state()}
+
+
+def stall_and_size(state: dict, repeats: int = 3) -> tuple[float, float, Path]:
+    """Mean seconds `save_checkpoint` blocks the loop (serialise + SHA-256), and the size in MB."""
+    times = []
+    for _ in range(repeats):
+        directory = Path(tempfile.mkdtemp(prefix="rn50-bench-"))
+        start = time.perf_counter()
+        save_checkpoint(directory, state, {"epoch": 0})
+        times.append(time.perf_counter() - start)
+    size_mb = sum(p.stat().st_size for p in directory.iterdir()) / 2**20
+    return sum(times) / len(times), size_mb, directory
+
+
+def upload_times(directory: Path) -> dict:
+    """Seconds to copy the checkpoint to S3 with pyarrow (what Ray uses) and with boto3."""
+    import boto3
+    import pyarrow.fs as pafs
+    from tests.integration.servers import S3Server
+
+    server = S3Server(Path(tempfile.mkdtemp(prefix="rn50-s3-")))
+    server.start()
+    try:
+        filesystem = pafs.S3FileSystem(endpoint_override=server.endpoint_url.split("//")[1],
+                                       scheme="http", access_key=server.access_key,
+                                       secret_key=server.secret_key, region="us-east-1")
+        start = time.perf_counter()
+        pafs.copy_files(str(directory), f"{server.bucket}/bench/pyarrow",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem,
+                        use_threads=False)  # Ray 2.60 copies with use_threads=False
+        pyarrow_s = time.perf_counter() - start
+        client = boto3.client("s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id=server.access_key,
+                              aws_secret_access_key=server.secret_key)
+        start = time.perf_counter()
+        for path in directory.iterdir():
+            client.upload_file(str(path), server.bucket, f"bench/boto3/{path.name}")
+        boto3_s = time.perf_counter() - start
+    finally:
+        server.stop()
+    return {"upload_pyarrow_s": pyarrow_s, "upload_boto3_s": boto3_s}
+
+
+def kill_overhead() -> dict:
+    """Wall seconds of the same small demo run, straight and with one worker SIGKILLed."""
+    tmp = Path(tempfile.mkdtemp(prefix="rn50-kill-"))
+    common = [f"data.root={tmp / 'digits'}", "train.epochs=2", "data.max_train_samples=256",
+              "data.max_val_samples=64", "train.global_batch_size=32",
+              "optim.lr_reference_batch_size=32", "tracking.log_model=false",
+              "checkpoint.every_steps=3", f"tracking.uri=sqlite:///{tmp / 'm.db'}"]
+    walls = {}
+    for name, extra in (("straight", []), ("killed", ["faults.kill_at_step=13",
+                                                      f"faults.marker_path={tmp / 'marker'}"])):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "ray_jobs/train_full.py", "--name", name, "--storage",
+                        str(tmp / "runs"), *common, *extra], cwd=REPO, check=True,
+                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        walls[name] = time.perf_counter() - start
+    return {"straight_run_s": walls["straight"], "killed_run_s": walls["killed"],
+            "kill_recovery_overhead_s": walls["killed"] - walls["straight"]}
+
+
+def main() -> None:
+    """Print a table and, last, one JSON line with every figure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--with-kill", action="store_true", help="also time a SIGKILL recovery")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    stall_s, size_mb, directory = stall_and_size(resnet50_state())
+    figures = {"ckpt_size_mb": size_mb, "ckpt_stall_s": stall_s, **upload_times(directory)}
+    figures["upload_mb_per_s_pyarrow"] = size_mb / figures["upload_pyarrow_s"]
+    figures["upload_mb_per_s_boto3"] = size_mb / figures["upload_boto3_s"]
+    figures["pyarrow_vs_boto3_ratio"] = figures["upload_boto3_s"] / figures["upload_pyarrow_s"]
+    if args.with_kill:
+        figures.update(kill_overhead())
+    for key, value in figures.items():
+        print(f"{key:28s} {value:10.2f}")
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
