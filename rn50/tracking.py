@@ -128,7 +128,10 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
             with torch.no_grad():
                 signature = mlflow.models.infer_signature(
                     example_input.numpy(), model(example_input).numpy())
+            # Pickle, not MLflow 3's default torch.export program: an exported program is
+            # specialised to the example's batch size of 1.
             mlflow.pytorch.log_model(model, name="model", signature=signature,
                                      input_example=example_input.numpy(),
+                                     serialization_format="pickle",
                                      pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
     client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")

@@ -1,0 +1,251 @@
+"""Trained models for inference, from a checkpoint (local or s3://) or an MLflow model URI.
+
+`load_model(uri)` accepts a checkpoint directory (`.../checkpoint_*`, holding state.pt and
+manifest.json), a run directory (its newest checkpoint is used), either of those on S3 (copied
+to a verified local cache first), or `runs:/<run id>/model`, `models:/<name>/<version>`,
+`models:/<name>@<alias>`, `models:/m-<id>` (the model a training run logged, which takes
+normalized float NCHW input; its run's `recipe.yaml` supplies the class count and crop sizes).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+from torch import nn
+
+from rn50 import storage
+from rn50.checkpoint import CheckpointError, MANIFEST_FILE, load_checkpoint, verify_checkpoint
+from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
+from rn50.data import DIGITS_CLASSES, IMAGENETTE_SYNSETS, DataError
+from rn50.inference import Classifier
+from rn50.model import build_model
+
+log = logging.getLogger(__name__)
+
+MLFLOW_PREFIXES = ("runs:/", "models:/")
+_SYNSET = re.compile(r"^n\d{8}$")
+
+
+class ArtifactError(RuntimeError):
+    """A model URI that cannot be loaded; the message says what to pass instead."""
+
+
+# What a user can fix (a wrong URI, missing data, bad keys): CLIs print these, no traceback.
+USER_ERRORS = (ArtifactError, CheckpointError, ConfigError, DataError, storage.StorageError)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what is known about where it came from."""
+    classifier: Classifier
+    config: Config | None
+    arch: str
+    source: str
+    weights: str  # "model", "ema" or "mlflow"
+    mlflow_run_id: str = ""
+
+    @property
+    def model(self) -> nn.Module:
+        """The bare network (normalized float NCHW in, logits out), in eval mode."""
+        return self.classifier.model
+
+
+def cache_root() -> Path:
+    """Where downloaded checkpoints are kept: $RN50_CACHE or ~/.cache/rn50."""
+    return Path(os.environ.get("RN50_CACHE") or "~/.cache/rn50").expanduser()
+
+
+def find_checkpoint(uri: str) -> str:
+    """`uri` if it is a checkpoint directory, else the newest `checkpoint_*` inside it."""
+    uri = uri.rstrip("/")
+    names = storage.list_dir(uri)
+    if MANIFEST_FILE in names:
+        return uri
+    # Ray names checkpoints checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: sorted is chronological.
+    for name in sorted((n for n in names if n.startswith("checkpoint_")), reverse=True):
+        if storage.exists(storage.join(uri, name, MANIFEST_FILE)):
+            return storage.join(uri, name)
+    what = "is empty or does not exist" if not names else "holds no finished checkpoint"
+    raise ArtifactError(f"{uri} {what}: pass a checkpoint directory (…/checkpoint_*, with "
+                        f"{MANIFEST_FILE} and state.pt), a run directory holding some, or an "
+                        "MLflow model URI (runs:/<run id>/model)")
+
+
+def download_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A verified local checkpoint directory for `uri`; s3:// ones are copied to a cache once."""
+    uri = find_checkpoint(uri)
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        verify_checkpoint(path)
+        return path
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "checkpoints"
+    # A finished checkpoint never changes (its manifest is written last), so the URI is the key.
+    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
+    if dest.is_dir():
+        try:
+            verify_checkpoint(dest)
+            return dest
+        except CheckpointError as err:
+            log.warning("re-downloading %s: cached copy is bad (%s)", uri, err)
+            shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    part.mkdir()  # copy_files writes into the folder but does not create it
+    filesystem, path = storage.resolve_storage(uri)
+    try:
+        try:
+            pafs.copy_files(path, str(part), source_filesystem=filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except OSError as err:
+            raise storage.StorageError(f"copying {uri} to {part} failed ({err}): check the S3 "
+                                       "credentials/endpoint and that the disk has room") from err
+        verify_checkpoint(part)
+        try:
+            os.replace(part, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process (a Ray task) finished it first
+                raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return dest
+
+
+def imagenet_names() -> list[str]:
+    """ImageNet-1k's 1000 human-readable names, in synset order (from torchvision's metadata)."""
+    from torchvision.models import ResNet50_Weights
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _names_from_data(data_cfg) -> list[str] | None:
+    if data_cfg.dataset == "digits":
+        return list(DIGITS_CLASSES)
+    if data_cfg.dataset == "imagenette":
+        return [IMAGENETTE_SYNSETS[s] for s in sorted(IMAGENETTE_SYNSETS)]
+    train = Path(os.path.expanduser(data_cfg.root)) / "train"
+    if data_cfg.dataset == "imagefolder" and train.is_dir():
+        folders = sorted(e.name for e in os.scandir(train) if e.is_dir() and e.name[0] != ".")
+        if len(folders) == 1000 and all(_SYNSET.match(f) for f in folders):
+            return imagenet_names()
+        return [IMAGENETTE_SYNSETS.get(f, f) for f in folders]
+    return None
+
+
+def class_names_for(config: Config, state: dict[str, Any] | None = None) -> list[str]:
+    """Class names: the checkpoint's own, else derived from the data config, else "0".."N-1"."""
+    count = config.data.num_classes
+    names = (state or {}).get("class_names") or _names_from_data(config.data)
+    if names is None and count == 1000:
+        names = imagenet_names()
+    if not names or len(names) != count:
+        if names:
+            log.warning("found %d class names for %d classes; using indices", len(names), count)
+        names = [str(i) for i in range(count)]
+    return list(names)
+
+
+def _config(raw: dict, overrides: list[str]) -> Config:
+    return Config.from_dict(apply_overrides(raw, overrides))
+
+
+def _from_checkpoint(uri: str, ema: bool, overrides: list[str]) -> LoadedModel:
+    directory = download_checkpoint(uri)
+    state = load_checkpoint(directory)
+    config = _config(state["config"], overrides)
+    if ema and state.get("ema") is None:
+        raise ArtifactError(f"checkpoint {uri} has no EMA weights (it was trained with "
+                            "train.ema_decay=0): drop the EMA option")
+    model = build_model(config.model, config.data.num_classes)
+    model.load_state_dict(state["ema"] if ema else state["model"])
+    classifier = Classifier(model.eval(), class_names_for(config, state),
+                            config.data.val_resize_px, config.data.val_crop_px)
+    return LoadedModel(classifier, config, config.model.arch, str(directory),
+                       "ema" if ema else "model")
+
+
+def _mlflow_run_id(uri: str, client) -> str:
+    """The run that produced an MLflow model URI, or "" if it cannot be told."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/", 1)[0]
+    name = uri[len("models:/"):].strip("/")
+    if name.startswith("m-"):
+        return client.get_logged_model(name.split("/", 1)[0]).source_run_id or ""
+    if "@" in name:
+        model_name, alias = name.split("@", 1)
+        return client.get_model_version_by_alias(model_name, alias).run_id or ""
+    model_name, _, version = name.rpartition("/")
+    if not model_name:
+        return ""
+    return client.get_model_version(model_name, version).run_id or ""
+
+
+def _eager_copy(logged: nn.Module, config: Config | None) -> tuple[nn.Module, str]:
+    """The logged network rebuilt as a plain eager ResNet with the same weights, and its arch.
+
+    MLflow 3 logs a torch.export program by default: it is fixed to the example's batch size
+    (1) and its modules cannot be hooked for Grad-CAM, so only its weights are kept.
+    """
+    weights = logged.state_dict()
+    arch = config.model.arch if config else \
+        ("resnet50d" if "conv1.0.weight" in weights else "resnet50")
+    if "fc.weight" not in weights:
+        raise ArtifactError("the MLflow model is not a ResNet-50 trained by rn50 (it has no "
+                            "fc layer): pass a model logged by a training run")
+    model = build_model(config.model if config else ModelConfig(arch=arch),
+                        weights["fc.weight"].shape[0])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ArtifactError(f"the MLflow model's weights do not fit a {arch}: {err}") from None
+    return model.eval(), arch
+
+
+def _run_recipe(client, run_id: str, overrides: list[str]) -> Config | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            raw = yaml.safe_load(Path(client.download_artifacts(run_id, "recipe.yaml", tmp))
+                                 .read_text())
+        except Exception as err:  # noqa: BLE001 - an MLflow model still works without it
+            log.warning("run %s has no usable recipe.yaml (%s); using defaults", run_id, err)
+            return None
+    return _config(raw, overrides)  # a bad override is the user's to fix: not swallowed
+
+
+def _from_mlflow(uri: str, tracking_uri: str, overrides: list[str]) -> LoadedModel:
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    run_id = _mlflow_run_id(uri, client)
+    config = _run_recipe(client, run_id, overrides) if run_id else None
+    model, arch = _eager_copy(mlflow.pytorch.load_model(uri, map_location="cpu"), config)
+    if config is not None:
+        classifier = Classifier(model, class_names_for(config), config.data.val_resize_px,
+                                config.data.val_crop_px)
+    else:
+        count = model.fc.out_features
+        classifier = Classifier(model, imagenet_names() if count == 1000 else
+                                [str(i) for i in range(count)], 256, 224)
+    return LoadedModel(classifier, config, arch, uri, "mlflow", run_id)
+
+
+def load_model(uri: str, ema: bool = False, overrides: list[str] | None = None,
+               tracking_uri: str = "") -> LoadedModel:
+    """Load a checkpoint (local/s3://, EMA weights if asked) or an MLflow model for inference."""
+    if uri.startswith(MLFLOW_PREFIXES):
+        if ema:
+            raise ArtifactError("EMA weights live only in checkpoints; pass a checkpoint "
+                                "directory instead of an MLflow model URI, or drop the EMA option")
+        return _from_mlflow(uri, tracking_uri, overrides or [])
+    return _from_checkpoint(uri, ema, overrides or [])
