@@ -327,6 +327,34 @@ def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict
                                              "MKL_NUM_THREADS": threads}}))
 
 
+def _fit_surviving_storage_outages(config: Config, name: str, storage_uri: str, loop_config: dict):
+    """`TorchTrainer.fit()`, started again from the newest checkpoint if the Train controller
+    dies (it writes its state to storage after every report, so a storage outage kills it)."""
+    for attempt in range(config.checkpoint.max_failures + 1):
+        try:
+            return build_trainer(config, name, storage_uri, loop_config).fit()
+        except ray.train.ControllerError as err:
+            if attempt == config.checkpoint.max_failures:
+                raise
+            logger.warning("Train controller failed (%s); waiting for storage, then resuming",
+                           str(err).splitlines()[0])
+            _wait_for_storage(storage_uri, timeout_s=600)
+    raise AssertionError("unreachable")
+
+
+def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
+    """Block until the storage preflight passes again (or raise after `timeout_s`)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            storage.preflight(storage_uri)
+            return
+        except storage.StorageError:
+            if time.time() > deadline:
+                raise
+            time.sleep(5)
+
+
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
     """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
@@ -341,16 +369,16 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
     print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
           f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
     init_ray(config)
-    trainer = build_trainer(config, name, storage_uri,
-                            {"config": config.to_dict(), "tracking_uri": tracking_uri,
-                             "mlflow_run_id": run_id})
+    loop_config = {"config": config.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
     start = time.time()
     try:
-        result = trainer.fit()
+        result = _fit_surviving_storage_outages(config, name, storage_uri, loop_config)
     except Exception:
         tracking.finish_run(tracking_uri, run_id, succeeded=False)
         raise
     model, summary = _final_model(result.checkpoint, config)
+    from rn50.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    log_training_gallery(tracking_uri, run_id, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracking.finish_run(tracking_uri, run_id, succeeded=True,
                         model=model if config.tracking.log_model else None, example_input=example)

@@ -41,7 +41,8 @@ def test_s3_outage_during_uploads_is_ridden_out(tmp_path, s3_server):
     s3_server.start()
     output, _ = job.communicate(timeout=900)
     assert job.returncode == 0, output[-5000:]
-    assert "checkpoint upload" in output and "retrying in" in output  # the outage was hit
+    # The outage was hit: an upload retried, or the Train controller restarted from storage.
+    assert "retrying in" in output or "waiting for storage, then resuming" in output
     result = json.loads(next(l for l in output.splitlines() if l.startswith("RESULT "))[7:])
     assert result["epochs"] == 4
     listing = subprocess.run([sys.executable, "-m", "rn50.checkpoint", "ls",
@@ -83,10 +84,10 @@ def test_preemption_notice_checkpoints_then_the_run_moves_to_a_new_node(tmp_path
                     cluster.address, "--node-id", doomed.node_id, "--reason",
                     "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                     "--deadline-remaining-seconds", "120"], check=True, timeout=60)
-    _wait_for(lambda: any(s.get("reason") == "preemption" for s in summaries())
-              or not runner.is_alive(), 300, "the preemption checkpoint")
+    # Seen while it exists: keep_last prunes the mid-epoch checkpoint once later epochs finish.
+    _wait_for(lambda: any(s.get("reason") == "preemption" for s in summaries()), 300,
+              "the preemption checkpoint")
     cluster.add_node(num_cpus=2)  # the replacement spot node
     cluster.remove_node(doomed)   # the reclaim itself
     runner.join(timeout=900)
     assert outcome.get("result", {}).get("epochs") == 4, outcome
-    assert any(s.get("reason") == "preemption" for s in summaries())
