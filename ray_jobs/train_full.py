@@ -28,7 +28,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = args.name or f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from rn50.train import run_training  # imports Ray; only needed once the config is valid
+    from rn50.driver import run_training  # imports Ray; only needed once the config is valid
     try:
         summary = run_training(config, name, args.storage)
     except StorageError as err:

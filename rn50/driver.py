@@ -1,0 +1,140 @@
+"""The driver side of a training run: checks, MLflow, the `TorchTrainer`, the run summary.
+
+`run_training` checks storage before anything starts, opens (or finds again) the MLflow run,
+builds the `TorchTrainer` around `rn50.train.train_loop_per_worker`, and turns Ray's result into
+the `RESULT` summary. Running it again with the same name and storage resumes the run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from rn50 import checkpoint as ckpt
+from rn50 import storage, tracking
+from rn50.config import Config
+from rn50.model import build_model
+from rn50.train import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # A local Ray sized explicitly: workers × CPUs, never fewer than the machine has.
+    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
+    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1))
+
+
+def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
+    if result_checkpoint is None:
+        return ""
+    path = result_checkpoint.path
+    return f"s3://{path}" if storage_uri.startswith("s3://") else path
+
+
+def _final_model(result_checkpoint, config: Config):
+    """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
+    with result_checkpoint.as_directory() as directory:
+        manifest = ckpt.verify_checkpoint(directory)
+        state = ckpt.load_checkpoint(directory)
+    model = build_model(config.model, config.data.num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval(), manifest["summary"]
+
+
+def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run: scaling, storage, failure handling and checkpoint retention."""
+    filesystem, storage_path = storage.resolve_storage(storage_uri)
+    threads = str(config.train.torch_threads)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        # gloo, not Ray's NCCL default for GPU workers: a node may advertise a GPU that torch
+        # cannot see (fake clusters, broken drivers); _wrap_ddp adds NCCL where CUDA is real.
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+            accelerator_type=config.scaling.accelerator_type or None),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
+                                             "MKL_NUM_THREADS": threads}}))
+
+
+def _fit_surviving_storage_outages(config: Config, name: str, storage_uri: str, loop_config: dict):
+    """`TorchTrainer.fit()`, started again from the newest checkpoint if the Train controller
+    dies (it writes its state to storage after every report, so a storage outage kills it)."""
+    for attempt in range(config.checkpoint.max_failures + 1):
+        try:
+            return build_trainer(config, name, storage_uri, loop_config).fit()
+        except ray.train.ControllerError as err:
+            if attempt == config.checkpoint.max_failures:
+                raise
+            logger.warning("Train controller failed (%s); waiting for storage, then resuming",
+                           str(err).splitlines()[0])
+            _wait_for_storage(storage_uri, timeout_s=600)
+    raise AssertionError("unreachable")
+
+
+def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
+    """Block until the storage preflight passes again (or raise after `timeout_s`)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            storage.preflight(storage_uri)
+            return
+        except storage.StorageError:
+            if time.time() > deadline:
+                raise
+            time.sleep(5)
+
+
+def run_training(config: Config, name: str, storage_uri: str) -> dict:
+    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
+    storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
+    tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    run_key = f"{storage_uri.rstrip('/')}/{name}"
+    run_id, resumed = tracking.start_or_resume_run(
+        config, tracking_uri, run_key, name,
+        tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
+              "torch_version": torch.__version__, "num_workers": str(config.scaling.num_workers),
+              "device_type": "gpu" if config.scaling.use_gpu else "cpu",
+              "storage": storage.describe_storage(storage_uri)})
+    print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
+          f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
+    init_ray(config)
+    loop_config = {"config": config.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
+    start = time.time()
+    try:
+        result = _fit_surviving_storage_outages(config, name, storage_uri, loop_config)
+    except Exception:
+        tracking.finish_run(tracking_uri, run_id, succeeded=False)
+        raise
+    model, summary = _final_model(result.checkpoint, config)
+    from rn50.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    log_training_gallery(tracking_uri, run_id, model, config)
+    example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
+    tracking.finish_run(tracking_uri, run_id, succeeded=True,
+                        model=model if config.tracking.log_model else None, example_input=example)
+    return {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
+            "epochs": summary["epoch"] + 1, "checkpoint": _checkpoint_uri(result.checkpoint,
+                                                                        storage_uri),
+            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+            "wall_s": round(time.time() - start, 1)}

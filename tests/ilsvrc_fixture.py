@@ -1,0 +1,70 @@
+"""A tiny ImageNet in the ILSVRC layouts: class folders, flat val + Kaggle CSV, and the tars."""
+import csv
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+
+
+def _jpeg(rng, width: int, height: int) -> bytes:
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def make_ilsvrc(root: Path, per_class: int = 6, val_per_class: int = 2, seed: int = 0) -> dict:
+    """root/train/<wnid>/<wnid>_<i>.JPEG, root/val/ILSVRC2012_val_*.JPEG + LOC_val_solution.csv.
+
+    Sizes vary from 40 to 120 px a side, so a 64 px cap resizes some images and not others.
+    Returns {image name: wnid} for every image.
+    """
+    rng, labels = np.random.default_rng(seed), {}
+    for wnid in WNIDS:
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            name = f"{wnid}_{i}.JPEG"
+            (folder / name).write_bytes(_jpeg(rng, int(rng.integers(40, 121)),
+                                              int(rng.integers(40, 121))))
+            labels[name] = wnid
+    (root / "val").mkdir()
+    rows, number = [], 0
+    for wnid in WNIDS:
+        for _ in range(val_per_class):
+            number += 1
+            stem = f"ILSVRC2012_val_{number:08d}"
+            (root / "val" / f"{stem}.JPEG").write_bytes(_jpeg(rng, 90, 70))
+            rows.append({"ImageId": stem, "PredictionString": f"{wnid} 1 2 3 4"})
+            labels[f"{stem}.JPEG"] = wnid
+    with open(root / "LOC_val_solution.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["ImageId", "PredictionString"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return labels
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def make_tars(root: Path, out: Path) -> None:
+    """The folder tree of `make_ilsvrc` as ILSVRC2012_img_{train,val}.tar (+ the CSV) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
+        for wnid in WNIDS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as archive:
+                for path in sorted((root / "train" / wnid).iterdir()):
+                    _add_bytes(archive, path.name, path.read_bytes())
+            _add_bytes(outer, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as archive:
+        for path in sorted((root / "val").iterdir()):
+            _add_bytes(archive, path.name, path.read_bytes())
+    (out / "LOC_val_solution.csv").write_bytes((root / "LOC_val_solution.csv").read_bytes())

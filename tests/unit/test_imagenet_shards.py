@@ -1,0 +1,73 @@
+"""ImageNet -> parquet shards without Ray: sources, shuffle plan, shard writing, resume."""
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from rn50.datasets import ParquetDataset
+from rn50.imagenet_shards import plan_shards, shrink, write_shard
+from rn50.imagenet_sources import filesystem, list_source, read_record
+from tests.ilsvrc_fixture import WNIDS, make_ilsvrc, make_tars
+
+
+@pytest.fixture(scope="module")
+def ilsvrc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ilsvrc")
+    labels = make_ilsvrc(root / "folders")
+    make_tars(root / "folders", root / "tars")
+    return root, labels
+
+
+def _contents(source, split, classes=None):
+    records, classes = list_source(str(source), split, classes)
+    fs, _ = filesystem(str(source))
+    handles = {}
+    return {r.name: (classes[r.label], read_record(fs, r, handles)) for r in records}, classes
+
+
+def test_tars_and_folders_list_the_same_images_and_labels(ilsvrc):
+    root, labels = ilsvrc
+    for split in ("train", "val"):
+        from_folders, classes = _contents(root / "folders", split, WNIDS)
+        from_tars, tar_classes = _contents(root / "tars", split, WNIDS)
+        assert classes == tar_classes == WNIDS
+        assert from_folders == from_tars  # same names, same labels, byte-identical images
+        assert {name: wnid for name, (wnid, _) in from_tars.items()} == \
+            {n: w for n, w in labels.items() if (split == "val") == n.startswith("ILSVRC")}
+
+
+def test_the_plan_is_a_seeded_shuffle_covering_every_image_once(ilsvrc):
+    records, _ = list_source(str(ilsvrc[0] / "folders"), "train")
+    items = plan_shards(records, "train", per_shard=5, seed=1)
+    names = [r["name"] for item in items for r in json.loads(item["records"])]
+    assert sorted(names) == sorted(r.name for r in records) and len(items) == 5  # 24 / 5
+    assert names != [r.name for r in records], "not shuffled"
+    assert items == plan_shards(records, "train", per_shard=5, seed=1)
+    assert items[-1]["name"] == "train-00004-of-00005.parquet"
+
+
+def test_shrink_caps_the_shorter_side_and_passes_small_images_through():
+    big = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(big, "JPEG")
+    small = shrink(big.getvalue(), 64)
+    assert Image.open(io.BytesIO(small)).size == (96, 64)
+    assert shrink(small, 64) == small and shrink(b"not an image", 64) == b"not an image"
+
+
+def test_shards_are_readable_verified_and_skipped_when_done(ilsvrc, tmp_path):
+    source, out = str(ilsvrc[0] / "tars"), str(tmp_path / "out")
+    records, classes = list_source(source, "train")
+    options = {"source": source, "max_px": 64, "images_per_shard": 10, "seed": 0}
+    items = plan_shards(records, "train", 10, 0)
+    entries = [write_shard(item, out, classes, options) for item in items]
+    assert [e["skipped"] for e in entries] == [False] * 3 and sum(e["rows"] for e in entries) == 24
+    dataset = ParquetDataset(out, "train")
+    assert dataset.classes == WNIDS and len(dataset) == 24
+    assert all(min(image.shape[1:]) <= 64 for image, _ in (dataset[i] for i in range(24)))
+    # Idempotent: a rerun only checks; a damaged shard is rewritten, the others are skipped.
+    shard = tmp_path / "out" / "train" / items[1]["name"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    again = [write_shard(item, out, classes, options) for item in items]
+    assert [e["skipped"] for e in again] == [True, False, True]
+    assert again[1]["sha256"] == entries[1]["sha256"]  # the rewrite is byte-identical

@@ -1,0 +1,72 @@
+"""MLflow sqlite backup/restore on a local path (the S3 path is in tests/integration)."""
+import sqlite3
+
+import pytest
+
+from rn50 import mlflow_backup
+
+
+def _make_db(path, rows):
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE IF NOT EXISTS runs (name TEXT)")
+    connection.executemany("INSERT INTO runs VALUES (?)", [(r,) for r in rows])
+    connection.commit()
+    connection.close()
+
+
+def _rows(path):
+    connection = sqlite3.connect(path)
+    try:
+        return [r[0] for r in connection.execute("SELECT name FROM runs ORDER BY name")]
+    finally:
+        connection.close()
+
+
+def test_backup_then_restore_on_a_fresh_head(tmp_path):
+    db, copy = tmp_path / "head" / "mlflow.db", str(tmp_path / "bucket" / "mlflow.db")
+    db.parent.mkdir()
+    _make_db(db, ["a", "b"])
+    mlflow_backup.backup(db, copy)
+    fresh = tmp_path / "new-head" / "mlflow.db"
+    assert mlflow_backup.restore(fresh, copy) is True
+    assert _rows(fresh) == ["a", "b"]
+
+
+def test_restore_never_overwrites_a_live_database(tmp_path):
+    db, copy = tmp_path / "mlflow.db", str(tmp_path / "copy.db")
+    _make_db(db, ["old"])
+    mlflow_backup.backup(db, copy)
+    _make_db(db, ["new"])
+    assert mlflow_backup.restore(db, copy) is False
+    assert _rows(db) == ["new", "old"]
+
+
+def test_restore_without_a_backup_starts_empty(tmp_path):
+    db = tmp_path / "mlflow.db"
+    assert mlflow_backup.restore(db, str(tmp_path / "missing.db")) is False
+    assert not db.exists()
+
+
+def test_restore_refuses_a_corrupt_backup(tmp_path):
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="not a sqlite database|integrity"):
+        mlflow_backup.restore(tmp_path / "mlflow.db", str(copy))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_loop_copies_only_when_the_database_changed(tmp_path, monkeypatch):
+    db, copy = tmp_path / "mlflow.db", tmp_path / "copy.db"
+    _make_db(db, ["a"])
+    uploads = []
+    real_backup = mlflow_backup.backup
+    monkeypatch.setattr(mlflow_backup, "backup",
+                        lambda db, uri: uploads.append(uri) or real_backup(db, uri))
+    mlflow_backup.loop(db, str(copy), every_s=0, rounds=3)
+    assert len(uploads) == 1 and _rows(copy) == ["a"]
+
+
+def test_cli_reports_a_missing_database(tmp_path, capsys):
+    code = mlflow_backup.main(["backup", "--db", str(tmp_path / "none.db"),
+                               "--backup", str(tmp_path / "copy.db")])
+    assert code == 1 and "no MLflow database" in capsys.readouterr().err
