@@ -328,16 +328,48 @@ class _SkipSampler(Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
+class RowGroupSampler(Sampler):
+    """Shuffled reading of parquet shards without random access (what streaming from S3 needs).
+
+    Row groups are dealt to ranks in a seeded order per epoch, and rows are shuffled within each
+    group, so every rank reads each of its row groups once, front to back, and never touches
+    another rank's. Ranks are cut to the same length (DDP needs equal step counts). The shards
+    written by prepare_imagenet are globally shuffled, so this keeps the randomness of a full
+    shuffle at the cost of one group's worth of correlation inside a batch.
+    """
+
+    def __init__(self, dataset: ParquetDataset, rank: int, world_size: int, seed: int, epoch: int):
+        ends = [*dataset._starts[1:], len(dataset)]
+        order = torch.randperm(len(ends), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        per_rank = [order[r::world_size].tolist() for r in range(world_size)]
+        self.length = min(sum(ends[g] - dataset._starts[g] for g in groups) for groups in per_rank)
+        self.indices = []
+        for group in per_rank[rank]:
+            rows = torch.randperm(ends[group] - dataset._starts[group],
+                                  generator=torch.Generator().manual_seed(_mix(seed, epoch, group)))
+            self.indices += (rows + dataset._starts[group]).tolist()
+        self.indices = self.indices[:self.length]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def build_loader(dataset: Dataset, batch_size_per_worker: int, rank: int, world_size: int,
                  seed: int, epoch: int, train: bool, loader_workers: int = 0,
                  skip_batches: int = 0) -> DataLoader:
     """This rank's loader for one epoch: train shuffles by (seed, epoch) and drops the ragged tail
     (DistributedSampler, drop_last), starting after `skip_batches` batches; val is an unshuffled,
     unpadded 1/world_size shard."""
-    if train:
+    if train and isinstance(dataset, ParquetDataset):
+        sampler = RowGroupSampler(dataset, rank, world_size, seed, epoch)
+    elif train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
+    if train:
         if skip_batches:
             sampler = _SkipSampler(sampler, skip_batches * batch_size_per_worker)
         dataset = _SeededAugmentation(dataset, seed, epoch)

@@ -216,8 +216,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         model = _wrap_ddp(model, device)
-    # Each rank gets len // world_size samples (DistributedSampler, drop_last) in full batches.
-    steps_per_epoch = (len(train_set) // world_size) // batch_per_worker
+    # Full batches per rank, as the samplers deal them (equal on every rank).
+    steps_per_epoch = len(build_loader(train_set, batch_per_worker, rank, world_size,
+                                       config.train.seed, 0, True))
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
                          f"batch ({config.train.global_batch_size}); lower train.global_batch_size")

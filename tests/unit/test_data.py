@@ -333,3 +333,22 @@ def test_imagenette_offline_error_says_what_to_do(tmp_path):
         prepare_imagenette(tmp_path, 160, url=f"http://127.0.0.1:{port}/imagenette2-160.tgz")
     with pytest.raises(DataError, match="160, 320 or 0"):
         prepare_imagenette(tmp_path, 224)
+
+
+def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
+    from rn50.data import RowGroupSampler
+    rows = [(_jpeg_bytes(i), i % 4) for i in range(20)]  # 2 shards x row groups of 3
+    _write_shards(tmp_path, "train", rows, shards=2, names=None, flat=True)
+    dataset = ParquetDataset(tmp_path, "train", num_classes=4)
+    samplers = [RowGroupSampler(dataset, rank, 2, seed=0, epoch=3) for rank in range(2)]
+    orders = [list(sampler) for sampler in samplers]
+    assert len(orders[0]) == len(orders[1]) == len(samplers[0])  # equal steps for DDP
+    assert not set(orders[0]) & set(orders[1])
+    group_of = lambda index: max(i for i, start in enumerate(dataset._starts) if start <= index)  # noqa: E731
+    for order in orders:  # each group's rows come together: one read per group
+        groups = [group_of(i) for i in order]
+        assert groups == sorted(groups, key=groups.index)
+    assert orders[0] == list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=3))
+    assert orders[0] != list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=4))
+    loader = build_loader(dataset, 2, 0, 2, 0, 3, True)
+    assert isinstance(loader.sampler, RowGroupSampler)
