@@ -3,8 +3,10 @@ showing them in a real headless Chromium."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,25 @@ def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
         page.get_by_text("val/top1").first.wait_for(timeout=30_000)
         page.get_by_text(children[0].info.run_name).first.wait_for(timeout=30_000)
         browser.close()
+
+
+def test_a_sweep_whose_driver_dies_resumes_with_the_same_name(tmp_path):
+    command = [sys.executable, "ray_jobs/tune_imagenette.py", "--space", "tune_spaces/smoke.yaml",
+               "--name", "resumed", "--storage", str(tmp_path / "runs"),
+               f"data.root={tmp_path / 'digits'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not list((tmp_path / "runs" / "resumed" / "trials").glob("*/checkpoint_2*/manifest.json")):
+        assert first.poll() is None and time.time() < deadline, "no trial checkpoint before the kill"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep driver and the local Ray it started
+    first.wait()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert "resuming sweep 'resumed'" in output
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert sum(result["trials"].values()) == 4
