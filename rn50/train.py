@@ -72,33 +72,56 @@ def _load_data(config: Config):
     return build_datasets(config.data)
 
 
-def _checkpoints_newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """Ray's latest checkpoint, then the run's older ones (their names sort by time)."""
-    run_dir = posixpath.dirname(latest.path.rstrip("/"))
-    listing = latest.filesystem.get_file_info(pafs.FileSelector(run_dir))
-    older = sorted((info.path for info in listing if info.type == pafs.FileType.Directory
-                    and posixpath.basename(info.path).startswith("checkpoint_")
-                    and info.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
-    return [latest] + [ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older]
+def _checkpoints_newest_first(latest: ray.train.Checkpoint | None) -> list[ray.train.Checkpoint]:
+    """Every checkpoint folder of this run in storage, newest first (their names sort by time).
+
+    Storage, not only Ray's record, is the source: a checkpoint uploaded moments before a crash may
+    never have reached the controller's snapshot, and it is still the newest complete state."""
+    storage = ray.train.get_context().get_storage()
+    filesystem, run_dir = storage.storage_filesystem, storage.experiment_fs_path
+    listing = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    paths = {info.path.rstrip("/") for info in listing if info.type == pafs.FileType.Directory
+             and posixpath.basename(info.path.rstrip("/")).startswith("checkpoint_")}
+    if latest is not None:
+        paths.add(latest.path.rstrip("/"))
+    ordered = sorted(paths, key=posixpath.basename, reverse=True)
+    return [ray.train.Checkpoint(path, filesystem=filesystem) for path in ordered]
 
 
-def _load_newest_good_checkpoint(rank: int) -> dict | None:
+def _newest_good_checkpoint(latest: ray.train.Checkpoint | None) -> tuple[str | None, dict | None]:
     """The newest checkpoint whose files match its manifest; broken ones are named and skipped."""
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
-    for candidate in _checkpoints_newest_first(latest):
+    candidates = _checkpoints_newest_first(latest)
+    for candidate in candidates:
         try:
             with candidate.as_directory() as directory:
-                state = ckpt.load_checkpoint(directory)
+                return candidate.path, ckpt.load_checkpoint(directory)
         except (ckpt.CheckpointError, OSError) as err:
             logger.warning("skipping checkpoint %s: %s", candidate.path, err)
-            continue
-        _log(rank, f"resumed from {candidate.path} (epoch {state['epoch']}, "
-                   f"{state.get('steps_done', '?')} steps done)")
-        return state
-    raise ckpt.CheckpointError(f"no checkpoint of this run verifies (newest: {latest.path}); "
-                               "start a fresh run with a new --name, or fix the storage")
+    if candidates:
+        raise ckpt.CheckpointError(f"no checkpoint of this run verifies (newest: {candidates[0].path});"
+                                   " start a fresh run with a new --name, or fix the storage")
+    return None, None
+
+
+def _load_resume_state(rank: int) -> dict | None:
+    """Rank 0 picks the checkpoint to resume from; every rank loads that same one."""
+    latest = ray.train.get_checkpoint()
+    chosen, state = _newest_good_checkpoint(latest) if rank == 0 else (None, None)
+    if dist.is_initialized():
+        shared = [chosen]
+        dist.broadcast_object_list(shared, src=0)  # all ranks must agree, whatever storage shows
+        chosen = shared[0]
+    if chosen is None:
+        return None
+    if state is None:
+        checkpoint = ray.train.Checkpoint(chosen, filesystem=ray.train.get_context().get_storage()
+                                          .storage_filesystem)
+        with checkpoint.as_directory() as directory:
+            state = ckpt.load_checkpoint(directory)
+    unregistered = latest is None or posixpath.basename(chosen) > posixpath.basename(latest.path)
+    _log(rank, f"resumed from {chosen} (epoch {state['epoch']}, {state.get('steps_done', '?')} "
+               "steps done)" + (", newer than Ray's record of the run" if unregistered else ""))
+    return state
 
 
 def _maybe_inject_fault(config: Config, epoch: int, rank: int) -> None:
@@ -226,7 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = build_scheduler(optimizer, steps_per_epoch, config.train.epochs, config.schedule)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
     start_epoch, start_step = 0, 0
-    state = _load_newest_good_checkpoint(rank)
+    state = _load_resume_state(rank)
     if state is not None:
         start_epoch, start_step = ckpt.apply_training_state(state, model, optimizer, scheduler,
                                                             ema, steps_per_epoch)

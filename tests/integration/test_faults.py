@@ -48,7 +48,7 @@ def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight):
                                     f"faults.marker_path={tmp / 'kill.marker'}"])
     assert code == 0, output[-4000:]
     assert "SIGKILL to worker rank 1 at step 13" in output
-    assert "(epoch 1, 3 steps done)" in output  # resumed from the mid-epoch checkpoint
+    assert "(epoch 1, 3 steps done)" in output, output[-6000:]  # the mid-epoch checkpoint
     assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
 
 
@@ -88,4 +88,4 @@ def test_killed_driver_resubmitted_continues_the_run(tmp_path):
     code, output, result = run_job(["--name", "driver", "--storage", str(tmp_path / "runs"),
                                     *common(tmp_path, epochs=3)])
     assert code == 0, output[-4000:]
-    assert "resumed from" in output and "(resumed)" in output and result["epochs"] == 3
+    assert "resumed from" in output and "(resumed)" in output and result["epochs"] == 3, output[-6000:]
