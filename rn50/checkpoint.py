@@ -170,6 +170,24 @@ def verify_remote(uri: str) -> dict[str, Any]:
     return manifest
 
 
+def check_uploaded(filesystem, path: str) -> None:
+    """Cheap check of an uploaded copy: manifest readable, every file there at its manifest size.
+
+    Run before Ray is told about a checkpoint, so older ones are pruned only once a newer copy is
+    complete in storage (a full SHA-256 pass would mean downloading it again)."""
+    import pyarrow.fs as pafs
+    try:
+        with filesystem.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
+            files = json.loads(stream.read())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"uploaded checkpoint {path} has no readable manifest: {err}") from None
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
+    for (name, expected), info in zip(files.items(), infos):
+        if info.type != pafs.FileType.File or info.size != expected["size"]:
+            raise CheckpointError(f"uploaded checkpoint {path}: {name} is {info.size} bytes in "
+                                  f"storage, the manifest says {expected['size']}")
+
+
 def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
     """One row per `checkpoint_*` of a run: name, epoch, steps, size, val_top1, verified."""
     from rn50 import storage

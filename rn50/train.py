@@ -168,11 +168,14 @@ def _upload_with_retries(storage_context):
     """Ray's own upload, retried with back-off (a storage blip must not cost a restart).
 
     A retry rewrites the same folder; a copy torn by the outage is never loaded because its
-    files do not match the manifest."""
+    files do not match the manifest. Ray records the checkpoint (and prunes older ones beyond
+    `keep_last`) only after this returns, so the last good checkpoint outlives a failed upload."""
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
-                return storage_context.persist_current_checkpoint(checkpoint, dir_name)
+                persisted = storage_context.persist_current_checkpoint(checkpoint, dir_name)
+                ckpt.check_uploaded(persisted.filesystem, persisted.path)
+                return persisted
             except Exception as err:  # noqa: BLE001 - pyarrow raises OSError and friends
                 if attempt == UPLOAD_ATTEMPTS:
                     raise

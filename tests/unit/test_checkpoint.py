@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rn50.checkpoint import (CheckpointError, capture_rng_state, fingerprint_weights,
+from rn50.checkpoint import (CheckpointError, check_uploaded, capture_rng_state, fingerprint_weights,
                              load_checkpoint, main, restore_rng_state, save_checkpoint)
 from rn50.config import ModelConfig
 from rn50.model import build_model
@@ -96,3 +96,18 @@ def test_cli_ls_lists_and_verifies_each_checkpoint(tmp_path, capsys):
     assert "epoch=0 steps=end" in lines[0] and "val_top1=50.00 verified=yes" in lines[0]
     assert "epoch=1 steps=4" in lines[1] and "verified=yes" in lines[1]
     assert "verified=NO" in lines[2]
+
+
+def test_uploaded_copy_is_checked_against_its_manifest(tmp_path):
+    """The post-upload check passes a complete copy and names a torn or unfinished one."""
+    import pyarrow.fs as pafs
+    local = pafs.LocalFileSystem()
+    save_checkpoint(tmp_path / "c", {"model": {"w": torch.ones(1000)}}, {})
+    check_uploaded(local, str(tmp_path / "c"))
+    state_file = tmp_path / "c" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="state.pt is 100 bytes"):
+        check_uploaded(local, str(tmp_path / "c"))
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no readable manifest"):
+        check_uploaded(local, str(tmp_path / "c"))
