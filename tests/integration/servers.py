@@ -115,7 +115,9 @@ class S3Server:
                 "-s3.port.iceberg=0", "-s3.port.lance=0",
                 # A restart must not sit out the default 10 s election / volume pre-stop waits.
                 "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
-                "-master.volumeSizeLimitMB=256"]
+                # Volumes of 256 MB, as many as the disk holds: the default cap of 8 fills after
+                # ~10 ResNet-50 checkpoints and the server then fails every write.
+                "-master.volumeSizeLimitMB=256", "-volume.max=0"]
 
     def _write_identities(self) -> None:
         identities = [
