@@ -4,7 +4,8 @@
         --max-px 256
 
 `--source` is a directory holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and Kaggle's
-LOC_val_solution.csv (local or s3://; the tars are read in place, never unpacked), or a local
+LOC_val_solution.csv (local or s3://; the tars are read in place, never unpacked), Hugging Face
+`ILSVRC/imagenet-1k` parquet shards (data/{train,validation}-*.parquet, local or s3://), or a local
 ILSVRC folder tree (train/<wnid>/*.JPEG, val/ as class folders or flat + LOC_val_solution.csv;
 on a multi-node cluster it must be on a filesystem every node mounts). Shards already written and
 still matching their plan and checksum are skipped, so rerunning after a crash finishes the rest.
@@ -26,7 +27,7 @@ from rn50.storage import StorageError, preflight  # noqa: E402
 
 def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="dir with the ILSVRC tars, or folders")
+    parser.add_argument("--source", required=True, help="dir with the ILSVRC tars, HF parquet shards, or folders")
     parser.add_argument("--out", required=True, help="s3://bucket/prefix or a local directory")
     parser.add_argument("--max-px", type=int, default=256,
                         help="shorter side cap, re-encoding larger images; 0 keeps originals")

@@ -143,7 +143,7 @@ def _filesystem_and_path(root: str, filesystem: pafs.FileSystem | None):
 _SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid")}
 
 
-def _find_shards(fs: pafs.FileSystem, base: str, split: str) -> list[str]:
+def find_parquet_shards(fs: pafs.FileSystem, base: str, split: str) -> list[str]:
     """HF `data/<split>-00000-of-000NN.parquet`, or `<split>/*.parquet`, or `<split>-*.parquet`."""
     def listing(directory: str) -> list[str]:
         selector = pafs.FileSelector(directory, allow_not_found=True)
@@ -172,7 +172,7 @@ class ParquetDataset(Dataset):
                  filesystem: pafs.FileSystem | None = None, num_classes: int | None = None,
                  draft_px: int | None = None, cache_row_groups: int = 4):
         self.fs, base = _filesystem_and_path(str(root), filesystem)
-        self.files = _find_shards(self.fs, base, split)
+        self.files = find_parquet_shards(self.fs, base, split)
         self.transform, self.cache_row_groups = transform, cache_row_groups
         self.draft_px = getattr(transform, "draft_px", 0) if draft_px is None else draft_px
         self._groups: list[tuple[int, int]] = []  # (file index, row group), global order
@@ -182,7 +182,7 @@ class ParquetDataset(Dataset):
             with self.fs.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
                 metadata = parquet.metadata
-                names = names or _hf_label_names(parquet.schema_arrow.metadata)
+                names = names or hf_label_names(parquet.schema_arrow.metadata)
             for group in range(metadata.num_row_groups):
                 self._groups.append((file_index, group))
                 self._starts.append(total)
@@ -237,7 +237,7 @@ class ParquetDataset(Dataset):
         return _decode(images[row], int(labels[row]), self.transform, self.draft_px, what)
 
 
-def _hf_label_names(metadata: dict | None) -> list[str] | None:
+def hf_label_names(metadata: dict | None) -> list[str] | None:
     """ClassLabel names stored by HF `datasets` in the arrow schema metadata, if present."""
     try:
         features = json.loads(metadata[b"huggingface"])["info"]["features"]

@@ -26,16 +26,30 @@ ROW_GROUP_ROWS = 128  # ParquetDataset reads whole row groups: keep them a few M
 
 
 def plan_shards(records: list[Record], split: str, per_shard: int, seed: int) -> list[dict]:
-    """Shuffle `records` with `seed` and cut them into shard work items (JSON-safe dicts)."""
-    order = list(records)
-    random.Random(seed).shuffle(order)
+    """Shuffle `records` with `seed` and cut them into shard work items (JSON-safe dicts).
+
+    Files and tar members are shuffled one by one (each is one ranged read). Parquet rows are
+    shuffled as whole row groups, then row by row within each shard: a shard then reads a few
+    row groups once instead of one row group per image; the training loader adds its own
+    per-epoch shuffle of row groups and of rows within them."""
+    rng = random.Random(seed)
+    blocks: dict = {}
+    for record in records:
+        key = (record.source, record.offset) if record.row >= 0 else len(blocks)
+        blocks.setdefault(key, []).append(record)
+    shuffled = list(blocks.values())
+    rng.shuffle(shuffled)
+    order = [record for block in shuffled for record in block]
     count = max(1, -(-len(order) // per_shard))
     items = []
     for index in range(count):
-        chunk = [asdict(r) for r in order[index * per_shard:(index + 1) * per_shard]]
+        chunk = order[index * per_shard:(index + 1) * per_shard]
+        if len(shuffled) < len(order):  # some blocks hold several rows: mix them within the shard
+            rng.shuffle(chunk)
+        rows = [{k: v for k, v in asdict(r).items() if k != "row" or v >= 0} for r in chunk]
         items.append({"split": split, "index": index, "count": count,
                       "name": f"{split}-{index:05d}-of-{count:05d}.parquet",
-                      "records": json.dumps(chunk)})
+                      "records": json.dumps(rows)})
     return items
 
 

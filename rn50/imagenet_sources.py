@@ -1,9 +1,10 @@
-"""Where ImageNet's JPEGs are: ILSVRC class folders or the ILSVRC tars, locally or on S3.
+"""Where ImageNet's JPEGs are: ILSVRC class folders, the ILSVRC tars, or HF parquet shards.
 
 Every image becomes a `Record`: a byte range of one file plus its label. For a folder that range
 is the whole file; for the tars it is the member's data inside the outer tar, so
 `ILSVRC2012_img_train.tar` (1,000 class tars inside one tar) is never unpacked: each image is read
-with one ranged read, which works the same on a local disk and on S3. No Ray in this module.
+with one ranged read, which works the same on a local disk and on S3. For Hugging Face
+`ILSVRC/imagenet-1k`-style parquet shards a record is a row of a row group instead. No Ray here.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from rn50.datasets import IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset
+from rn50.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
+                           find_parquet_shards, hf_label_names)
 from rn50.storage import resolve_storage
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -24,12 +27,14 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 
 @dataclass(frozen=True)
 class Record:
-    """One image: `size` bytes at `offset` in `source` (size -1: the whole file)."""
+    """One image: `size` bytes at `offset` in `source` (size -1: the whole file), or, when
+    `row` >= 0, row `row` of row group `offset` of the parquet file `source`."""
     source: str
     offset: int
     size: int
     label: int
     name: str
+    row: int = -1
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -39,13 +44,55 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def read_record(fs: pafs.FileSystem, record: Record, handles: dict) -> bytes:
-    """The image bytes of `record`; `handles` caches open files between calls."""
+    """The image bytes of `record`; `handles` caches open files (and row groups) between calls."""
+    if record.row >= 0:
+        return _parquet_row_group(fs, record, handles)[record.row]
     if record.size < 0:
         with fs.open_input_stream(record.source) as stream:
             return stream.read()
     if record.source not in handles:
         handles[record.source] = fs.open_input_file(record.source)
     return handles[record.source].read_at(record.size, record.offset)
+
+
+def _parquet_row_group(fs: pafs.FileSystem, record: Record, handles: dict) -> list[bytes]:
+    # A shard's rows come from a few row groups (see plan_shards): each is read once, whole.
+    key = (record.source, record.offset)
+    if key not in handles:
+        if record.source not in handles:
+            handles[record.source] = pq.ParquetFile(fs.open_input_file(record.source))
+        table = handles[record.source].read_row_group(record.offset, columns=["image"])
+        images = table.column("image").combine_chunks()
+        if hasattr(images, "field"):  # HF Image feature: struct<bytes, path>
+            images = images.field("bytes")
+        handles[key] = images.to_pylist()
+    return handles[key]
+
+
+def list_parquet(root: str, split: str, classes: list[str] | None = None):
+    """Records of HF-style parquet shards (`data/train-00000-of-00294.parquet`, `image` {bytes,
+    path} + `label`); class names from the HF metadata, else the given or numbered ones."""
+    fs, base = filesystem(root)
+    records, names = [], None
+    for path in find_parquet_shards(fs, base.rstrip("/"), split):
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+        names = names or hf_label_names(parquet.schema_arrow.metadata)
+        has_path = "path" in getattr(parquet.schema_arrow.field("image").type, "names", [])
+        table = parquet.read(columns=["label"] + (["image.path"] if has_path else []))
+        labels = table.column("label").to_pylist()
+        paths = table.column("image").combine_chunks().field("path").to_pylist() if has_path \
+            else [None] * len(labels)
+        index = 0
+        for group in range(parquet.metadata.num_row_groups):
+            for row in range(parquet.metadata.row_group(group).num_rows):
+                name = paths[index] or f"{PurePosixPath(path).stem}/{group}/{row}"
+                records.append(Record(path, group, 0, labels[index], name, row))
+                index += 1
+    if any(r.label < 0 for r in records):
+        raise DataError(f"{root} split '{split}' has rows without a label (-1): the HF test split "
+                        "is unlabelled; convert train and validation only")
+    classes = classes or names or [str(i) for i in range(1 + max(r.label for r in records))]
+    return records, classes
 
 
 def _is_image(name: str) -> bool:
@@ -140,15 +187,20 @@ def list_val_tar(uri: str, solution_uri: str, classes: list[str]):
 
 
 def list_source(source: str, split: str, classes: list[str] | None = None):
-    """(records, classes) of one split of `source`: a folder root, or a directory of tars."""
+    """(records, classes) of one split of `source`: a folder root, a directory of tars, or
+    HF-style parquet shards."""
     fs, path = filesystem(source)
     tar_name = TRAIN_TAR if split == "train" else VAL_TAR
     tar_path = f"{path.rstrip('/')}/{tar_name}"
     if fs.get_file_info(tar_path).type != pafs.FileType.File:
-        if "://" in source:
-            raise DataError(f"no {tar_name} under {source}: image folders must be local, "
-                            "tars may be local or on S3")
-        return list_folders(path, split, classes)
+        try:
+            find_parquet_shards(fs, path.rstrip("/"), split)
+        except DataError as no_parquet:
+            if "://" in source:
+                raise DataError(f"no {tar_name} and {no_parquet} (image folders must be local; "
+                                "tars and parquet shards may be local or on S3)") from None
+            return list_folders(path, split, classes)
+        return list_parquet(source, split, classes)
     base = source.rstrip("/")
     if split == "train":
         return list_train_tar(f"{base}/{TRAIN_TAR}")

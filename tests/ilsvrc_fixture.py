@@ -68,3 +68,28 @@ def make_tars(root: Path, out: Path) -> None:
         for path in sorted((root / "val").iterdir()):
             _add_bytes(archive, path.name, path.read_bytes())
     (out / "LOC_val_solution.csv").write_bytes((root / "LOC_val_solution.csv").read_bytes())
+
+
+def make_hf_parquet(root: Path, labels: dict, out: Path, files_per_split: int = 2,
+                    row_group_rows: int = 4) -> None:
+    """The images of `make_ilsvrc` as Hugging Face `ILSVRC/imagenet-1k` parquet: `out/data/
+    {train,validation}-0000i-of-0000N.parquet`, `image` {bytes, path} + `label`, ClassLabel names
+    in the schema metadata, train rows in class order as in the tars (a shuffle has to mix them)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    features = {"image": {"_type": "Image"},
+                "label": {"names": WNIDS, "_type": "ClassLabel"}}
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split, folder in (("train", "train"), ("validation", "val")):
+        paths = sorted(p for p in (root / folder).rglob("*.JPEG"))
+        per_file = -(-len(paths) // files_per_split)
+        for index in range(files_per_split):
+            chunk = paths[index * per_file:(index + 1) * per_file]
+            table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in chunk],
+                              "label": [WNIDS.index(labels[p.name]) for p in chunk]})
+            pq.write_table(table.replace_schema_metadata(metadata),
+                           out / "data" / f"{split}-{index:05d}-of-{files_per_split:05d}.parquet",
+                           row_group_size=row_group_rows)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from rn50.data import ParquetDataset
-from tests.ilsvrc_fixture import WNIDS, make_ilsvrc, make_tars
+from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 from tests.integration.jobs import REPO
 
 
@@ -54,6 +54,24 @@ def test_tars_on_s3_become_shuffled_verified_shards(tmp_path, s3_env):
     client.delete_object(Bucket=bucket, Key=f"imagenet-parquet/train/{lost}")
     result, _ = _run(args, s3_env)
     assert result["written"] == 1 and result["skipped"] == 5
+
+
+def test_hf_parquet_on_s3_becomes_shrunk_shards(tmp_path, s3_env):
+    labels = make_ilsvrc(tmp_path / "folders")
+    make_hf_parquet(tmp_path / "folders", labels, tmp_path / "hf")
+    client, bucket = s3_env.client(), s3_env.bucket
+    for path in (tmp_path / "hf" / "data").iterdir():
+        client.upload_file(str(path), bucket, f"imagenet-1k/data/{path.name}")
+    out = f"s3://{bucket}/imagenet-1k-shrunk"
+    result, _ = _run(["--source", f"s3://{bucket}/imagenet-1k", "--out", out, "--max-px", "48",
+                      "--images-per-shard", "10"], s3_env)
+    assert result["images"] == {"train": 24, "val": 8} and result["written"] == 4
+    for split in ("train", "val"):
+        dataset = ParquetDataset(out, split)
+        names = _column(dataset, "path")
+        assert dataset.classes == WNIDS
+        assert [WNIDS[label] for label in _column(dataset, "label")] == [labels[n] for n in names]
+        assert all(min(image.shape[1:]) <= 48 for image, _ in (dataset[i] for i in range(8)))
 
 
 def _column(dataset, name):

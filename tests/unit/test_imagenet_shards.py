@@ -7,8 +7,8 @@ from PIL import Image
 
 from rn50.datasets import ParquetDataset
 from rn50.imagenet_shards import plan_shards, shrink, write_shard
-from rn50.imagenet_sources import filesystem, list_source, read_record
-from tests.ilsvrc_fixture import WNIDS, make_ilsvrc, make_tars
+from rn50.imagenet_sources import Record, filesystem, list_source, read_record
+from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,7 @@ def ilsvrc(tmp_path_factory):
     root = tmp_path_factory.mktemp("ilsvrc")
     labels = make_ilsvrc(root / "folders")
     make_tars(root / "folders", root / "tars")
+    make_hf_parquet(root / "folders", labels, root / "hf")
     return root, labels
 
 
@@ -31,8 +32,10 @@ def test_tars_and_folders_list_the_same_images_and_labels(ilsvrc):
     for split in ("train", "val"):
         from_folders, classes = _contents(root / "folders", split, WNIDS)
         from_tars, tar_classes = _contents(root / "tars", split, WNIDS)
-        assert classes == tar_classes == WNIDS
-        assert from_folders == from_tars  # same names, same labels, byte-identical images
+        from_parquet, parquet_classes = _contents(root / "hf", split)  # names from HF metadata
+        assert classes == tar_classes == parquet_classes == WNIDS
+        # Same names, same labels, byte-identical images.
+        assert from_folders == from_tars == from_parquet
         assert {name: wnid for name, (wnid, _) in from_tars.items()} == \
             {n: w for n, w in labels.items() if (split == "val") == n.startswith("ILSVRC")}
 
@@ -71,3 +74,25 @@ def test_shards_are_readable_verified_and_skipped_when_done(ilsvrc, tmp_path):
     again = [write_shard(item, out, classes, options) for item in items]
     assert [e["skipped"] for e in again] == [True, False, True]
     assert again[1]["sha256"] == entries[1]["sha256"]  # the rewrite is byte-identical
+
+
+def test_parquet_rows_are_shuffled_by_row_group_then_within_each_shard(ilsvrc):
+    records, _ = list_source(str(ilsvrc[0] / "hf"), "train")
+    items = plan_shards(records, "train", per_shard=8, seed=0)
+    shards = [[Record(**r) for r in json.loads(item["records"])] for item in items]
+    assert sorted(r.name for shard in shards for r in shard) == sorted(r.name for r in records)
+    for shard in shards:  # 8 rows from at most 3 row groups of 4 (a group may straddle shards)
+        assert len({(r.source, r.offset) for r in shard}) <= 3
+    assert any(len({r.label for r in shard}) > 1 for shard in shards), "classes not mixed"
+    assert [r.name for r in shards[0]] != sorted(r.name for r in shards[0]), "rows not mixed"
+
+
+def test_parquet_source_converts_to_shards_with_the_same_images(ilsvrc, tmp_path):
+    source, out = str(ilsvrc[0] / "hf"), str(tmp_path / "out")
+    records, classes = list_source(source, "train")
+    options = {"source": source, "max_px": 0, "images_per_shard": 10, "seed": 0}
+    for item in plan_shards(records, "train", 10, 0):
+        write_shard(item, out, classes, options)
+    converted, _ = _contents(out, "train")
+    original, _ = _contents(source, "train")
+    assert converted == original
