@@ -107,6 +107,9 @@ class TrainConfig:
     """Seed for weights, data order and augmentation."""
     amp: bool = True
     """bf16 autocast when training on a GPU (ignored on CPU)."""
+    compile: bool = False
+    """Wrap the model in `torch.compile` (works on CPU too, after a compile of ~1 min for
+    ResNet-50). Off by default until a GPU measurement shows it faster (benchmarks/README.md)."""
     ema_decay: float = 0.0
     """Per-step decay of an exponential moving average of the weights; 0 disables EMA."""
     torch_threads: int = 1

@@ -28,6 +28,13 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
                            foreach=True)
 
 
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile(model)` when asked; checkpoints and EMA see through it (`model.unwrap`)."""
+    # Compiled after DDP wrapping, as PyTorch recommends: DDP's bucketed all-reduce then overlaps
+    # with the compiled backward graph.
+    return torch.compile(model) if enabled else model
+
+
 def autocast_context(device: torch.device, amp: bool):
     """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU trains in fp32)."""
     if amp and device.type == "cuda":
@@ -77,7 +84,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    loss_sum, images_seen, skipped = 0.0, 0, 0
+    # The loss is summed on the device: a `.item()` per step would make the host wait for the
+    # GPU every step; it syncs only when a log line is due.
+    loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
     start = time.perf_counter()
     for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
         skipped += num_skipped
@@ -92,7 +101,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
         if ema is not None:
             ema.update(model)
-        loss_sum += loss.item() * labels.numel()
+        loss_sum += loss.detach().float() * labels.numel()
         images_seen += labels.numel()
         if step % config.train.log_every_steps == 0:
             log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.5f}")
@@ -100,7 +109,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             after_step(step + 1)
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
-        [loss_sum, images_seen, skipped, seconds], device)
+        [loss_sum.item(), images_seen, skipped, seconds], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return EpochStats(loss=loss_sum / max(images_seen, 1), images=int(images_seen),
                       seconds=seconds / world, skipped_images=int(skipped))

@@ -26,7 +26,7 @@ from rn50 import checkpoint as ckpt
 from rn50 import tracking
 from rn50.config import Config
 from rn50.data import build_datasets, build_loader
-from rn50.engine import build_optimizer, evaluate, train_one_epoch
+from rn50.engine import build_optimizer, evaluate, maybe_compile, train_one_epoch
 from rn50.model import EMA, build_model
 from rn50.schedule import build_scheduler
 
@@ -242,6 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     if world_size > 1:
         model = _wrap_ddp(model, device)
+    model = maybe_compile(model, config.train.compile)
     # Full batches per rank, as the samplers deal them (equal on every rank).
     steps_per_epoch = len(build_loader(train_set, batch_per_worker, rank, world_size,
                                        config.train.seed, 0, True))
