@@ -51,6 +51,13 @@ class DataConfig:
     """Use only the first N validation samples; 0 uses all."""
     imagenette_size_px: int = 160
     """Which Imagenette archive to download: 160, 320 or 0 for full size."""
+    progressive_min_px: int = 0
+    """Progressive resizing (FFCV): the train crop side up to `progressive_start_epoch`, growing
+    linearly (in steps of 32 px) to `train_crop_px` at `progressive_end_epoch`; 0 disables it."""
+    progressive_start_epoch: int = 0
+    """Last epoch (0-based) trained at `progressive_min_px`."""
+    progressive_end_epoch: int = 0
+    """First epoch (0-based) trained at the full `train_crop_px`."""
 
 
 @dataclass
@@ -314,6 +321,13 @@ def validate(config: Config) -> None:
                           f"divisible by 'scaling.num_workers' ({config.scaling.num_workers})")
     if config.data.val_crop_px > config.data.val_resize_px:
         raise ConfigError("'data.val_crop_px' must not exceed 'data.val_resize_px'")
+    data = config.data
+    if data.progressive_min_px and not (
+            0 < data.progressive_min_px <= data.train_crop_px
+            and 0 <= data.progressive_start_epoch <= data.progressive_end_epoch):
+        raise ConfigError("progressive resizing needs 0 < 'data.progressive_min_px' <= "
+                          "'data.train_crop_px' and 0 <= 'data.progressive_start_epoch' <= "
+                          "'data.progressive_end_epoch'")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
@@ -349,11 +363,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
-def load_config(recipe: str = "demo", overrides: list[str] | None = None) -> Config:
-    """Load a recipe by name or path, apply dotted overrides and validate the result."""
-    path = resolve_recipe_path(recipe)
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's nested dict; `base: NAME` first loads that recipe, then this one on top."""
+    if path in seen:
+        raise ConfigError(f"recipe '{path}' is its own base (via {' -> '.join(map(str, seen))})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {err}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_recipe(resolve_recipe_path(str(base)), (*seen, path))
+    for section, values in raw.items():
+        merged[section] = {**(merged.get(section) or {}), **(values or {})}
+    return merged
+
+
+def load_config(recipe: str = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a recipe by name or path, apply dotted overrides and validate the result."""
+    raw = _read_recipe(resolve_recipe_path(recipe))
     return Config.from_dict(apply_overrides(raw, overrides or []))

@@ -261,6 +261,13 @@ def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
             _fixed_subset(val, data_cfg.max_val_samples), names)
 
 
+def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:
+    """Point the train dataset's RandomResizedCrop at `crop_px` (progressive resizing)."""
+    while isinstance(train_set, Subset):
+        train_set = train_set.dataset
+    train_set.transform.set_crop_px(crop_px)
+
+
 def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the decodable samples; `None` (corrupt) ones are dropped and counted."""
     good = [sample for sample in batch if sample is not None]

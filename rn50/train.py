@@ -25,10 +25,11 @@ import torch.distributed as dist
 from rn50 import checkpoint as ckpt
 from rn50 import tracking
 from rn50.config import Config
-from rn50.data import build_datasets, build_loader
+from rn50.data import build_datasets, build_loader, set_train_crop_px
 from rn50.engine import build_optimizer, evaluate, maybe_compile, train_one_epoch
 from rn50.model import EMA, build_model
 from rn50.schedule import build_scheduler
+from rn50.transforms import train_crop_px_at
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # Data order and each image's augmentation depend only on (seed, epoch, index): a resumed
         # run sees the same images, cropped the same way, as one that never stopped.
+        crop_px = train_crop_px_at(config.data, epoch)  # a function of the epoch: resumes exactly
+        set_train_crop_px(train_set, crop_px)
         train_loader = build_loader(train_set, batch_per_worker, rank, world_size, config.train.seed,
                                     epoch, True, config.data.loader_workers, skip_batches=skip)
         lr = optimizer.param_groups[0]["lr"]
@@ -296,7 +299,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val = evaluate(model, val_loader, device, config.model.channels_last, config.train.amp)
         metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1": val["top1"],
                    "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
-                   "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images}
+                   "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
+                   "train_crop_px": crop_px}
         _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if rank == 0:
             tracking.log_metrics(tracking_uri, run_id, _mlflow_names(metrics), step=epoch)

@@ -59,6 +59,29 @@ class Preset:
     def __repr__(self) -> str:
         return f"Preset(draft_px={self.draft_px}, {self.transform!r})"
 
+    def set_crop_px(self, crop_px: int) -> None:
+        """Change the RandomResizedCrop output side (progressive resizing), nothing else."""
+        # `draft_px` stays at the largest side: decoding a little larger than the crop is exact,
+        # smaller would not be.
+        for step in self.transform.transforms:
+            if isinstance(step, T.RandomResizedCrop):
+                step.size = (crop_px, crop_px)
+
+
+def train_crop_px_at(data_cfg, epoch: int) -> int:
+    """The train crop side for `epoch` under progressive resizing (FFCV's rule)."""
+    if not data_cfg.progressive_min_px or epoch >= data_cfg.progressive_end_epoch:
+        return data_cfg.train_crop_px
+    if epoch <= data_cfg.progressive_start_epoch:
+        return data_cfg.progressive_min_px
+    progress = (epoch - data_cfg.progressive_start_epoch) / \
+        (data_cfg.progressive_end_epoch - data_cfg.progressive_start_epoch)
+    side_px = data_cfg.progressive_min_px + progress * (data_cfg.train_crop_px -
+                                                        data_cfg.progressive_min_px)
+    # Multiples of 32 keep every stage's feature maps whole and cuDNN's kernel choices few.
+    rounded_px = int(round(side_px / 32)) * 32
+    return min(max(rounded_px, data_cfg.progressive_min_px), data_cfg.train_crop_px)
+
 
 def train_transform(data_cfg) -> Preset:
     """RandomResizedCrop(train_crop_px, scale=(min_crop_scale, 1)) [+ flip] [+ jitter] -> uint8.

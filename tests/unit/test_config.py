@@ -76,3 +76,26 @@ def test_every_field_has_a_docstring():
                           if line.strip().startswith(f"{field_name}:"))
         assert source.splitlines()[line_index + 1].strip().startswith('"""'), key
     assert yaml.safe_load(Config().to_yaml())["optim"]["lr"] == 0.1
+
+
+def test_a_recipe_builds_on_its_base():
+    fast_24, fast_88 = load_config("imagenet_fast_24"), load_config("imagenet_fast_88")
+    assert fast_24.train.epochs == 24 and fast_88.train.epochs == 88
+    assert (fast_24.data.progressive_start_epoch, fast_24.data.progressive_end_epoch) == (17, 20)
+    assert fast_24.optim == fast_88.optim and fast_24.schedule == fast_88.schedule
+    assert fast_24.data.val_crop_px == 256 > fast_24.data.train_crop_px  # test res above train
+
+
+def test_a_recipe_that_is_its_own_base_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_progressive_resizing_bounds_are_checked():
+    with pytest.raises(ConfigError, match="progressive_min_px"):
+        load_config("demo", ["data.progressive_min_px=64"])  # above the 32 px crop
+    with pytest.raises(ConfigError, match="progressive_start_epoch"):
+        load_config("demo", ["data.progressive_min_px=16", "data.progressive_start_epoch=5",
+                             "data.progressive_end_epoch=2"])

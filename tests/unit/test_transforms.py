@@ -8,7 +8,7 @@ from PIL import Image
 
 from rn50.config import DataConfig
 from rn50.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, to_rgb,
-                             train_transform, val_transform)
+                             train_crop_px_at, train_transform, val_transform)
 
 
 def _cfg(**overrides) -> DataConfig:
@@ -95,3 +95,40 @@ def test_normalize_matches_reference_and_keeps_layout():
         normalize(torch.zeros(2, 4, 3, 3, dtype=torch.uint8))
     if torch.cuda.is_available():
         torch.testing.assert_close(normalize(batch.cuda()).cpu(), out)
+
+
+def _ffcv_resolution(epoch, min_res, max_res, start_ramp, end_ramp):
+    """FFCV's get_resolution, restated with numpy as the reference."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
+
+
+@pytest.mark.parametrize("epochs,start,end", [(16, 11, 13), (24, 17, 20), (88, 65, 76)])
+def test_progressive_resizing_follows_ffcv(epochs, start, end):
+    cfg = _cfg(train_crop_px=192, progressive_min_px=160, progressive_start_epoch=start,
+               progressive_end_epoch=end)
+    ours = [train_crop_px_at(cfg, epoch) for epoch in range(epochs)]
+    assert ours == [_ffcv_resolution(e, 160, 192, start, end) for e in range(epochs)]
+    assert ours[0] == 160 and ours[-1] == 192
+    assert [train_crop_px_at(_cfg(), epoch) for epoch in range(3)] == [48] * 3  # off by default
+
+
+def test_crop_side_changes_on_the_live_dataset_through_a_subset():
+    from torch.utils.data import Subset
+
+    from rn50.data import set_train_crop_px
+
+    class Images:
+        transform = train_transform(_cfg(train_crop_px=48))
+
+        def __getitem__(self, index):
+            return self.transform(_image("RGB"))
+
+    dataset = Subset(Images(), [0])
+    assert dataset[0].shape == (3, 48, 48)
+    set_train_crop_px(dataset, 32)
+    assert dataset[0].shape == (3, 32, 32)
+    assert dataset.dataset.transform.draft_px == 48  # decode size stays safe for the largest crop
