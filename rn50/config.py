@@ -63,7 +63,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    """`resnet50` (torchvision v1.5) or `resnet50d` (deep stem + avg-pool downsample)."""
+    """`resnet50` (torchvision v1.5), `resnet50d` (deep stem + avg-pool downsample) or
+    `resnet50_blurpool` (a blur before every strided conv, as FFCV trains it)."""
     zero_init_residual: bool = True
     """Start each residual block's last BN gamma at 0 so blocks begin as identities."""
     channels_last: bool = True
@@ -284,7 +285,7 @@ def _parse_scalar(text: str) -> Any:
 _CHOICES = {
     "data.dataset": ("digits", "imagefolder", "parquet", "imagenette"),
     "data.imagenette_size_px": (160, 320, 0),
-    "model.arch": ("resnet50", "resnet50d"),
+    "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
     "schedule.decay": ("step", "cosine", "linear"),
 }
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",

@@ -1,12 +1,16 @@
-"""ResNet-50 (torchvision v1.5) built from scratch, plus the ResNet-50D variant.
+"""ResNet-50 (torchvision v1.5) built from scratch, plus the ResNet-50D and BlurPool variants.
 
 ResNet-50D (Bag of Tricks, He et al. 2019) replaces the 7×7 stem with three 3×3 convs and moves
 the stride-2 of each downsampling shortcut into an average pool, so the 1×1 shortcut conv no longer
 throws away three quarters of its input. It costs ~5% more compute for ~+1% top-1.
+
+BlurPool (Zhang 2019, as FFCV's fast ImageNet recipes use it) low-pass filters the input of every
+strided conv, so downsampling aliases less; same parameters, ~+0.5-1% top-1 in FFCV's ablation.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
@@ -22,7 +26,37 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
                      zero_init_residual=model_cfg.zero_init_residual)
     if model_cfg.arch == "resnet50d":
         _make_resnet_d(model)
+    elif model_cfg.arch == "resnet50_blurpool":
+        _add_blurpool(model)
     return model
+
+
+class BlurPoolConv2d(nn.Module):
+    """A strided conv fed through a fixed 3x3 binomial blur ([1, 2, 1] outer itself, / 16)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv  # kept as a child, so its weights are `...conv.weight`: a plain resnet50
+        # refuses this state_dict instead of silently dropping the blur
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16
+        self.register_buffer("blur", kernel.expand(conv.in_channels, 1, 3, 3).clone(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Blur each channel (reflect padding keeps borders unchanged in level), then convolve."""
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.blur.to(x.dtype),
+                           groups=self.conv.in_channels)
+        return self.conv(blurred)
+
+
+def _add_blurpool(module: nn.Module) -> None:
+    """Wrap every strided conv with >= 16 input channels (not the RGB stem), in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(module, name, BlurPoolConv2d(child))
+        else:
+            _add_blurpool(child)
 
 
 def _make_resnet_d(model: nn.Module) -> None:

@@ -17,6 +17,29 @@ def test_resnet50d_runs_and_differs():
     assert isinstance(model.layer2[0].downsample[0], torch.nn.AvgPool2d)
 
 
+def test_blurpool_wraps_the_strided_convs_and_keeps_the_parameters():
+    from rn50.model import BlurPoolConv2d
+    model = build_model(ModelConfig(arch="resnet50_blurpool"), 1000)
+    assert count_parameters(model) == 25_557_032
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, BlurPoolConv2d)]
+    # layer2-4: the first block's 3x3 conv and its 1x1 shortcut; the RGB stem stays as it is
+    assert wrapped == [f"layer{i}.0.{c}" for i in (2, 3, 4) for c in ("conv2", "downsample.0")]
+    assert "layer2.0.conv2.conv.weight" in model.state_dict()  # a plain resnet50 refuses it
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_blurpool_passes_flat_images_and_removes_a_checkerboard():
+    from rn50.model import BlurPoolConv2d
+    conv = torch.nn.Conv2d(16, 4, 3, stride=2, padding=1, bias=False)
+    blurpool = BlurPoolConv2d(conv)
+    flat = torch.full((1, 16, 8, 8), 3.0)
+    assert torch.allclose(blurpool(flat), conv(flat), atol=1e-5)  # a blur leaves flat areas alone
+    signs = torch.tensor([[(-1.0) ** (row + col) for col in range(8)] for row in range(8)])
+    checkerboard = signs.expand(1, 16, 8, 8)
+    interior = blurpool(checkerboard)[..., 1:-1, 1:-1]
+    assert interior.abs().max() < 1e-5 < conv(checkerboard)[..., 1:-1, 1:-1].abs().max()
+
+
 def test_zero_init_residual_zeroes_last_bn():
     zero = build_model(ModelConfig(zero_init_residual=True), 10)
     plain = build_model(ModelConfig(zero_init_residual=False), 10)
