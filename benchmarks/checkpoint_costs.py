@@ -8,6 +8,7 @@ time one SIGKILLed worker adds to a run.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,10 @@ def resnet50_state() -> dict:
 
 def stall_and_size(state: dict, repeats: int = 3) -> tuple[float, float, Path]:
     """Mean seconds `save_checkpoint` blocks the loop (serialise + SHA-256), and the size in MB."""
-    times = []
+    times, directory = [], None
     for _ in range(repeats):
+        if directory is not None:
+            shutil.rmtree(directory)  # keep only the last save: each is ~200 MB
         directory = Path(tempfile.mkdtemp(prefix="rn50-bench-"))
         start = time.perf_counter()
         save_checkpoint(directory, state, {"epoch": 0})
