@@ -4,6 +4,7 @@ pipeline (what a user writes) against the project's (`rn50.transforms`), at 224 
     python benchmarks/run.py --quick               # up to 500 images, 3 timed passes (~30 s)
     python benchmarks/run.py                       # all images, 5 timed passes
     python benchmarks/run.py --images DIR --max-images 20 --repeats 1   # smoke check
+    python benchmarks/run.py --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
 
 Both pipelines read the same files in the same order through a DataLoader with num_workers=0 in
 one process with torch.set_num_threads(1), so images/s is images/s per core. Writes a PNG of
@@ -268,6 +269,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed passes (default 3 / 5)")
     parser.add_argument("--ckpt-stall", action="store_true",
                         help="also fill ckpt_stall_s (saves a ResNet-50 checkpoint 3 times)")
+    parser.add_argument("--ray-overhead", action="store_true",
+                        help="also fill ray_overhead_ratio (benchmarks/ray_overhead.py)")
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "out" / "crops.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: the figure is per core, like one loader worker
@@ -286,7 +289,13 @@ def main() -> None:
         print("WARNING: the pipelines yielded different image counts (undecodable files?)")
     print(f"crop grid: {args.grid} (full-size-decoded pairs: mean |diff| {crop_diff}/255)")
     stall_s = checkpoint_stall_s() if args.ckpt_stall else None
-    not_measured = ["ray_overhead_ratio"] + ([] if args.ckpt_stall else ["ckpt_stall_s"])
+    ray_figures = {"ray_overhead_ratio": None}
+    if args.ray_overhead:  # opt-in: minutes of 2-worker training and a local Ray
+        from benchmarks.ray_overhead import run_benchmark
+        ray_figures = run_benchmark(quick=args.quick)
+    not_measured = [name for name, value in (("ray_overhead_ratio",
+                                              ray_figures["ray_overhead_ratio"]),
+                                             ("ckpt_stall_s", stall_s)) if value is None]
     speedup = {px: r["ours"]["images_per_s"] / r["baseline"]["images_per_s"]
                for px, r in results.items()}
     print(json.dumps({
@@ -298,7 +307,7 @@ def main() -> None:
         "images": len(paths), "repeats": repeats,
         "crop_mean_abs_diff_plain_224": crop_diff,
         "load_avg_before": round(load_before, 2), "other_processes_cores": round(other_cores, 2),
-        "ray_overhead_ratio": None,
+        **ray_figures,
         "ckpt_stall_s": None if stall_s is None else round(stall_s, 3),
         "not_measured": not_measured}))
 
