@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -61,6 +62,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every worker's RNG states in rank order (a collective when torch.distributed is set up)."""
+    state = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
@@ -113,25 +124,34 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
 
 def training_state(model, optimizer, scheduler, ema, epoch: int, steps_done: int,
-                   config_dict: dict, extra: dict | None = None) -> dict[str, Any]:
-    """Everything a bit-exact resume needs, after `steps_done` optimizer steps of `epoch`."""
+                   config_dict: dict, extra: dict | None = None, scaler=None,
+                   rng_per_rank: list[dict] | None = None) -> dict[str, Any]:
+    """Everything a bit-exact resume needs, after `steps_done` optimizer steps of `epoch`.
+
+    `rng_per_rank` holds every worker's RNG states (gathered by the caller, rank order); without
+    it, this process's states stand for rank 0."""
     from rn50.model import unwrap
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": epoch, "steps_done": steps_done, "config": config_dict,
-            "rng": capture_rng_state(), **(extra or {})}
+            "rng": rng_per_rank or [capture_rng_state()], **(extra or {})}
 
 
 def apply_training_state(state: dict[str, Any], model, optimizer, scheduler, ema,
-                         steps_per_epoch: int) -> tuple[int, int]:
-    """Load `state` into the live objects; return (epoch, step) to continue from."""
+                         steps_per_epoch: int, scaler=None, rank: int = 0) -> tuple[int, int]:
+    """Load `state` into the live objects (RNGs: this rank's); return (epoch, step) to continue from."""
     from rn50.model import unwrap
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
-    restore_rng_state(state["rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    # Older checkpoints hold one dict; a resume on more workers than saved reuses states cyclically.
+    rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    restore_rng_state(rng_states[rank % len(rng_states)])
     steps_done = state.get("steps_done", steps_per_epoch)
     if steps_done >= steps_per_epoch:
         return state["epoch"] + 1, 0

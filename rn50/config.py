@@ -114,7 +114,10 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, data order and augmentation."""
     amp: bool = True
-    """bf16 autocast when training on a GPU (ignored on CPU)."""
+    """Mixed-precision autocast when training on a GPU (ignored on CPU, which trains in fp32)."""
+    amp_dtype: str = "bfloat16"
+    """Autocast dtype: `bfloat16` (A100, H100, A10G, L4) or `float16` with a dynamic loss scaler
+    (T4 and V100, which have no fast bf16); the scaler's state is checkpointed."""
     compile: bool = False
     """Wrap the model in `torch.compile` (works on CPU too, after a compile of ~1 min for
     ResNet-50). Off by default until a GPU measurement shows it faster (benchmarks/README.md)."""
@@ -286,6 +289,7 @@ _CHOICES = {
     "data.dataset": ("digits", "imagefolder", "parquet", "imagenette"),
     "data.imagenette_size_px": (160, 320, 0),
     "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
+    "train.amp_dtype": ("bfloat16", "float16"),
     "schedule.decay": ("step", "cosine", "linear"),
 }
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",

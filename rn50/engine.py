@@ -35,11 +35,18 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model) if enabled else model
 
 
-def autocast_context(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU trains in fp32)."""
+def autocast_context(device: torch.device, amp: bool, amp_dtype: str = "bfloat16"):
+    """Autocast to `amp_dtype` on CUDA when asked; a no-op elsewhere (CPU trains in fp32)."""
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=getattr(torch, amp_dtype))
     return contextlib.nullcontext()
+
+
+def build_grad_scaler(device: torch.device, config: Config) -> torch.amp.GradScaler:
+    """The dynamic loss scaler fp16 autocast needs on a GPU; a pass-through everywhere else."""
+    # bf16 has fp32's exponent range, so its gradients do not underflow and need no scaling.
+    enabled = config.train.amp and config.train.amp_dtype == "float16" and device.type == "cuda"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def to_device(images_uint8: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -76,13 +83,16 @@ class EpochStats:
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler, ema: EMA | None, device: torch.device, config: Config,
                     log: Callable[[str], None] = lambda message: None, start_step: int = 0,
-                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+                    after_step: Callable[[int], None] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> EpochStats:
     """One pass of SGD over `batches` of (uint8 images, labels, skipped count).
 
     `start_step` is how many steps of this epoch were done before (a mid-epoch resume);
-    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints, fault tests).
+    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints, fault tests);
+    `scaler` is the fp16 loss scaler (`build_grad_scaler`), a disabled one by default.
     """
     model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
@@ -93,11 +103,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
-        with autocast_context(device, config.train.amp):
+        with autocast_context(device, config.train.amp, config.train.amp_dtype):
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
         if ema is not None:
             ema.update(model)
@@ -117,7 +129,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
-             channels_last: bool = False, amp: bool = False) -> dict[str, float]:
+             channels_last: bool = False, amp: bool = False,
+             amp_dtype: str = "bfloat16") -> dict[str, float]:
     """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -126,7 +139,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, channels_last)
-        with autocast_context(device, amp):
+        with autocast_context(device, amp, amp_dtype):
             logits = model(images).float()
         loss_sum += criterion(logits, labels).item()
         k = min(5, logits.shape[1])

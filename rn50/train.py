@@ -26,7 +26,8 @@ from rn50 import checkpoint as ckpt
 from rn50 import tracking
 from rn50.config import Config
 from rn50.data import build_datasets, build_loader, set_train_crop_px
-from rn50.engine import build_optimizer, evaluate, maybe_compile, train_one_epoch
+from rn50.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
+                         train_one_epoch)
 from rn50.model import EMA, build_model
 from rn50.schedule import build_scheduler
 from rn50.transforms import train_crop_px_at
@@ -253,19 +254,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, steps_per_epoch, config.train.epochs, config.schedule)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    scaler = build_grad_scaler(device, config)
     start_epoch, start_step = 0, 0
     state = _load_resume_state(rank)
     if state is not None:
-        start_epoch, start_step = ckpt.apply_training_state(state, model, optimizer, scheduler,
-                                                            ema, steps_per_epoch)
+        start_epoch, start_step = ckpt.apply_training_state(
+            state, model, optimizer, scheduler, ema, steps_per_epoch, scaler=scaler, rank=rank)
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
     if rank == 0:
         tracking.set_tags(tracking_uri, run_id, {"device": device.type, "world_size": world_size})
 
     def snapshot(epoch: int, steps_done: int) -> dict | None:
+        rng_per_rank = ckpt.gather_rng_states()  # a collective: every rank takes part
         return ckpt.training_state(model, optimizer, scheduler, ema, epoch, steps_done,
-                                   config.to_dict(), {"class_names": class_names}) \
-            if rank == 0 else None
+                                   config.to_dict(), {"class_names": class_names}, scaler=scaler,
+                                   rng_per_rank=rng_per_rank) if rank == 0 else None
 
     saves = _MidEpochSaves(config, device)
     for epoch in range(start_epoch, config.train.epochs):
@@ -293,10 +296,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, ema, device, config,
                                 log=lambda message: _log(rank, f"epoch {epoch} {message}"),
-                                start_step=skip, after_step=after_step)
+                                start_step=skip, after_step=after_step, scaler=scaler)
         val_loader = build_loader(val_set, batch_per_worker, rank, world_size,
                                   config.train.seed, epoch, False, config.data.loader_workers)
-        val = evaluate(model, val_loader, device, config.model.channels_last, config.train.amp)
+        val = evaluate(model, val_loader, device, config.model.channels_last, config.train.amp,
+                       config.train.amp_dtype)
         metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1": val["top1"],
                    "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,

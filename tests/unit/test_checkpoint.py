@@ -4,9 +4,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from rn50.checkpoint import (CheckpointError, check_uploaded, capture_rng_state, fingerprint_weights,
-                             load_checkpoint, main, restore_rng_state, save_checkpoint)
+from rn50.checkpoint import (CheckpointError, apply_training_state, capture_rng_state,
+                             check_uploaded, fingerprint_weights, load_checkpoint, main,
+                             restore_rng_state, save_checkpoint, training_state)
 from rn50.config import ModelConfig
 from rn50.model import build_model
 
@@ -71,6 +73,44 @@ def test_rng_state_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _draws() -> tuple:
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def _seeded_rng_state(seed: int) -> dict:
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return capture_rng_state()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_gets_back_its_own_rng_states(rank):
+    per_rank = [_seeded_rng_state(10), _seeded_rng_state(11)]
+    expected = []
+    for state in per_rank:
+        restore_rng_state(state)
+        expected.append(_draws())
+    assert expected[0] != expected[1]  # the control: two ranks' streams differ
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = training_state(model, optimizer, scheduler, None, 0, 3, {}, rng_per_rank=per_rank)
+    apply_training_state(state, model, optimizer, scheduler, None, steps_per_epoch=8, rank=rank)
+    assert _draws() == expected[rank]
+
+
+def test_a_checkpoint_with_one_rng_dict_still_resumes():
+    """Checkpoints written before per-rank RNG states held a single dict."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = training_state(model, optimizer, scheduler, None, 1, 8, {})
+    state["rng"] = _seeded_rng_state(5)
+    restore_rng_state(state["rng"])
+    expected = _draws()
+    assert apply_training_state(state, model, optimizer, scheduler, None, 8, rank=1) == (2, 0)
+    assert _draws() == expected
 
 
 def test_cli_fingerprint_and_verify(tmp_path, capsys):

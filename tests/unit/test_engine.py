@@ -3,9 +3,10 @@ GPU-path switch, run here on CPU) changes nothing a checkpoint or the numbers ca
 import torch
 from torch import nn
 
-from rn50.checkpoint import training_state
+from rn50.checkpoint import apply_training_state, training_state
 from rn50.config import Config
-from rn50.engine import build_optimizer, evaluate, maybe_compile, train_one_epoch
+from rn50.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
+                         train_one_epoch)
 from rn50.schedule import build_scheduler
 
 
@@ -68,3 +69,32 @@ def test_compiled_model_trains_the_same_and_checkpoints_bare_weights():
     state = training_state(compiled, optimizer, scheduler, None, 0, 8, config.to_dict())
     assert set(state["model"]) == set(eager.state_dict())  # no `_orig_mod.` prefixes
     assert maybe_compile(eager, False) is eager
+
+
+def test_fp16_loss_scaler_trains_and_its_state_survives_a_checkpoint():
+    """The fp16 path (T4/V100) on CPU: the scaler really scales, and a resume gets its scale back."""
+    config = _config()
+    model = _tiny_model()
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, 8, 1, config.schedule)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    stats = train_one_epoch(model, _batches(), optimizer, scheduler, None, torch.device("cpu"),
+                            config, scaler=scaler)
+    assert stats.loss == stats.loss  # finite, not NaN
+    assert scaler.get_scale() == 1024.0 * 2 ** 4  # 8 finite steps, growth every 2
+    state = training_state(model, optimizer, scheduler, None, 0, 8, config.to_dict(), scaler=scaler)
+    restored = torch.amp.GradScaler("cpu", init_scale=1.0)
+    apply_training_state(state, _tiny_model(), build_optimizer(_tiny_model(), config),
+                         build_scheduler(optimizer, 8, 1, config.schedule), None, 8,
+                         scaler=restored)
+    assert restored.get_scale() == scaler.get_scale()
+
+
+def test_grad_scaler_is_on_only_for_fp16_on_a_gpu():
+    config = _config()
+    config.train.amp_dtype = "float16"
+    assert not build_grad_scaler(torch.device("cpu"), config).is_enabled()
+    if torch.cuda.is_available():
+        assert build_grad_scaler(torch.device("cuda"), config).is_enabled()
+        config.train.amp_dtype = "bfloat16"
+        assert not build_grad_scaler(torch.device("cuda"), config).is_enabled()
