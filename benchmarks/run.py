@@ -1,12 +1,13 @@
 """Input-pipeline benchmark: images/s per CPU core of the train transforms, a plain torchvision
-pipeline (what a user writes) against the project's (`rn50.transforms`), at 224 and 128 px.
+pipeline (what a user writes) against the project's two paths (benchmarks/pipeline.py: the same
+files as an ImageFolder, and the same files as prepared parquet shards), at 224 and 128 px.
 
     python benchmarks/run.py --quick               # up to 500 images, 3 timed passes (~30 s)
     python benchmarks/run.py                       # all images, 5 timed passes
     python benchmarks/run.py --images DIR --max-images 20 --repeats 1   # smoke check
     python benchmarks/run.py --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
 
-Both pipelines read the same files in the same order through a DataLoader with num_workers=0 in
+Every pipeline reads the same images in the same order through a DataLoader with num_workers=0 in
 one process with torch.set_num_threads(1), so images/s is images/s per core. Writes a PNG of
 baseline vs ours crops (benchmarks/out/crops.png) and ends with one JSON line of the figures.
 """
@@ -27,19 +28,18 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from torchvision.datasets.folder import pil_loader  # noqa: E402
 
+from benchmarks.pipeline import (BATCH_SIZE, PIPELINES, SHARD_MAX_PX,  # noqa: E402
+                                 baseline_transform, data_config, measure_both_sizes,
+                                 write_prepared_shard)
 from rn50.config import DataConfig  # noqa: E402
-from rn50.data import collate_skip_corrupt  # noqa: E402
-from rn50.datasets import _decode  # noqa: E402
-from rn50.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,  # noqa: E402
-                             train_transform)
+from rn50.imagenet_shards import shrink  # noqa: E402
+from rn50.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, train_transform  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "imagenet-sample"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-BATCH_SIZE = 64
 GRID_IMAGES = 8
 
 
@@ -66,102 +66,6 @@ def generate_jpegs(directory: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def data_config(crop_px: int) -> DataConfig:
-    """The project's train settings at `crop_px`, colour jitter off (the baseline has none)."""
-    return DataConfig(train_crop_px=crop_px, min_crop_scale=0.08, hflip=True, color_jitter=0.0)
-
-
-def baseline_transform(data_cfg: DataConfig) -> T.Compose:
-    """What a user writes: RandomResizedCrop + flip + ToTensor + Normalize, same crop scale."""
-    return T.Compose([T.RandomResizedCrop(data_cfg.train_crop_px,
-                                          scale=(data_cfg.min_crop_scale, 1.0)),
-                      T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class BaselineDataset(Dataset):
-    """ImageFolder-style: `pil_loader` (PIL open + convert RGB), then the user's transform."""
-
-    def __init__(self, paths: list[Path], data_cfg: DataConfig):
-        self.paths, self.transform = paths, baseline_transform(data_cfg)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(pil_loader(self.paths[index])), 0
-
-
-class OursDataset(Dataset):
-    """The project's path: `rn50.datasets._decode` (load_rgb with draft + the uint8 preset)."""
-
-    def __init__(self, paths: list[Path], data_cfg: DataConfig):
-        self.paths, self.preset = paths, train_transform(data_cfg)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = str(self.paths[index])
-        return _decode(path, 0, self.preset, self.preset.draft_px, path)
-
-
-def timed_pass(pipeline: str, paths: list[Path], crop_px: int) -> tuple[float, int]:
-    """Seconds for one full pass of `pipeline` over `paths`, and the number of images it yielded."""
-    cfg = data_config(crop_px)
-    if pipeline == "baseline":
-        loader = DataLoader(BaselineDataset(paths, cfg), batch_size=BATCH_SIZE, num_workers=0)
-    else:
-        loader = DataLoader(OursDataset(paths, cfg), batch_size=BATCH_SIZE, num_workers=0,
-                            collate_fn=collate_skip_corrupt)
-    torch.manual_seed(0)  # both pipelines draw the same augmentation random stream
-    images = 0
-    start_s = time.perf_counter()
-    for batch in loader:
-        if pipeline == "ours":
-            # Training normalises on the device; counting it here on the CPU keeps the comparison
-            # fair (the baseline pays for Normalize inside its transform).
-            batch = (normalize(batch[0]),)
-        images += batch[0].shape[0]
-    return time.perf_counter() - start_s, images
-
-
-def measure(paths: list[Path], crop_px: int, repeats: int) -> dict[str, dict]:
-    """Median seconds and images/s per pipeline at `crop_px`, after one untimed warm-up each."""
-    seconds: dict[str, list[float]] = {"baseline": [], "ours": []}
-    counts: dict[str, int] = {}
-    for pipeline in seconds:  # warm-up: page cache, lazy imports, allocator
-        timed_pass(pipeline, paths, crop_px)
-    for _ in range(repeats):
-        # Interleaved, so slow drift in machine load hits both pipelines alike.
-        for pipeline in seconds:
-            elapsed_s, counts[pipeline] = timed_pass(pipeline, paths, crop_px)
-            seconds[pipeline].append(elapsed_s)
-    return {name: {"images": counts[name], "seconds": statistics.median(times),
-                   "spread_s": max(times) - min(times),
-                   "images_per_s": counts[name] / statistics.median(times)}
-            for name, times in seconds.items()}
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes on this machine have used, of which this process), Linux only."""
-    try:
-        with open("/proc/stat") as handle:
-            user, nice, system = (int(v) for v in handle.readline().split()[1:4])
-    except OSError:
-        return float("nan"), time.process_time()
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-
-def measure_both_sizes(paths: list[Path], repeats: int) -> tuple[dict[int, dict], float]:
-    """`measure` at 224 and 128 px, and how many cores other processes kept busy meanwhile."""
-    machine_cpu_s, own_cpu_s, start_s = *cpu_seconds(), time.perf_counter()
-    results = {crop_px: measure(paths, crop_px, repeats) for crop_px in (224, 128)}
-    # The load average lags by a minute; the CPU time others burnt during the timing is exact.
-    others_cpu_s = (cpu_seconds()[0] - machine_cpu_s) - (time.process_time() - own_cpu_s)
-    return results, others_cpu_s / (time.perf_counter() - start_s)
-
-
 def is_drafted(path: Path, crop_px: int) -> bool:
     """Whether load_rgb decodes the file at reduced size (its rule: JPEG, shorter side >= 2x)."""
     with Image.open(path) as image:  # reads the header only
@@ -179,40 +83,42 @@ def grid_files(paths: list[Path], crop_px: int) -> list[tuple[Path, bool]]:
     return chosen + [(p, False) for p in plain[::max(1, len(plain) // wanted)][:wanted]]
 
 
-def crop_pair(path: Path, data_cfg: DataConfig, seed: int) -> tuple[Image.Image, Image.Image]:
-    """Baseline and ours train crops of one file drawn with the same random seed, as PIL images."""
+def crop_triple(path: Path, data_cfg: DataConfig, seed: int) -> list[Image.Image]:
+    """Baseline, ours and shard train crops of one file, each drawn with the same random seed."""
     torch.manual_seed(seed)
     baseline = baseline_transform(data_cfg)(pil_loader(path))
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    baseline_uint8 = (baseline * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
-    torch.manual_seed(seed)
+    crops = [(baseline * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)]
     preset = train_transform(data_cfg)
-    ours_uint8 = preset(load_rgb(path, min_side_px=preset.draft_px))
-    return (T.functional.to_pil_image(baseline_uint8), T.functional.to_pil_image(ours_uint8))
+    for source in (path, shrink(path.read_bytes(), SHARD_MAX_PX)):
+        torch.manual_seed(seed)
+        crops.append(preset(load_rgb(source, min_side_px=preset.draft_px)))
+    return [T.functional.to_pil_image(crop) for crop in crops]
 
 
 def write_crop_grid(paths: list[Path], crop_px: int, out_path: Path) -> float | None:
-    """PNG of baseline | ours crop pairs; returns mean |pixel diff| (0..255) of undrafted files."""
+    """PNG of baseline | ours | shards crops; returns mean |pixel diff| (0..255) baseline vs ours
+    over the files decoded at full size (the ones that must match pixel for pixel)."""
     chosen, cfg = grid_files(paths, crop_px), data_config(crop_px)
-    gap_px, label_px, pairs_per_row = 8, 16, 2
-    cell_w_px, cell_h_px = 2 * crop_px + 3 * gap_px, crop_px + label_px + gap_px
-    rows = (len(chosen) + pairs_per_row - 1) // pairs_per_row
-    grid = Image.new("RGB", (pairs_per_row * cell_w_px, rows * cell_h_px), "white")
+    gap_px, label_px, columns = 8, 16, len(PIPELINES)
+    cell_w_px, cell_h_px = columns * (crop_px + gap_px) + gap_px, crop_px + label_px + gap_px
+    grid = Image.new("RGB", (2 * cell_w_px, (len(chosen) + 1) // 2 * cell_h_px), "white")
     draw, diffs = ImageDraw.Draw(grid), []
     for index, (path, drafted) in enumerate(chosen):
-        baseline, ours = crop_pair(path, cfg, seed=index)
-        # Only files decoded at full size should match pixel for pixel: for drafted ones the same
-        # random draws give the same crop scale but another offset (torch.randint over a smaller
-        # range), so their difference says nothing about correctness.
+        crops = crop_triple(path, cfg, seed=index)
+        # Drafted files and shard images are decoded smaller: the same random draws give the same
+        # crop scale at another offset (torch.randint over a smaller range), so only full-size
+        # decodes can be compared pixel for pixel.
         if not drafted:
-            diffs.append(np.abs(np.asarray(baseline, np.int16) - np.asarray(ours, np.int16)).mean())
-        x_px = (index % pairs_per_row) * cell_w_px + gap_px
-        y_px = (index // pairs_per_row) * cell_h_px
-        draw.text((x_px, y_px + 2), f"baseline  {path.name[:28]}", fill="black")
-        draw.text((x_px + crop_px + gap_px, y_px + 2),
-                  "ours (draft-decoded)" if drafted else "ours", fill="black")
-        grid.paste(baseline, (x_px, y_px + label_px))
-        grid.paste(ours, (x_px + crop_px + gap_px, y_px + label_px))
+            diffs.append(np.abs(np.asarray(crops[0], np.int16) -
+                                np.asarray(crops[1], np.int16)).mean())
+        labels = [f"baseline {path.name[:22]}", "ours (draft)" if drafted else "ours",
+                  f"shards (<= {SHARD_MAX_PX} px)"]
+        x_px, y_px = (index % 2) * cell_w_px + gap_px, (index // 2) * cell_h_px
+        for column, (crop, label) in enumerate(zip(crops, labels)):
+            left_px = x_px + column * (crop_px + gap_px)
+            draw.text((left_px, y_px + 2), label, fill="black")
+            grid.paste(crop, (left_px, y_px + label_px))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out_path)
     return round(float(np.mean(diffs)), 3) if diffs else None
@@ -260,8 +166,24 @@ def resolve_images(args: argparse.Namespace) -> tuple[list[Path], str]:
     return (paths[:limit] if limit else paths), source
 
 
-def main() -> None:
-    """Parse options, time both pipelines at 224 and 128 px, write the grid, print the figures."""
+def pipeline_figures(results: dict[int, dict]) -> dict:
+    """The JSON figures of the timing: images/s per pipeline and ratios to the baseline."""
+    figures = {}
+    for crop_px, by_pipeline in results.items():
+        base_per_s = by_pipeline["baseline"]["images_per_s"]
+        for name, row in by_pipeline.items():
+            figures[f"{name}_images_per_s_{crop_px}"] = round(row["images_per_s"], 1)
+        figures[f"speedup_same_files_{crop_px}"] = round(
+            by_pipeline["ours"]["images_per_s"] / base_per_s, 3)
+        figures[f"speedup_shards_{crop_px}"] = round(
+            by_pipeline["shards"]["images_per_s"] / base_per_s, 3)
+    # The headline is the ImageNet path (prepared shards) at 224 px, the resolution that trains.
+    return {"pipeline_speedup": figures["speedup_shards_224"],
+            "pipeline_speedup_128": figures["speedup_shards_128"], **figures}
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="500 images, 3 timed passes")
     parser.add_argument("--images", help=f"folder of JPEGs (default {DEFAULT_IMAGES})")
@@ -272,20 +194,30 @@ def main() -> None:
     parser.add_argument("--ray-overhead", action="store_true",
                         help="also fill ray_overhead_ratio (benchmarks/ray_overhead.py)")
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "out" / "crops.png"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Time the pipelines at 224 and 128 px, write the grid, print the table and the figures."""
+    args = parse_args()
     torch.set_num_threads(1)  # one core: the figure is per core, like one loader worker
     paths, source = resolve_images(args)
     repeats = args.repeats or (3 if args.quick else 5)
+    shard_dir = Path(tempfile.mkdtemp(prefix="rn50-bench-shards-"))
+    atexit.register(shutil.rmtree, shard_dir, ignore_errors=True)
+    shard_root, prepare_s = write_prepared_shard(paths, shard_dir)
     load_before = os.getloadavg()[0]
     print(f"{len(paths)} images from {source}; {repeats} timed passes after 1 warm-up; "
-          f"batch {BATCH_SIZE}; 1 thread; {os.cpu_count()} cores; load avg {load_before:.2f}")
-    results, other_cores = measure_both_sizes(paths, repeats)
+          f"batch {BATCH_SIZE}; 1 thread; {os.cpu_count()} cores; load avg {load_before:.2f}; "
+          f"shard prepared (shorter side <= {SHARD_MAX_PX} px) at "
+          f"{len(paths) / prepare_s:.0f} images/s, one-off")
+    results, other_cores = measure_both_sizes(paths, shard_root, repeats)
     drafted = {crop_px: sum(is_drafted(p, crop_px) for p in paths) / len(paths)
                for crop_px in results}
     crop_diff = write_crop_grid(paths, 224, Path(args.grid))
     print_table(results, drafted)
     print(f"other processes used {other_cores:.2f} of {os.cpu_count()} cores during the timing")
-    if any(r["baseline"]["images"] != r["ours"]["images"] for r in results.values()):
+    if any(len({row["images"] for row in r.values()}) > 1 for r in results.values()):
         print("WARNING: the pipelines yielded different image counts (undecodable files?)")
     print(f"crop grid: {args.grid} (full-size-decoded pairs: mean |diff| {crop_diff}/255)")
     stall_s = checkpoint_stall_s() if args.ckpt_stall else None
@@ -296,19 +228,11 @@ def main() -> None:
     not_measured = [name for name, value in (("ray_overhead_ratio",
                                               ray_figures["ray_overhead_ratio"]),
                                              ("ckpt_stall_s", stall_s)) if value is None]
-    speedup = {px: r["ours"]["images_per_s"] / r["baseline"]["images_per_s"]
-               for px, r in results.items()}
     print(json.dumps({
-        "pipeline_speedup": round(speedup[224], 3), "pipeline_speedup_128": round(speedup[128], 3),
-        "baseline_images_per_s_224": round(results[224]["baseline"]["images_per_s"], 1),
-        "ours_images_per_s_224": round(results[224]["ours"]["images_per_s"], 1),
-        "baseline_images_per_s_128": round(results[128]["baseline"]["images_per_s"], 1),
-        "ours_images_per_s_128": round(results[128]["ours"]["images_per_s"], 1),
-        "images": len(paths), "repeats": repeats,
-        "crop_mean_abs_diff_plain_224": crop_diff,
+        **pipeline_figures(results), "shard_prepare_images_per_s": round(len(paths) / prepare_s, 1),
+        "images": len(paths), "repeats": repeats, "crop_mean_abs_diff_plain_224": crop_diff,
         "load_avg_before": round(load_before, 2), "other_processes_cores": round(other_cores, 2),
-        **ray_figures,
-        "ckpt_stall_s": None if stall_s is None else round(stall_s, 3),
+        **ray_figures, "ckpt_stall_s": None if stall_s is None else round(stall_s, 3),
         "not_measured": not_measured}))
 
 
