@@ -72,17 +72,20 @@ class OursDataset(Dataset):
         return _decode(path, 0, self.preset, self.preset.draft_px, path)
 
 
-def write_prepared_shard(paths: list[Path], out_dir: Path) -> tuple[Path, float]:
-    """`paths` as one `prepare_imagenet` train shard under `out_dir`; returns (root, seconds).
+def write_prepared_shard(paths: list[Path], out_dir: Path, num_shards: int = 1) -> tuple[Path, float]:
+    """`paths` as `prepare_imagenet` train shards under `out_dir`; returns (root, seconds).
 
     Each image goes through `rn50.imagenet_shards.shrink` (the prepare step's re-encode) and the
-    shard has its row-group size, so reading it costs what reading a prepared shard costs."""
+    shards have its row-group size, so reading them costs what reading prepared shards costs."""
     start_s = time.perf_counter()
-    images = [{"bytes": shrink(path.read_bytes(), SHARD_MAX_PX), "path": path.name}
-              for path in paths]
-    table = pa.table({"image": images, "label": [0] * len(paths)})
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_dir / "train" / "shard-00000.parquet", row_group_size=ROW_GROUP_ROWS)
+    for shard in range(num_shards):
+        chunk = paths[shard::num_shards]
+        images = [{"bytes": shrink(path.read_bytes(), SHARD_MAX_PX), "path": path.name}
+                  for path in chunk]
+        table = pa.table({"image": images, "label": [0] * len(chunk)})
+        pq.write_table(table, out_dir / "train" / f"shard-{shard:05d}.parquet",
+                       row_group_size=ROW_GROUP_ROWS)
     return out_dir, time.perf_counter() - start_s
 
 
