@@ -6,6 +6,8 @@ files as an ImageFolder, and the same files as prepared parquet shards), at 224 
     python benchmarks/run.py                       # all images, 5 timed passes
     python benchmarks/run.py --images DIR --max-images 20 --repeats 1   # smoke check
     python benchmarks/run.py --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
+    python benchmarks/run.py --ckpt-steps          # also step times around S3 checkpoints (+2-4 min)
+    python benchmarks/run.py --ray-data            # also Ray Data vs the DataLoader (+2-4 min)
 
 Every pipeline reads the same images in the same order through a DataLoader with num_workers=0 in
 one process with torch.set_num_threads(1), so images/s is images/s per core. Writes a PNG of
@@ -193,6 +195,10 @@ def parse_args() -> argparse.Namespace:
                         help="also fill ckpt_stall_s (saves a ResNet-50 checkpoint 3 times)")
     parser.add_argument("--ray-overhead", action="store_true",
                         help="also fill ray_overhead_ratio (benchmarks/ray_overhead.py)")
+    parser.add_argument("--ckpt-steps", action="store_true",
+                        help="also time steps that checkpoint to S3 (benchmarks/ckpt_step_times.py)")
+    parser.add_argument("--ray-data", action="store_true",
+                        help="also time Ray Data vs the DataLoader (benchmarks/ray_data_vs_loader.py)")
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "out" / "crops.png"))
     return parser.parse_args()
 
@@ -225,14 +231,24 @@ def main() -> None:
     if args.ray_overhead:  # opt-in: minutes of 2-worker training and a local Ray
         from benchmarks.ray_overhead import run_benchmark
         ray_figures = run_benchmark(quick=args.quick)
+    optional = {"ckpt_step_stall_s": None, "ray_data_vs_loader_ratio": None}
+    if args.ckpt_steps:  # opt-in: the local S3 server and a 2-worker Ray job
+        from benchmarks.ckpt_step_times import run_benchmark as ckpt_steps
+        optional.update({k: v for k, v in ckpt_steps(quick=args.quick).items()
+                         if k.startswith(("ckpt_step", "upload_step", "step_s_"))})
+    if args.ray_data:
+        from benchmarks.ray_data_vs_loader import run_benchmark as ray_data
+        optional.update(ray_data(paths[:500 if args.quick else 1000], 224, 2 if args.quick else 3))
     not_measured = [name for name, value in (("ray_overhead_ratio",
                                               ray_figures["ray_overhead_ratio"]),
-                                             ("ckpt_stall_s", stall_s)) if value is None]
+                                             ("ckpt_stall_s", stall_s), *optional.items())
+                    if value is None]
     print(json.dumps({
         **pipeline_figures(results), "shard_prepare_images_per_s": round(len(paths) / prepare_s, 1),
         "images": len(paths), "repeats": repeats, "crop_mean_abs_diff_plain_224": crop_diff,
         "load_avg_before": round(load_before, 2), "other_processes_cores": round(other_cores, 2),
         **ray_figures, "ckpt_stall_s": None if stall_s is None else round(stall_s, 3),
+        **{k: v if not isinstance(v, float) else round(v, 3) for k, v in optional.items()},
         "not_measured": not_measured}))
 
 

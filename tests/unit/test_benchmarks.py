@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+
+from benchmarks.ckpt_step_times import classify
+from benchmarks.ray_data_vs_loader import decode_batch
 from benchmarks.run import generate_jpegs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,5 +31,30 @@ def test_pipeline_benchmark_prints_its_figures(tmp_path):
     assert figures["pipeline_speedup"] == figures["speedup_shards_224"] > 0
     # Files decoded at full size must give the baseline's crops pixel for pixel.
     assert figures["crop_mean_abs_diff_plain_224"] == 0.0
-    assert set(figures["not_measured"]) == {"ray_overhead_ratio", "ckpt_stall_s"}
+    assert set(figures["not_measured"]) == {"ray_overhead_ratio", "ckpt_stall_s",
+                                            "ckpt_step_stall_s", "ray_data_vs_loader_ratio"}
     assert grid.stat().st_size > 10_000
+
+
+def test_step_classes_follow_the_upload_timestamps():
+    steps = [{"start_s": 0.0, "end_s": 1.0, "saves": False},
+             {"start_s": 1.0, "end_s": 2.5, "saves": True},    # the save: 0.5 s over a step
+             {"start_s": 2.5, "end_s": 3.7, "saves": False},   # upload (2.5-4.0) in flight
+             {"start_s": 3.7, "end_s": 4.7, "saves": False},   # overlaps its last 0.3 s
+             {"start_s": 4.7, "end_s": 5.7, "saves": False}]
+    figures = classify(steps, [(2.5, 4.0)])
+    assert (figures["steps_saving"], figures["steps_upload_in_flight"], figures["steps_clean"]) \
+        == (1, 2, 2)
+    assert abs(figures["ckpt_step_stall_s"] - 0.5) < 1e-9
+    assert abs(figures["upload_step_ratio"] - 1.1) < 1e-9
+    assert figures["upload_s_mean"] == 1.5
+
+
+def test_ray_data_decode_batch_matches_the_shard_rows(tmp_path):
+    paths = generate_jpegs(tmp_path, count=3)
+    images = [{"bytes": p.read_bytes(), "path": p.name} for p in paths]
+    batch = pa.table({"image": images + [{"bytes": b"not a jpeg", "path": "bad.jpg"}],
+                      "label": [4, 5, 6, 7]})
+    out = decode_batch(batch, crop_px=64)
+    assert out["image"].shape == (3, 3, 64, 64) and out["image"].dtype.name == "uint8"
+    assert out["label"].tolist() == [4, 5, 6]  # the corrupt row is skipped, not crashed on
