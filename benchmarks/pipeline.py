@@ -75,14 +75,14 @@ class OursDataset(Dataset):
 def write_prepared_shard(paths: list[Path], out_dir: Path, num_shards: int = 1) -> tuple[Path, float]:
     """`paths` as `prepare_imagenet` train shards under `out_dir`; returns (root, seconds).
 
-    Each image goes through `rn50.imagenet_shards.shrink` (the prepare step's re-encode) and the
-    shards have its row-group size, so reading them costs what reading prepared shards costs."""
+    Each image goes through `rn50.imagenet_shards.shrink` (the prepare step's re-encode; once per
+    file, so `paths` may repeat a file to make a bigger data set) and the shards have its row-group size, so reading them costs what reading prepared shards costs."""
     start_s = time.perf_counter()
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    shrunk = {path: shrink(path.read_bytes(), SHARD_MAX_PX) for path in set(paths)}
     for shard in range(num_shards):
         chunk = paths[shard::num_shards]
-        images = [{"bytes": shrink(path.read_bytes(), SHARD_MAX_PX), "path": path.name}
-                  for path in chunk]
+        images = [{"bytes": shrunk[path], "path": path.name} for path in chunk]
         table = pa.table({"image": images, "label": [0] * len(chunk)})
         pq.write_table(table, out_dir / "train" / f"shard-{shard:05d}.parquet",
                        row_group_size=ROW_GROUP_ROWS)

@@ -1,11 +1,12 @@
 """Ray Data vs the project's DataLoader on prepared ImageNet shards (issue 7, item 4).
 
-    python benchmarks/ray_data_vs_loader.py --quick   # 500 images, 2 passes per side (~2 min)
-    python benchmarks/ray_data_vs_loader.py           # 1,000 images, 3 passes per side
+    python benchmarks/ray_data_vs_loader.py --quick   # 2,000 rows, 2 passes per side (~2 min)
+    python benchmarks/ray_data_vs_loader.py           # 8,000 rows, 3 passes per side (~6 min)
     python benchmarks/run.py --ray-data               # the same, into run.py's JSON line
 
-Both sides read the same parquet shards (`prepare_imagenet`'s format: shorter side re-encoded to
-<= 256 px, 128-row row groups), decode and augment with the same code (`rn50.datasets._decode`
+Both sides read the same 16 parquet shards (`prepare_imagenet`'s format: shorter side re-encoded to
+<= 256 px, 128-row row groups; the JPEGs repeated to the row count, so per-pass start-up weighs
+about what it would in a bigger epoch), decode and augment with the same code (`rn50.datasets._decode`
 with `rn50.transforms.train_transform` at `--crop-px`), use two decoding processes (the 2 cores
 here) and hand batches of 64 uint8 images to the consuming process, which normalises them:
 
@@ -80,7 +81,7 @@ def loader_pass(shard_root: Path, crop_px: int, epoch: int) -> tuple[int, float,
 def ray_data_pass(shard_root: Path, crop_px: int, epoch: int) -> tuple[int, float, float]:
     """One epoch through Ray Data (Ray already started)."""
     import ray.data
-    dataset = ray.data.read_parquet(str(shard_root / "train"), columns=["image", "label"])
+    dataset = ray.data.read_parquet(str(shard_root / "train")).select_columns(["image", "label"])
     dataset = dataset.randomize_block_order(seed=epoch).map_batches(
         decode_batch, batch_size=BATCH_SIZE, batch_format="pyarrow",
         fn_kwargs={"crop_px": crop_px}, num_cpus=1)
@@ -88,8 +89,9 @@ def ray_data_pass(shard_root: Path, crop_px: int, epoch: int) -> tuple[int, floa
     return _consume(batch["image"] for batch in batches)
 
 
-def run_benchmark(paths: list[Path], crop_px: int, passes: int) -> dict:
-    """Prepare 4 shards of `paths`, time both sides `passes` times each, return the figures."""
+def run_benchmark(paths: list[Path], crop_px: int, passes: int, rows: int) -> dict:
+    """Prepare 16 shards of `rows` rows cycling through `paths`, time both sides `passes` times
+    each, return the figures."""
     import ray
     from benchmarks.pipeline import write_prepared_shard
     work = Path(tempfile.mkdtemp(prefix="rn50-raydata-"))
@@ -100,7 +102,8 @@ def run_benchmark(paths: list[Path], crop_px: int, passes: int) -> dict:
     torch.set_num_threads(1)
     runs: dict[str, list[tuple[int, float, float]]] = {"loader": [], "ray_data": []}
     try:
-        shard_root, _ = write_prepared_shard(paths, work / "shards", num_shards=4)
+        cycled = [paths[i % len(paths)] for i in range(rows)]
+        shard_root, _ = write_prepared_shard(cycled, work / "shards", num_shards=16)
         ray.init(address="local", num_cpus=DECODE_PROCESSES)
         ray.data.DataContext.get_current().enable_progress_bars = False
         for epoch in range(passes + 1):  # pass 0 of each side is an untimed warm-up
@@ -111,7 +114,7 @@ def run_benchmark(paths: list[Path], crop_px: int, passes: int) -> dict:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    figures: dict = {"crop_px": crop_px, "passes": passes}
+    figures: dict = {"crop_px": crop_px, "passes": passes, "distinct_jpegs": len(paths)}
     for name, results in runs.items():
         figures[f"{name}_images"] = results[0][0]
         figures[f"{name}_images_per_s"] = statistics.median(n / total for n, total, _ in results)
@@ -126,15 +129,14 @@ def main() -> None:
     """Print the figures, then one JSON line."""
     from benchmarks.run import DEFAULT_IMAGES, find_jpegs, generate_jpegs
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 images, 2 passes per side")
+    parser.add_argument("--quick", action="store_true", help="2,000 rows, 2 passes per side")
     parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs")
     parser.add_argument("--crop-px", type=int, default=224)
     args = parser.parse_args()
-    count = 500 if args.quick else 1000
     paths = find_jpegs(Path(args.images)) if Path(args.images).is_dir() else []
     if not paths:
-        paths = generate_jpegs(Path(tempfile.mkdtemp(prefix="rn50-raydata-jpegs-")), count)
-    figures = run_benchmark(paths[:count], args.crop_px, 2 if args.quick else 3)
+        paths = generate_jpegs(Path(tempfile.mkdtemp(prefix="rn50-raydata-jpegs-")), 500)
+    figures = run_benchmark(paths, args.crop_px, *((2, 2000) if args.quick else (3, 8000)))
     for key, value in figures.items():
         print(f"{key:40s} {round(value, 3)}")
     print(json.dumps({k: round(v, 3) for k, v in figures.items()}))

@@ -238,7 +238,7 @@ def main() -> None:
                          if k.startswith(("ckpt_step", "upload_step", "step_s_"))})
     if args.ray_data:
         from benchmarks.ray_data_vs_loader import run_benchmark as ray_data
-        optional.update(ray_data(paths[:500 if args.quick else 1000], 224, 2 if args.quick else 3))
+        optional.update(ray_data(paths, 224, *((2, 2000) if args.quick else (3, 8000))))
     not_measured = [name for name, value in (("ray_overhead_ratio",
                                               ray_figures["ray_overhead_ratio"]),
                                              ("ckpt_stall_s", stall_s), *optional.items())
