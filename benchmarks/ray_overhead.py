@@ -216,7 +216,7 @@ class ProcessTreeCpu:
             self._sample()
 
     def __enter__(self) -> "ProcessTreeCpu":
-        from benchmarks.run import cpu_seconds  # the /proc/stat reader the other benchmark uses
+        from benchmarks.pipeline import cpu_seconds  # the /proc/stat reader run.py uses
         self._cpu_seconds = cpu_seconds
         self._sample()
         self.before_s = dict(self.cpu_s)  # children alive already (none, normally) count from here

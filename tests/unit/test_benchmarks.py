@@ -78,3 +78,16 @@ def test_gpu_throughput_runs_on_cpu_and_counts_resnet50_flops(tmp_path):
         expected_mfu = figures[f"{name}_images_per_s_32"] * train_flops_per_image(32) / 1e9
         assert abs(figures[f"{name}_mfu_32"] / expected_mfu - 1) < 0.01
     assert "bf16_cl_compile_images_per_s_32" not in figures  # opt-in (--compile)
+
+
+def test_every_cross_benchmark_import_resolves():
+    # Imports inside functions only fail when the opt-in path runs (run.py --ray-overhead once
+    # imported a helper that had moved); check every `from benchmarks.x import y` statically.
+    import ast
+    import importlib
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{script.name}: {node.module}.{alias.name}"
