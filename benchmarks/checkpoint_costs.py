@@ -101,7 +101,7 @@ def _timed_run(args: list[str]) -> tuple[float, dict[str, float]]:
 def kill_overhead() -> dict:
     """Wall seconds of the same small demo run, straight and with one worker SIGKILLed, and the
     time from the kill to the restarted workers having loaded the checkpoint."""
-    from rn50.data import prepare_digits
+    from rn50.small_datasets import prepare_digits
     tmp = Path(tempfile.mkdtemp(prefix="rn50-kill-"))
     prepare_digits(tmp / "digits")  # written before the timing, not inside the first run
     common = [f"data.root={tmp / 'digits'}", "train.epochs=2", "data.max_train_samples=256",

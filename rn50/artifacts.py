@@ -26,7 +26,8 @@ from torch import nn
 from rn50 import storage
 from rn50.checkpoint import CheckpointError, MANIFEST_FILE, load_checkpoint, verify_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
-from rn50.data import DIGITS_CLASSES, IMAGENETTE_SYNSETS, DataError
+from rn50.datasets import DataError
+from rn50.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
 from rn50.inference import Classifier
 from rn50.model import build_model
 

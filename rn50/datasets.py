@@ -2,7 +2,7 @@
 
 Both return `(uint8 CHW tensor, label)` per index, or `None` for an image that cannot be decoded
 (`collate_skip_corrupt` in rn50.data drops those and counts them), so one bad file never stops a
-run. The public entry points are re-exported by rn50.data.
+run.
 """
 from __future__ import annotations
 

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from rn50.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
 from rn50.artifacts import load_model
-from rn50.data import DataError, ImageFolderDataset, ParquetDataset, _fixed_subset
-from rn50.data import prepare_digits, prepare_imagenette
+from rn50.data import _fixed_subset
+from rn50.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
 from rn50.inference import normalize
+from rn50.small_datasets import prepare_digits, prepare_imagenette
 from rn50.transforms import val_transform
 
 log = logging.getLogger(__name__)
