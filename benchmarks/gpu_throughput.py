@@ -12,9 +12,11 @@ recipe): `fp32` (train.amp=false, NCHW), `bf16_cl` (bf16 autocast + channels_las
 default), `bf16_cl_compile` (+ torch.compile, with --compile). Synthetic batches are uint8 on the
 device already (the step alone); `real_jpeg` feeds `bf16_cl` from prepared parquet shards of
 generated ImageNet-size JPEGs through the project's DataLoader with one worker per CPU core
-(host decode + pinned copy + the step). MFU = images/s x training FLOPs per image (3x the forward
-FLOPs torch's FlopCounterMode counts) / the device's dense bf16 peak (`--peak-tflops`, else a
-table of known GPUs; none on CPU). Ends with one JSON line.
+(host decode + pinned copy + the step); `real_jpeg_device_decode` the same with
+`data.decode_on_device` (loader workers read bytes and draw crops; nvJPEG decodes on the GPU).
+MFU = images/s x training FLOPs per image (3x the forward FLOPs torch's FlopCounterMode counts) /
+the device's dense bf16 peak (`--peak-tflops`, else a table of known GPUs; none on CPU). Ends
+with one JSON line.
 """
 from __future__ import annotations
 
@@ -91,14 +93,17 @@ def synthetic(px: int, batch_size: int, steps: int, device: torch.device) -> lis
     return [(images, labels, 0)] * steps
 
 
-def real_jpeg_batches(shard_root: Path, config: Config, px: int, steps: int):
+def real_jpeg_batches(shard_root: Path, config: Config, px: int, steps: int,
+                      decode_on_device: bool = False):
     """`steps` batches of the project's train loader over the shards at `px`, its worker start-up
     excluded (a real epoch pays it once per ~5,000 steps): the first batch is drawn and dropped
     before the caller's clock starts."""
     from rn50.data import build_loader, set_train_crop_px
     from rn50.datasets import ParquetDataset
+    from rn50.device_decode import DeviceDecodePreset
     from rn50.transforms import train_transform
-    dataset = ParquetDataset(shard_root, "train", train_transform(config.data), num_classes=1)
+    preset = DeviceDecodePreset(config.data) if decode_on_device else train_transform(config.data)
+    dataset = ParquetDataset(shard_root, "train", preset, num_classes=1)
     set_train_crop_px(dataset, px)
     loader = build_loader(dataset, config.train.global_batch_size, 0, 1, 0, 0, True,
                           loader_workers=os.cpu_count() or 1)
@@ -125,9 +130,10 @@ def measure(args: argparse.Namespace, device: torch.device, shard_root: Path | N
                 for v in variants}
         if shard_root is not None:
             config = variant_config("bf16_cl", args.batch_size)
-            runs["real_jpeg"] = images_per_s(
-                config, real_jpeg_batches(shard_root, config, px, args.steps),
-                synthetic(px, args.batch_size, args.warmup_steps, device), device)
+            for name, on_device in (("real_jpeg", False), ("real_jpeg_device_decode", True)):
+                runs[name] = images_per_s(
+                    config, real_jpeg_batches(shard_root, config, px, args.steps, on_device),
+                    synthetic(px, args.batch_size, args.warmup_steps, device), device)
         for name, per_s in runs.items():
             figures[f"{name}_images_per_s_{px}"] = round(per_s, 1)
             figures[f"{name}_mfu_{px}"] = round(per_s * flops / (peak * 1e12), 4) if peak else None

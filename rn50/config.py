@@ -45,6 +45,11 @@ class DataConfig:
     """Brightness/contrast/saturation jitter strength; 0 disables it."""
     loader_workers: int = 0
     """DataLoader worker processes per training worker (0 decodes in the training process)."""
+    decode_on_device: bool = False
+    """Decode training JPEGs on the training device (nvJPEG via torchvision.io.decode_jpeg) instead
+    of in loader workers, which then only read bytes and draw the augmentation (same draws, exact
+    resume); frees CPU on GPU nodes that are input-bound. On CPU workers it decodes in the training
+    process. Validation images are always decoded on the CPU."""
     max_train_samples: int = 0
     """Use only the first N training samples (after a fixed shuffle); 0 uses all."""
     max_val_samples: int = 0

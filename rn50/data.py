@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from rn50.datasets import DataError, ImageFolderDataset, ParquetDataset
+from rn50.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
 from rn50.small_datasets import IMAGENETTE_SYNSETS, prepare_digits, prepare_imagenette
 from rn50.transforms import train_transform, val_transform
 
@@ -41,7 +42,9 @@ def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
     would be a single class). Digits are written at 32 px regardless of the crop (the source is
     8 px), so one cache serves every recipe.
     """
-    train_tf, val_tf, kind = train_transform(data_cfg), val_transform(data_cfg), data_cfg.dataset
+    train_tf = DeviceDecodePreset(data_cfg) if data_cfg.decode_on_device else \
+        train_transform(data_cfg)
+    val_tf, kind = val_transform(data_cfg), data_cfg.dataset
     root = Path(os.path.expanduser(data_cfg.root))
     if kind == "parquet":
         train = ParquetDataset(data_cfg.root, "train", train_tf, num_classes=data_cfg.num_classes)
@@ -70,15 +73,18 @@ def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:
     train_set.transform.set_crop_px(crop_px)
 
 
-def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the decodable samples; `None` (corrupt) ones are dropped and counted."""
+def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor | DeferredBatch, torch.Tensor, int]:
+    """Stack the decodable samples; `None` (corrupt) ones are dropped and counted. Samples still
+    encoded (`data.decode_on_device`) make a `DeferredBatch` that the training step decodes."""
     good = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(good)
     if not good:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), \
             skipped
-    images = torch.stack([image for image, _ in good])
-    return images, torch.tensor([label for _, label in good], dtype=torch.int64), skipped
+    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
+    if any(isinstance(image, EncodedImage) for image, _ in good):
+        return DeferredBatch([image for image, _ in good]), labels, skipped
+    return torch.stack([image for image, _ in good]), labels, skipped
 
 
 def _mix(*values: int) -> int:

@@ -34,6 +34,8 @@ class DataError(RuntimeError):
 
 def _decode(source, label: int, transform: Callable | None, draft_px: int, what: str):
     try:
+        if getattr(transform, "decodes_on_device", False):  # rn50.device_decode: bytes + plan
+            return transform.plan(source), label
         image = load_rgb(source, draft_px)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         log.warning("skipping undecodable image %s: %s", what, err)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rn50.config import Config
+from rn50.device_decode import DeferredBatch
 from rn50.model import EMA, parameter_groups
 from rn50.transforms import normalize
 
@@ -100,6 +101,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     start = time.perf_counter()
     for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
         skipped += num_skipped
+        if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
+            images_uint8, labels, undecodable = images_uint8.decode(labels, device)
+            skipped += undecodable
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, config.model.channels_last)

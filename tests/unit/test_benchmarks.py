@@ -73,7 +73,7 @@ def test_gpu_throughput_runs_on_cpu_and_counts_resnet50_flops(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["device"] == "cpu" and figures["peak_bf16_tflops"] == 0.001
-    for name in ("fp32", "bf16_cl", "real_jpeg"):
+    for name in ("fp32", "bf16_cl", "real_jpeg", "real_jpeg_device_decode"):
         assert figures[f"{name}_images_per_s_32"] > 0
         expected_mfu = figures[f"{name}_images_per_s_32"] * train_flops_per_image(32) / 1e9
         assert abs(figures[f"{name}_mfu_32"] / expected_mfu - 1) < 0.01
