@@ -3,6 +3,7 @@ same step in a plain PyTorch DDP loop (torch.multiprocessing spawn + gloo), same
 
     python benchmarks/ray_overhead.py --quick      # 20 timed steps, 2 repeats per side (~2-3 min)
     python benchmarks/ray_overhead.py              # 60 timed steps, 3 repeats per side (~6 min)
+    python benchmarks/ray_overhead.py --workers 1  # one worker: a core left to Ray's processes
     python benchmarks/run.py --ray-overhead        # the same (full), into run.py's JSON line
 
 Both sides run `worker_body`: the `demo` recipe (digits as 32 px JPEGs, ResNet-50, global batch
@@ -51,11 +52,11 @@ SIZES = {"quick": {"warmup_steps": 5, "timed_steps": 20, "repeats": 2},
          "full": {"warmup_steps": 5, "timed_steps": 60, "repeats": 3}}
 
 
-def bench_config(data_root: str) -> Config:
-    """The demo recipe as both sides train it: 2 workers x 1 thread, global batch 64, no compile."""
+def bench_config(data_root: str, num_workers: int = NUM_WORKERS) -> Config:
+    """The demo recipe as both sides train it: N workers x 1 thread, global batch 64, no compile."""
     return load_config("demo", [f"data.root={data_root}",
                                 f"train.global_batch_size={GLOBAL_BATCH}",
-                                f"scaling.num_workers={NUM_WORKERS}",
+                                f"scaling.num_workers={num_workers}",
                                 f"train.torch_threads={THREADS_PER_WORKER}", "train.compile=false",
                                 "train.ema_decay=0"])
 
@@ -99,7 +100,7 @@ def worker_body(config_dict: dict, warmup_steps: int, timed_steps: int) -> dict:
 def _plain_worker(rank: int, port: int, config_dict: dict, sizes: dict, out_path: str) -> None:
     """A spawned process of the plain side: gloo group, `worker_body`, rank 0 writes the result."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=NUM_WORKERS)
+                            world_size=config_dict["scaling"]["num_workers"])
     try:
         result = worker_body(config_dict, sizes["warmup_steps"], sizes["timed_steps"])
         if rank == 0:
@@ -115,14 +116,14 @@ def _free_port() -> int:
 
 
 def run_plain(config: Config, sizes: dict) -> dict:
-    """One plain-PyTorch run: spawn NUM_WORKERS processes, return rank 0's figures + total wall."""
+    """One plain-PyTorch run: spawn a process per worker, return rank 0's figures + total wall."""
     # Inherited by the spawned interpreters before they import torch, as Ray's runtime_env does.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS_PER_WORKER)
     with tempfile.TemporaryDirectory(prefix="rn50-plain-") as tmp:
         out_path = os.path.join(tmp, "result.json")
         start_s = time.perf_counter()
         mp.spawn(_plain_worker, args=(_free_port(), config.to_dict(), sizes, out_path),
-                 nprocs=NUM_WORKERS, join=True)
+                 nprocs=config.scaling.num_workers, join=True)
         result = json.loads(Path(out_path).read_text())
     return {**result, "total_wall_s": time.perf_counter() - start_s}
 
@@ -157,7 +158,8 @@ def run_ray(config: Config, sizes: dict) -> dict:
             _ray_worker, train_loop_config={"config": config.to_dict(), **sizes,
                                             "out_path": os.path.join(storage, "result.json")},
             torch_config=TorchConfig(backend="gloo"),  # as rn50.driver.build_trainer
-            scaling_config=ray.train.ScalingConfig(num_workers=NUM_WORKERS, use_gpu=False,
+            scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers,
+                                                   use_gpu=False,
                                                    resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(
                 name="ray-overhead", storage_path=storage,
@@ -237,9 +239,9 @@ class ProcessTreeCpu:
         self.others_s = max(0.0, machine_s - self.tree_s)
 
 
-def prepare_data(data_root: str) -> Config:
+def prepare_data(data_root: str, num_workers: int) -> Config:
     """Write the digits JPEGs once, before any timing, so neither side pays for it."""
-    config = bench_config(data_root)
+    config = bench_config(data_root, num_workers)
     build_datasets(config.data)
     return config
 
@@ -251,9 +253,9 @@ def _one_run(side: str, config: Config, sizes: dict) -> dict:
     return result | {"own_cores": cpu.tree_s / cpu.wall_s, "other_cores": cpu.others_s / cpu.wall_s}
 
 
-def measure(sizes: dict, data_root: str, log=print) -> dict:
+def measure(sizes: dict, data_root: str, log=print, num_workers: int = NUM_WORKERS) -> dict:
     """Alternate plain and Ray runs `repeats` times each; per side the runs and their medians."""
-    config = prepare_data(data_root)
+    config = prepare_data(data_root, num_workers)
     runs: dict[str, list[dict]] = {"plain": [], "ray": []}
     for repeat in range(sizes["repeats"]):
         for side in runs:  # interleaved, so drift in machine load hits both sides alike
@@ -294,24 +296,27 @@ def summary(result: dict, sizes: dict, load_before: float) -> dict:
             "ray_total_wall_ratio": round(result["total_wall_ratio"], 3),
             "ray_overhead_timed_steps": sizes["timed_steps"],
             "ray_overhead_repeats": sizes["repeats"],
+            "ray_overhead_workers": sizes["num_workers"],
             "ray_overhead_load_avg_before": round(load_before, 2),
             "ray_overhead_other_cores": round(max(plain["other_cores"], ray_["other_cores"]), 2)}
 
 
-def run_benchmark(quick: bool, repeats: int = 0, timed_steps: int = 0) -> dict:
+def run_benchmark(quick: bool, repeats: int = 0, timed_steps: int = 0,
+                  num_workers: int = NUM_WORKERS) -> dict:
     """Measure at the quick or full sizes (optionally overridden); print and return the summary."""
     sizes = dict(SIZES["quick" if quick else "full"])
     sizes["repeats"] = repeats or sizes["repeats"]
     sizes["timed_steps"] = timed_steps or sizes["timed_steps"]
+    sizes["num_workers"] = num_workers
     load_before = os.getloadavg()[0]
-    print(f"Ray overhead: demo recipe, ResNet-50 @ 32 px, {NUM_WORKERS} workers x "
+    print(f"Ray overhead: demo recipe, ResNet-50 @ 32 px, {num_workers} workers x "
           f"{THREADS_PER_WORKER} thread, global batch {GLOBAL_BATCH}, {sizes['warmup_steps']} "
           f"warm-up + {sizes['timed_steps']} timed steps, {sizes['repeats']} repeats per side "
           f"(alternating); {os.cpu_count()} cores; load avg {load_before:.2f}", flush=True)
     data_root = tempfile.mkdtemp(prefix="rn50-ray-overhead-data-")
     try:
         result = measure(sizes, os.path.join(data_root, "digits"),
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), num_workers=num_workers)
     finally:
         shutil.rmtree(data_root, ignore_errors=True)
     print_table(result)
@@ -328,8 +333,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="runs per side (default 2 / 3)")
     parser.add_argument("--timed-steps", type=int, default=0,
                         help="timed steps (default 20 / 60)")
+    parser.add_argument("--workers", type=int, default=NUM_WORKERS,
+                        help=f"training workers x 1 thread (default {NUM_WORKERS}: every core; "
+                             "1 leaves a core to Ray's own processes, as a GPU node has)")
     args = parser.parse_args()
-    print(json.dumps(run_benchmark(args.quick, args.repeats, args.timed_steps)))
+    print(json.dumps(run_benchmark(args.quick, args.repeats, args.timed_steps, args.workers)))
 
 
 if __name__ == "__main__":
