@@ -38,7 +38,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from rn50.data import build_loader  # noqa: E402
-from rn50.datasets import ParquetDataset, _decode  # noqa: E402
+from rn50.datasets import ParquetDataset, _decode, image_bytes  # noqa: E402
 from rn50.transforms import normalize, train_transform  # noqa: E402
 
 BATCH_SIZE, DECODE_PROCESSES = 64, 2
@@ -48,11 +48,8 @@ def decode_batch(batch: pa.Table, crop_px: int) -> dict[str, np.ndarray]:
     """Ray Data's map function: a pyarrow batch of shard rows -> uint8 images and labels."""
     from benchmarks.pipeline import data_config
     preset = train_transform(data_config(crop_px))
-    images = batch.column("image").combine_chunks()
-    if hasattr(images, "field"):  # HF Image feature: struct<bytes, path>
-        images = images.field("bytes")
     decoded = [_decode(data, label, preset, preset.draft_px, "row")
-               for data, label in zip(images.to_pylist(), batch.column("label").to_pylist())]
+               for data, label in zip(image_bytes(batch), batch.column("label").to_pylist())]
     decoded = [item for item in decoded if item is not None]
     return {"image": np.stack([image.numpy() for image, _ in decoded]),
             "label": np.array([label for _, label in decoded], dtype=np.int64)}

@@ -219,10 +219,7 @@ class ParquetDataset(Dataset):
         if file_index not in self._handles:
             self._handles[file_index] = pq.ParquetFile(self.fs.open_input_file(self.files[file_index]))
         table = self._handles[file_index].read_row_group(group, columns=["image", "label"])
-        images = table.column("image").combine_chunks()
-        if hasattr(images, "field"):  # HF Image feature: struct<bytes, path>
-            images = images.field("bytes")
-        self._cache[entry] = (images.to_pylist(), table.column("label").to_pylist())
+        self._cache[entry] = (image_bytes(table), table.column("label").to_pylist())
         while len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
         return self._cache[entry]
@@ -237,6 +234,15 @@ class ParquetDataset(Dataset):
         if images[row] is None:
             return None
         return _decode(images[row], int(labels[row]), self.transform, self.draft_px, what)
+
+
+def image_bytes(table) -> list[bytes | None]:
+    """The encoded images of a parquet table's `image` column (plain binary, or HF's Image
+    feature: struct<bytes, path>)."""
+    images = table.column("image").combine_chunks()
+    if hasattr(images, "field"):
+        images = images.field("bytes")
+    return images.to_pylist()
 
 
 def hf_label_names(metadata: dict | None) -> list[str] | None:

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -71,7 +72,7 @@ class DeviceDecodePreset:
 
     def plan(self, source: str | os.PathLike | bytes) -> EncodedImage | torch.Tensor:
         """The bytes and drawn augmentation of a baseline RGB/grey JPEG, else the CPU result."""
-        data = source if isinstance(source, (bytes, bytearray)) else open(source, "rb").read()
+        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
         header = Image.open(io.BytesIO(data))  # reads the header only: no pixels decoded
         if header.format != "JPEG" or header.mode not in ("RGB", "L"):
             return self.cpu_preset(load_rgb(data, self.cpu_preset.draft_px))

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rn50.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
-                           find_parquet_shards, hf_label_names)
+                           find_parquet_shards, hf_label_names, image_bytes)
 from rn50.storage import resolve_storage
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -62,10 +62,7 @@ def _parquet_row_group(fs: pafs.FileSystem, record: Record, handles: dict) -> li
         if record.source not in handles:
             handles[record.source] = pq.ParquetFile(fs.open_input_file(record.source))
         table = handles[record.source].read_row_group(record.offset, columns=["image"])
-        images = table.column("image").combine_chunks()
-        if hasattr(images, "field"):  # HF Image feature: struct<bytes, path>
-            images = images.field("bytes")
-        handles[key] = images.to_pylist()
+        handles[key] = image_bytes(table)
     return handles[key]
 
 
