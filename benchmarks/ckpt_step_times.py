@@ -8,7 +8,7 @@ checkpoint, the steps that run while its upload is in flight, and the rest.
 
 Each worker runs the project's `rn50.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
-the due steps does what `rn50.train` does: all-gather the RNG states, `ckpt.training_state`,
+the due steps does what `rn50.train` does: `ckpt.rank0_training_state` (RNG all-gather + state),
 then `rn50.train._report` (serialise + SHA-256 on rank 0, `ray.train.report` with the ASYNC upload
 and the project's retrying upload function). The upload function is wrapped to timestamp each
 upload, so a step can be classed as "upload in flight" from when it ran, not from a guess.
@@ -85,10 +85,8 @@ def worker_loop(loop_config: dict) -> None:
         timed_index = steps_done - sizes["warmup_steps"]
         saves = timed_index > 0 and timed_index % sizes["every_steps"] == 0
         if saves:
-            rng_per_rank = ckpt.gather_rng_states()
-            state = ckpt.training_state(model, optimizer, scheduler, None, 0, steps_done,
-                                        config.to_dict(), {}, rng_per_rank=rng_per_rank) \
-                if rank == 0 else None
+            state = ckpt.rank0_training_state(rank, model, optimizer, scheduler, None, 0,
+                                              steps_done, config.to_dict())
             train_module._report({"steps_done": steps_done}, state, rank)
         now = time.perf_counter()
         if timed_index > 0:

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from rn50.config import Config, load_config  # noqa: E402
 from rn50.engine import build_optimizer, maybe_compile, train_one_epoch  # noqa: E402
-from rn50.model import build_model  # noqa: E402
+from rn50.model import build_model, place_model  # noqa: E402
 from rn50.schedule import build_scheduler  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -76,9 +76,7 @@ def variant_config(variant: str, batch_size: int) -> Config:
 def images_per_s(config: Config, batches, warmup: list, device: torch.device) -> float:
     """Train on `warmup` untimed, then on `batches`; images/s of the timed part."""
     torch.manual_seed(0)
-    model = build_model(config.model, NUM_CLASSES).to(device)
-    if config.model.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(config.model, NUM_CLASSES), device, config.model.channels_last)
     model = maybe_compile(model, config.train.compile)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, 1000, 1, config.schedule)

@@ -138,6 +138,18 @@ def training_state(model, optimizer, scheduler, ema, epoch: int, steps_done: int
             "rng": rng_per_rank or [capture_rng_state()], **(extra or {})}
 
 
+def rank0_training_state(rank: int, model, optimizer, scheduler, ema, epoch: int,
+                         steps_done: int, config_dict: dict, extra: dict | None = None,
+                         scaler=None) -> dict[str, Any] | None:
+    """`training_state` with every rank's RNG states, on rank 0 (None elsewhere). A collective:
+    every rank must call it at the same step."""
+    rng_per_rank = gather_rng_states()
+    if rank != 0:
+        return None
+    return training_state(model, optimizer, scheduler, ema, epoch, steps_done, config_dict, extra,
+                          scaler=scaler, rng_per_rank=rng_per_rank)
+
+
 def apply_training_state(state: dict[str, Any], model, optimizer, scheduler, ema,
                          steps_per_epoch: int, scaler=None, rank: int = 0) -> tuple[int, int]:
     """Load `state` into the live objects (RNGs: this rank's); return (epoch, step) to continue from."""

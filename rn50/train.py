@@ -28,7 +28,7 @@ from rn50.config import Config
 from rn50.data import build_datasets, build_loader, set_train_crop_px
 from rn50.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                          train_one_epoch)
-from rn50.model import EMA, build_model
+from rn50.model import EMA, build_model, place_model
 from rn50.schedule import build_scheduler
 from rn50.transforms import train_crop_px_at
 
@@ -239,9 +239,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batch_per_worker = config.train.global_batch_size // world_size
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    model = build_model(config.model, config.data.num_classes).to(device)
-    if config.model.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(config.model, config.data.num_classes), device,
+                        config.model.channels_last)
     if world_size > 1:
         model = _wrap_ddp(model, device)
     model = maybe_compile(model, config.train.compile)
@@ -265,10 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracking.set_tags(tracking_uri, run_id, {"device": device.type, "world_size": world_size})
 
     def snapshot(epoch: int, steps_done: int) -> dict | None:
-        rng_per_rank = ckpt.gather_rng_states()  # a collective: every rank takes part
-        return ckpt.training_state(model, optimizer, scheduler, ema, epoch, steps_done,
-                                   config.to_dict(), {"class_names": class_names}, scaler=scaler,
-                                   rng_per_rank=rng_per_rank) if rank == 0 else None
+        return ckpt.rank0_training_state(rank, model, optimizer, scheduler, ema, epoch, steps_done,
+                                         config.to_dict(), {"class_names": class_names}, scaler)
 
     saves = _MidEpochSaves(config, device)
     for epoch in range(start_epoch, config.train.epochs):

@@ -8,7 +8,8 @@ from torch import nn
 
 from rn50.checkpoint import (CheckpointError, apply_training_state, capture_rng_state,
                              check_uploaded, fingerprint_weights, load_checkpoint, main,
-                             restore_rng_state, save_checkpoint, training_state)
+                             rank0_training_state, restore_rng_state, save_checkpoint,
+                             training_state)
 from rn50.config import ModelConfig
 from rn50.model import build_model
 
@@ -151,3 +152,16 @@ def test_uploaded_copy_is_checked_against_its_manifest(tmp_path):
     (tmp_path / "c" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no readable manifest"):
         check_uploaded(local, str(tmp_path / "c"))
+
+
+def test_rank0_training_state_is_taken_on_rank_0_only():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert rank0_training_state(1, model, optimizer, scheduler, None, 0, 3, {}) is None
+    torch.manual_seed(4)
+    expected = capture_rng_state()
+    state = rank0_training_state(0, model, optimizer, scheduler, None, 0, 3, {"a": 1},
+                                 extra={"class_names": ["x"]})
+    assert state["steps_done"] == 3 and state["class_names"] == ["x"] and len(state["rng"]) == 1
+    assert torch.equal(state["rng"][0]["torch"], expected["torch"])
