@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from rn50.checkpoint import capture_rng_state, save_checkpoint  # noqa: E402
+from rn50.core.checkpoint import capture_rng_state, save_checkpoint  # noqa: E402
 from rn50.config import ModelConfig  # noqa: E402
-from rn50.model import build_model  # noqa: E402
+from rn50.core.model import build_model  # noqa: E402
 
 
 def resnet50_state() -> dict:
@@ -53,7 +53,7 @@ def upload_times(directory: Path) -> dict:
     """Seconds to copy the checkpoint to S3 with pyarrow (what Ray uses) and with boto3."""
     import boto3
     import pyarrow.fs as pafs
-    from tests.integration.servers import S3Server
+    from rn50.io.local_servers import S3Server
 
     server = S3Server(Path(tempfile.mkdtemp(prefix="rn50-s3-")))
     server.start()
@@ -101,7 +101,7 @@ def _timed_run(args: list[str]) -> tuple[float, dict[str, float]]:
 def kill_overhead() -> dict:
     """Wall seconds of the same small demo run, straight and with one worker SIGKILLed, and the
     time from the kill to the restarted workers having loaded the checkpoint."""
-    from rn50.small_datasets import prepare_digits
+    from rn50.data.small_datasets import prepare_digits
     tmp = Path(tempfile.mkdtemp(prefix="rn50-kill-"))
     prepare_digits(tmp / "digits")  # written before the timing, not inside the first run
     common = [f"data.root={tmp / 'digits'}", "train.epochs=2", "data.max_train_samples=256",

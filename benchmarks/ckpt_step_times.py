@@ -8,7 +8,7 @@ checkpoint, the steps that run while its upload is in flight, and the rest.
 
 Each worker runs the project's `rn50.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
-the due steps does what `rn50.train` does: `ckpt.rank0_training_state` (RNG all-gather + state),
+the due steps does what `rn50.distributed.worker` does: `ckpt.rank0_training_state` (RNG all-gather + state),
 then `rn50.train._report` (serialise + SHA-256 on rank 0, `ray.train.report` with the ASYNC upload
 and the project's retrying upload function). The upload function is wrapped to timestamp each
 upload, so a step can be classed as "upload in flight" from when it ran, not from a guess.
@@ -57,12 +57,12 @@ def worker_loop(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from rn50 import checkpoint as ckpt
-    from rn50 import train as train_module
+    from rn50.core import checkpoint as ckpt
+    from rn50.distributed import worker as train_module
     from rn50.config import Config
-    from rn50.engine import build_optimizer, train_one_epoch
-    from rn50.model import build_model
-    from rn50.schedule import build_scheduler
+    from rn50.core.engine import build_optimizer, train_one_epoch
+    from rn50.core.model import build_model
+    from rn50.core.schedule import build_scheduler
 
     config, sizes = Config.from_dict(loop_config["config"]), loop_config["sizes"]
     rank = ray.train.get_context().get_world_rank()
@@ -132,9 +132,9 @@ def run_benchmark(quick: bool) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rn50 import storage
+    from rn50.io import storage
     from rn50.config import load_config
-    from tests.integration.servers import S3Server
+    from rn50.io.local_servers import S3Server
 
     sizes = SIZES["quick" if quick else "full"]
     work = Path(tempfile.mkdtemp(prefix="rn50-ckpt-steps-"))

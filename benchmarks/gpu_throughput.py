@@ -36,9 +36,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from rn50.config import Config, load_config  # noqa: E402
-from rn50.engine import build_optimizer, maybe_compile, train_one_epoch  # noqa: E402
-from rn50.model import build_model, place_model  # noqa: E402
-from rn50.schedule import build_scheduler  # noqa: E402
+from rn50.core.engine import build_optimizer, maybe_compile, train_one_epoch  # noqa: E402
+from rn50.core.model import build_model, place_model  # noqa: E402
+from rn50.core.schedule import build_scheduler  # noqa: E402
 
 NUM_CLASSES = 1000
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
@@ -96,10 +96,10 @@ def real_jpeg_batches(shard_root: Path, config: Config, px: int, steps: int,
     """`steps` batches of the project's train loader over the shards at `px`, its worker start-up
     excluded (a real epoch pays it once per ~5,000 steps): the first batch is drawn and dropped
     before the caller's clock starts."""
-    from rn50.data import build_loader, set_train_crop_px
-    from rn50.datasets import ParquetDataset
-    from rn50.device_decode import DeviceDecodePreset
-    from rn50.transforms import train_transform
+    from rn50.data.loaders import build_loader, set_train_crop_px
+    from rn50.data.datasets import ParquetDataset
+    from rn50.data.device_decode import DeviceDecodePreset
+    from rn50.data.transforms import train_transform
     preset = DeviceDecodePreset(config.data) if decode_on_device else train_transform(config.data)
     dataset = ParquetDataset(shard_root, "train", preset, num_classes=1)
     set_train_crop_px(dataset, px)
@@ -169,7 +169,7 @@ def main() -> None:
             args.images = args.batch_size * (args.steps + 1)
         if args.images:
             from benchmarks.pipeline import write_prepared_shard
-            from benchmarks.run import generate_jpegs
+            from benchmarks.images import generate_jpegs
             (work / "jpegs").mkdir()
             paths = generate_jpegs(work / "jpegs", args.images)
             shard_root, _ = write_prepared_shard(paths, work / "shards", num_shards=4)

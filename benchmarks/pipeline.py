@@ -22,10 +22,10 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import pil_loader
 
 from rn50.config import DataConfig
-from rn50.data import collate_skip_corrupt
-from rn50.datasets import ParquetDataset, _decode
-from rn50.imagenet_shards import ROW_GROUP_ROWS, shrink
-from rn50.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, train_transform
+from rn50.data.loaders import collate_skip_corrupt
+from rn50.data.datasets import ParquetDataset, _decode
+from rn50.data.imagenet_shards import ROW_GROUP_ROWS, shrink
+from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, train_transform
 
 BATCH_SIZE = 64
 SHARD_MAX_PX = 256  # `ray_jobs/prepare_imagenet.py --max-px`'s default

@@ -11,7 +11,7 @@ with `rn50.transforms.train_transform` at `--crop-px`), use two decoding process
 here) and hand batches of 64 uint8 images to the consuming process, which normalises them:
 
 - **loader**: `rn50.data.build_loader` over `rn50.datasets.ParquetDataset`, `loader_workers=2`:
-  what `rn50.train` runs (row-group-aware shuffle, per-(seed, epoch, index) augmentation seeds).
+  what `rn50.distributed.worker` runs (row-group-aware shuffle, per-(seed, epoch, index) augmentation seeds).
 - **ray_data**: `ray.data.read_parquet` -> `randomize_block_order` -> `map_batches(decode)` ->
   `iter_torch_batches`, Ray started with `num_cpus=2` (Ray's start-up is not timed).
 
@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from rn50.data import build_loader  # noqa: E402
-from rn50.datasets import ParquetDataset, _decode, image_bytes  # noqa: E402
-from rn50.transforms import normalize, train_transform  # noqa: E402
+from rn50.data.loaders import build_loader  # noqa: E402
+from rn50.data.datasets import ParquetDataset, _decode, image_bytes  # noqa: E402
+from rn50.data.transforms import normalize, train_transform  # noqa: E402
 
 BATCH_SIZE, DECODE_PROCESSES = 64, 2
 
@@ -124,7 +124,7 @@ def run_benchmark(paths: list[Path], crop_px: int, passes: int, rows: int) -> di
 
 def main() -> None:
     """Print the figures, then one JSON line."""
-    from benchmarks.run import DEFAULT_IMAGES, find_jpegs, generate_jpegs
+    from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 rows, 2 passes per side")
     parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs")

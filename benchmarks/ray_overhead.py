@@ -40,10 +40,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from rn50.config import Config, load_config  # noqa: E402
-from rn50.data import build_datasets, build_loader  # noqa: E402
-from rn50.engine import build_optimizer, train_one_epoch  # noqa: E402
-from rn50.model import build_model  # noqa: E402
-from rn50.schedule import build_scheduler  # noqa: E402
+from rn50.data.loaders import build_datasets, build_loader  # noqa: E402
+from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
+from rn50.core.model import build_model  # noqa: E402
+from rn50.core.schedule import build_scheduler  # noqa: E402
 
 NUM_WORKERS = 2
 THREADS_PER_WORKER = 1
@@ -143,7 +143,7 @@ def run_ray(config: Config, sizes: dict) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rn50.driver import init_ray
+    from rn50.distributed.driver import init_ray
     threads = str(THREADS_PER_WORKER)
     # Ray's processes inherit this environment: they must import `benchmarks.ray_overhead` to
     # unpickle `_ray_worker` when this module was imported (from run.py) rather than run.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50 import evaluate  # noqa: E402
+from rn50.serve import evaluate  # noqa: E402
 
 
 def ray_map(cpus: float, gpus: float):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.datasets import DataError  # noqa: E402
-from rn50.imagenet_shards import plan_shards, write_manifest, write_shard  # noqa: E402
-from rn50.imagenet_sources import list_source  # noqa: E402
-from rn50.storage import StorageError, preflight  # noqa: E402
+from rn50.data.datasets import DataError  # noqa: E402
+from rn50.data.imagenet_shards import plan_shards, write_manifest, write_shard  # noqa: E402
+from rn50.data.imagenet_sources import list_source  # noqa: E402
+from rn50.io.storage import StorageError, preflight  # noqa: E402
 
 
 def _arguments(argv):

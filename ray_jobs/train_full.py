@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from rn50.config import ConfigError, load_config  # noqa: E402
-from rn50.storage import StorageError  # noqa: E402
+from rn50.io.storage import StorageError  # noqa: E402
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = args.name or f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from rn50.driver import run_training  # imports Ray; only needed once the config is valid
+    from rn50.distributed.driver import run_training  # imports Ray; only needed once the config is valid
     try:
         summary = run_training(config, name, args.storage)
     except StorageError as err:

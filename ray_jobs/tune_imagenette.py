@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from rn50.config import ConfigError  # noqa: E402
 from rn50.search_space import load_sweep  # noqa: E402
-from rn50.storage import StorageError  # noqa: E402
+from rn50.io.storage import StorageError  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = args.name or f"sweep-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from rn50.tune import run_sweep  # imports Ray; only needed once the space is valid
+    from rn50.distributed.tune import run_sweep  # imports Ray; only needed once the space is valid
     try:
         summary = run_sweep(spec, name, args.storage, args.overrides)
     except StorageError as err:

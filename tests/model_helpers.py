@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rn50.checkpoint import save_checkpoint
+from rn50.core.checkpoint import save_checkpoint
 from rn50.config import Config, load_config
-from rn50.model import EMA, build_model
+from rn50.core.model import EMA, build_model
 
 
 def digits_config(root: Path, *overrides: str) -> Config:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import MlflowServer, S3Server
+from rn50.io.local_servers import MlflowServer, S3Server
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.integration.servers import free_ports, log_tail
+from rn50.io.local_servers import free_ports, log_tail
 from tests.model_helpers import digits_config, random_image, write_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def demo(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log = root / "demo.log"
     with open(log, "wb") as out:  # the run directory, not the checkpoint: newest is found
-        process = subprocess.Popen([sys.executable, "-m", "rn50.demo", "--checkpoint",
+        process = subprocess.Popen([sys.executable, "-m", "rn50.serve.demo", "--checkpoint",
                                     str(checkpoint.parent)], cwd=REPO, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -12,8 +12,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from rn50.artifacts import download_checkpoint, load_model
-from rn50.evaluate import build_parser, build_val_dataset, evaluate_shard, metrics, run_from_args
+from rn50.serve.artifacts import download_checkpoint, load_model
+from rn50.serve.evaluate import build_parser, build_val_dataset, evaluate_shard, metrics, run_from_args
 from tests.model_helpers import digits_config, write_checkpoint
 
 pytestmark = pytest.mark.integration

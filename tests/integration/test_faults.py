@@ -27,7 +27,7 @@ def common(tmp: Path, epochs: int = 2) -> list[str]:
 
 
 def fingerprint(checkpoint: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "rn50.checkpoint", "fingerprint", checkpoint],
+    proc = subprocess.run([sys.executable, "-m", "rn50.core.checkpoint", "fingerprint", checkpoint],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     return proc.stdout.strip()
 

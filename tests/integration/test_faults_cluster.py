@@ -40,7 +40,7 @@ def two_node_cluster():
 
 
 def test_preemption_notice_checkpoints_then_the_run_moves_to_a_new_node(tmp_path, two_node_cluster):
-    from rn50.driver import run_training
+    from rn50.distributed.driver import run_training
     cluster, doomed = two_node_cluster
     config = load_config("demo", [*common(tmp_path, epochs=4), "checkpoint.every_steps=0",
                                   "checkpoint.preemption_check_every_steps=1"])

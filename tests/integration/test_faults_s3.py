@@ -53,7 +53,7 @@ def test_s3_outage_during_uploads_costs_no_work(s3_server, tmp_path):
     assert "failed (attempt 1/" in output, "the outage never hit an upload: the test proved nothing"
     result_line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     assert '"epochs": 3' in result_line
-    listing = subprocess.run([sys.executable, "-m", "rn50.checkpoint", "ls", f"{storage}/{name}"],
+    listing = subprocess.run([sys.executable, "-m", "rn50.core.checkpoint", "ls", f"{storage}/{name}"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                              check=True).stdout
     rows = [line for line in listing.splitlines() if line.startswith("checkpoint_")]

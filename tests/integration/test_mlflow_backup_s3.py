@@ -3,7 +3,10 @@ import sqlite3
 
 import pytest
 
-from rn50 import mlflow_backup, storage
+from rn50.io import mlflow_backup
+
+
+from rn50.io import storage
 
 
 def test_backup_and_restore_through_s3(tmp_path, s3_env):

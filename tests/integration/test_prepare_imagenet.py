@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from rn50.datasets import ParquetDataset
+from rn50.data.datasets import ParquetDataset
 from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 from tests.integration.jobs import REPO
 

@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 import torch
 
-from rn50 import inference
-from rn50.artifacts import load_model
-from rn50.export import export
-from tests.integration.servers import free_ports, log_tail
+from rn50.serve import inference
+from rn50.serve.artifacts import load_model
+from rn50.serve.export import export
+from rn50.io.local_servers import free_ports, log_tail
 from tests.model_helpers import digits_config, write_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""rn50.storage against a real S3 server (SeaweedFS) and the local filesystem; no mocks."""
+"""rn50.io.storage against a real S3 server (SeaweedFS) and the local filesystem; no mocks."""
 import time
 import uuid
 from pathlib import Path
@@ -7,9 +7,9 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
-from rn50 import storage
-from rn50.storage import StorageError
-from tests.integration.servers import free_ports
+from rn50.io import storage
+from rn50.io.storage import StorageError
+from rn50.io.local_servers import free_ports
 
 pytestmark = pytest.mark.integration
 

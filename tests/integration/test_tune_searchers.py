@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from rn50.search_space import load_sweep
-from rn50.tune import _tune_config, param_space
+from rn50.distributed.tune import _tune_config, param_space
 
 SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
 

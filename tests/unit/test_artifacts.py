@@ -4,9 +4,9 @@ import shutil
 import pytest
 import torch
 
-from rn50.artifacts import (ArtifactError, class_names_for, download_checkpoint, find_checkpoint,
+from rn50.serve.artifacts import (ArtifactError, class_names_for, download_checkpoint, find_checkpoint,
                             load_model)
-from rn50.checkpoint import CheckpointError
+from rn50.core.checkpoint import CheckpointError
 from rn50.config import load_config
 from tests.model_helpers import digits_config, write_checkpoint
 

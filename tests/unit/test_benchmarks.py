@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from benchmarks.ckpt_step_times import classify
 from benchmarks.ray_data_vs_loader import decode_batch
-from benchmarks.run import generate_jpegs
+from benchmarks.images import generate_jpegs
 
 REPO = Path(__file__).resolve().parents[2]
 

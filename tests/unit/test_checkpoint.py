@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from rn50.checkpoint import (CheckpointError, apply_training_state, capture_rng_state,
+from rn50.core.checkpoint import (CheckpointError, apply_training_state, capture_rng_state,
                              check_uploaded, fingerprint_weights, load_checkpoint, main,
                              rank0_training_state, restore_rng_state, save_checkpoint,
                              training_state)
 from rn50.config import ModelConfig
-from rn50.model import build_model
+from rn50.core.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rn50.config import DataConfig
-from rn50.data import build_datasets, build_loader, collate_skip_corrupt
-from rn50.datasets import DataError, ImageFolderDataset, ParquetDataset
-from rn50.small_datasets import DIGITS_CLASSES, prepare_digits
-from rn50.transforms import load_rgb
+from rn50.data.loaders import build_datasets, build_loader, collate_skip_corrupt
+from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
+from rn50.data.small_datasets import DIGITS_CLASSES, prepare_digits
+from rn50.data.transforms import load_rgb
 
 
 def _jpeg_bytes(seed: int, size=(20, 16), mode="RGB") -> bytes:
@@ -243,7 +243,7 @@ def test_val_shards_are_unpadded_and_ordered():
 
 
 def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
-    from rn50.data import RowGroupSampler
+    from rn50.data.loaders import RowGroupSampler
     rows = [(_jpeg_bytes(i), i % 4) for i in range(20)]  # 2 shards x row groups of 3
     _write_shards(tmp_path, "train", rows, shards=2, names=None, flat=True)
     dataset = ParquetDataset(tmp_path, "train", num_classes=4)

@@ -10,11 +10,11 @@ from PIL import Image
 from torch import nn
 
 from rn50.config import Config, DataConfig, load_config
-from rn50.data import build_datasets, build_loader, collate_skip_corrupt
-from rn50.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
-from rn50.engine import build_optimizer, train_one_epoch
-from rn50.schedule import build_scheduler
-from rn50.transforms import load_rgb, train_transform
+from rn50.data.loaders import build_datasets, build_loader, collate_skip_corrupt
+from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
+from rn50.core.engine import build_optimizer, train_one_epoch
+from rn50.core.schedule import build_scheduler
+from rn50.data.transforms import load_rgb, train_transform
 
 
 def _photo_jpeg(seed: int, size=(120, 90), mode="RGB", fmt="JPEG") -> bytes:

@@ -3,11 +3,11 @@ GPU-path switch, run here on CPU) changes nothing a checkpoint or the numbers ca
 import torch
 from torch import nn
 
-from rn50.checkpoint import apply_training_state, training_state
+from rn50.core.checkpoint import apply_training_state, training_state
 from rn50.config import Config
-from rn50.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
+from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                          train_one_epoch)
-from rn50.schedule import build_scheduler
+from rn50.core.schedule import build_scheduler
 
 
 def _tiny_model() -> nn.Module:

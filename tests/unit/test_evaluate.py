@@ -6,11 +6,11 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from rn50.data import build_loader
-from rn50.engine import evaluate as engine_evaluate
-from rn50.evaluate import (EvalSpec, build_parser, evaluate_shard, log_training_gallery, merge,
+from rn50.data.loaders import build_loader
+from rn50.core.engine import evaluate as engine_evaluate
+from rn50.serve.evaluate import (EvalSpec, build_parser, evaluate_shard, log_training_gallery, merge,
                            metrics, prepare, run_evaluation, run_from_args)
-from rn50.gallery import Mistake, collect_mistakes, log_gallery, most_confident, strided_indices
+from rn50.serve.gallery import Mistake, collect_mistakes, log_gallery, most_confident, strided_indices
 from tests.model_helpers import digits_config, write_checkpoint
 
 
@@ -123,7 +123,7 @@ def test_without_mlflow_the_summary_is_returned_only(checkpoint):
 
 
 def test_gallery_png_is_a_real_image(prepared):
-    from rn50.gallery import gallery_png
+    from rn50.serve.gallery import gallery_png
     loaded, dataset = prepared
     png = gallery_png(loaded.model, dataset, loaded.classifier.class_names, limit=3,
                       max_samples=30)

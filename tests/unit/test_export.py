@@ -8,10 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from rn50 import demo, inference
-from rn50.artifacts import ArtifactError, load_model
-from rn50.export import export, main
-from rn50.inference import load_space_classifier
+from rn50.serve import demo
+from rn50.serve import inference
+from rn50.serve.artifacts import ArtifactError, load_model
+from rn50.serve.export import export, main
+from rn50.serve.inference import load_space_classifier
 from tests.model_helpers import digits_config, write_checkpoint
 
 NAMES = [f"digit {d}" for d in range(10)]

@@ -5,9 +5,9 @@ import json
 import pytest
 from PIL import Image
 
-from rn50.datasets import ParquetDataset
-from rn50.imagenet_shards import plan_shards, shrink, write_shard
-from rn50.imagenet_sources import Record, filesystem, list_source, read_record
+from rn50.data.datasets import ParquetDataset
+from rn50.data.imagenet_shards import plan_shards, shrink, write_shard
+from rn50.data.imagenet_sources import Record, filesystem, list_source, read_record
 from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 
 

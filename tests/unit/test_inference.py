@@ -4,12 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rn50 import inference
+from rn50.serve import inference
 from rn50.config import DataConfig, ModelConfig
-from rn50.inference import Classifier, UploadError, cam_layer, gradcam, open_upload, overlay
-from rn50.model import build_model
-from rn50.transforms import normalize as train_normalize
-from rn50.transforms import val_transform
+from rn50.serve.inference import Classifier, UploadError, cam_layer, gradcam, open_upload, overlay
+from rn50.core.model import build_model
+from rn50.data.transforms import normalize as train_normalize
+from rn50.data.transforms import val_transform
 from tests.model_helpers import random_image
 
 

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from rn50 import mlflow_backup
+from rn50.io import mlflow_backup
 
 
 def _make_db(path, rows):

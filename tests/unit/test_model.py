@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rn50.config import ModelConfig
-from rn50.model import EMA, build_model, count_parameters, parameter_groups, unwrap
+from rn50.core.model import EMA, build_model, count_parameters, parameter_groups, unwrap
 
 
 def test_resnet50_has_the_published_parameter_count():
@@ -18,7 +18,7 @@ def test_resnet50d_runs_and_differs():
 
 
 def test_blurpool_wraps_the_strided_convs_and_keeps_the_parameters():
-    from rn50.model import BlurPoolConv2d
+    from rn50.core.model import BlurPoolConv2d
     model = build_model(ModelConfig(arch="resnet50_blurpool"), 1000)
     assert count_parameters(model) == 25_557_032
     wrapped = [name for name, m in model.named_modules() if isinstance(m, BlurPoolConv2d)]
@@ -29,7 +29,7 @@ def test_blurpool_wraps_the_strided_convs_and_keeps_the_parameters():
 
 
 def test_blurpool_passes_flat_images_and_removes_a_checkerboard():
-    from rn50.model import BlurPoolConv2d
+    from rn50.core.model import BlurPoolConv2d
     conv = torch.nn.Conv2d(16, 4, 3, stride=2, padding=1, bias=False)
     blurpool = BlurPoolConv2d(conv)
     flat = torch.full((1, 16, 8, 8), 3.0)

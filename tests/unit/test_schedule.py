@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rn50.config import ScheduleConfig
-from rn50.schedule import build_scheduler, lr_multiplier
+from rn50.core.schedule import build_scheduler, lr_multiplier
 
 
 def test_warmup_is_linear_from_start_fraction():

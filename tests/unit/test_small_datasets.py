@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from rn50.config import DataConfig
-from rn50.data import build_datasets
-from rn50.datasets import DataError
-from rn50.small_datasets import IMAGENETTE_SYNSETS, prepare_imagenette
+from rn50.data.loaders import build_datasets
+from rn50.data.datasets import DataError
+from rn50.data.small_datasets import IMAGENETTE_SYNSETS, prepare_imagenette
 from tests.unit.test_data import _jpeg_bytes
 
 

@@ -3,7 +3,7 @@ import io
 
 from PIL import Image
 
-from rn50.sweep_report import TrialRecord, curves_png, plane_png, trials_table
+from rn50.distributed.sweep_report import TrialRecord, curves_png, plane_png, trials_table
 
 RECORDS = [
     TrialRecord("t1", {"optim.lr": 0.01, "optim.weight_decay": 1e-5}, "completed", [(0, 40.0), (1, 70.0)]),

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from rn50.config import DataConfig
-from rn50.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, to_rgb,
+from rn50.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, to_rgb,
                              train_crop_px_at, train_transform, val_transform)
 
 
@@ -119,7 +119,7 @@ def test_progressive_resizing_follows_ffcv(epochs, start, end):
 def test_crop_side_changes_on_the_live_dataset_through_a_subset():
     from torch.utils.data import Subset
 
-    from rn50.data import set_train_crop_px
+    from rn50.data.loaders import set_train_crop_px
 
     class Images:
         transform = train_transform(_cfg(train_crop_px=48))

@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from rn50.transforms import load_rgb, train_transform
+from rn50.data.transforms import load_rgb, train_transform
 
 log = logging.getLogger(__name__)
 _JITTER_FUNCTIONS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)

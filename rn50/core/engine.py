@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from rn50.config import Config
-from rn50.device_decode import DeferredBatch
-from rn50.model import EMA, parameter_groups
-from rn50.transforms import normalize
+from rn50.data.device_decode import DeferredBatch
+from rn50.core.model import EMA, parameter_groups
+from rn50.data.transforms import normalize
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from rn50.datasets import IMAGE_EXTENSIONS, DataError
+from rn50.data.datasets import IMAGE_EXTENSIONS, DataError
 
 MARKER = ".complete"
 DIGITS_CLASSES = [str(d) for d in range(10)]

@@ -18,8 +18,8 @@ import torch
 from torchvision.transforms import v2 as T
 
 from rn50.config import ModelConfig
-from rn50.inference import Classifier
-from rn50.model import build_model
+from rn50.serve.inference import Classifier
+from rn50.core.model import build_model
 
 TOP_K = 5
 

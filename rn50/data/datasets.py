@@ -1,7 +1,7 @@
 """Map-style image datasets: class folders (incl. the ILSVRC layouts) and HF-style parquet shards.
 
 Both return `(uint8 CHW tensor, label)` per index, or `None` for an image that cannot be decoded
-(`collate_skip_corrupt` in rn50.data drops those and counts them), so one bad file never stops a
+(`collate_skip_corrupt` in rn50.data.loaders drops those and counts them), so one bad file never stops a
 run.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from rn50.transforms import load_rgb
+from rn50.data.transforms import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class DataError(RuntimeError):
 
 def _decode(source, label: int, transform: Callable | None, draft_px: int, what: str):
     try:
-        if getattr(transform, "decodes_on_device", False):  # rn50.device_decode: bytes + plan
+        if getattr(transform, "decodes_on_device", False):  # rn50.data.device_decode: bytes + plan
             return transform.plan(source), label
         image = load_rgb(source, draft_px)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data

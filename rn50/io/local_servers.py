@@ -1,4 +1,4 @@
-"""Real servers for the integration tests: SeaweedFS as S3, and an MLflow tracking server.
+"""Real local servers for tests, benchmarks and rehearsals: SeaweedFS as S3, and an MLflow server.
 
 Each runs as its own process group on free loopback ports in its own directory, so a test session
 never touches a developer's servers and teardown can kill everything the server spawned.

@@ -2,7 +2,7 @@
 
 Public API: `build_datasets(data_cfg)` -> (train, val, class names); `build_loader(...)` -> a
 DataLoader yielding `(uint8 images [B,3,H,W], int64 labels [B], num_skipped)`. The datasets and
-`DataError` live in rn50.datasets; the cached digits / Imagenette preparation in
+`DataError` live in rn50.data.datasets; the cached digits / Imagenette preparation in
 rn50.small_datasets.
 
 Determinism: a training loader's order is a DistributedSampler permutation of (seed, epoch), and
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from rn50.datasets import DataError, ImageFolderDataset, ParquetDataset
-from rn50.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
-from rn50.small_datasets import IMAGENETTE_SYNSETS, prepare_digits, prepare_imagenette
-from rn50.transforms import train_transform, val_transform
+from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
+from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
+from rn50.data.small_datasets import IMAGENETTE_SYNSETS, prepare_digits, prepare_imagenette
+from rn50.data.transforms import train_transform, val_transform
 
 
 def _fixed_subset(dataset: Dataset, limit: int) -> Dataset:

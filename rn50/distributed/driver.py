@@ -15,11 +15,12 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rn50 import checkpoint as ckpt
-from rn50 import storage, tracking
+from rn50.core import checkpoint as ckpt
+from rn50.io import storage
+from rn50.io import tracking
 from rn50.config import Config
-from rn50.model import build_model
-from rn50.train import train_loop_per_worker
+from rn50.core.model import build_model
+from rn50.distributed.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
         tracking.finish_run(tracking_uri, run_id, succeeded=False)
         raise
     model, summary = _final_model(result.checkpoint, config)
-    from rn50.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    from rn50.serve.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
     log_training_gallery(tracking_uri, run_id, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracking.finish_run(tracking_uri, run_id, succeeded=True,

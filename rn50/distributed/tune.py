@@ -15,10 +15,11 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from rn50 import storage, tracking
+from rn50.io import storage
+from rn50.io import tracking
 from rn50.search_space import SweepSpec
-from rn50.sweep_report import TrialRecord, log_sweep_report
-from rn50.driver import build_trainer
+from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
+from rn50.distributed.driver import build_trainer
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -139,7 +140,7 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
 
 def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
-    from rn50.driver import init_ray
+    from rn50.distributed.driver import init_ray
     overrides = list(overrides or [])
     storage.preflight(storage_uri)
     base = spec.base_config(overrides)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rn50.inference import gradcam, normalize, overlay, upscale
+from rn50.serve.inference import gradcam, normalize, overlay, upscale
 
 GALLERY_FILE = "misclassified.png"
 

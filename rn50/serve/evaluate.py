@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rn50.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
-from rn50.artifacts import load_model
-from rn50.data import _fixed_subset
-from rn50.datasets import DataError, ImageFolderDataset, ParquetDataset
-from rn50.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
+from rn50.serve.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
+from rn50.serve.artifacts import load_model
+from rn50.data.loaders import _fixed_subset
+from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
+from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
-from rn50.inference import normalize
-from rn50.small_datasets import prepare_digits, prepare_imagenette
-from rn50.transforms import val_transform
+from rn50.serve.inference import normalize
+from rn50.data.small_datasets import prepare_digits, prepare_imagenette
+from rn50.data.transforms import val_transform
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def spec_from_args(args: argparse.Namespace, tracking_uri: str) -> EvalSpec:
 
 def run_from_args(args: argparse.Namespace, map_shards: ShardMap = local_map) -> dict:
     """The evaluate job for parsed arguments: resolve MLflow, build the spec, evaluate."""
-    from rn50.tracking import resolve_tracking_uri
+    from rn50.io.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     return run_evaluation(spec_from_args(args, tracking_uri), map_shards, args.workers,

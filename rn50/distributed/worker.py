@@ -22,15 +22,15 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from rn50 import checkpoint as ckpt
-from rn50 import tracking
+from rn50.core import checkpoint as ckpt
+from rn50.io import tracking
 from rn50.config import Config
-from rn50.data import build_datasets, build_loader, set_train_crop_px
-from rn50.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
+from rn50.data.loaders import build_datasets, build_loader, set_train_crop_px
+from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                          train_one_epoch)
-from rn50.model import EMA, build_model, place_model
-from rn50.schedule import build_scheduler
-from rn50.transforms import train_crop_px_at
+from rn50.core.model import EMA, build_model, place_model
+from rn50.core.schedule import build_scheduler
+from rn50.data.transforms import train_crop_px_at
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from pathlib import PurePosixPath
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rn50.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
+from rn50.data.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
                            find_parquet_shards, hf_label_names, image_bytes)
-from rn50.storage import resolve_storage
+from rn50.io.storage import resolve_storage
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -38,7 +38,7 @@ class Record:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or s3:// URI, S3 configured as rn50.storage does."""
+    """(filesystem, path) for a local path or s3:// URI, S3 configured as rn50.io.storage does."""
     fs, path = resolve_storage(uri)
     return fs or pafs.LocalFileSystem(), path
 

@@ -23,13 +23,13 @@ import pyarrow.fs as pafs
 import yaml
 from torch import nn
 
-from rn50 import storage
-from rn50.checkpoint import CheckpointError, MANIFEST_FILE, load_checkpoint, verify_checkpoint
+from rn50.io import storage
+from rn50.core.checkpoint import CheckpointError, MANIFEST_FILE, load_checkpoint, verify_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
-from rn50.datasets import DataError
-from rn50.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
-from rn50.inference import Classifier
-from rn50.model import build_model
+from rn50.data.datasets import DataError
+from rn50.data.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
+from rn50.serve.inference import Classifier
+from rn50.core.model import build_model
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rn50.imagenet_sources import Record, filesystem, read_record
+from rn50.data.imagenet_sources import Record, filesystem, read_record
 
 JPEG_QUALITY = 90
 ROW_GROUP_ROWS = 128  # ParquetDataset reads whole row groups: keep them a few MB
