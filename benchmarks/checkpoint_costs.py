@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from rn50.core.checkpoint import capture_rng_state, save_checkpoint  # noqa: E402
+from rn50.core.checkpoint import save_checkpoint  # noqa: E402
+from rn50.core.training_state import capture_rng_state  # noqa: E402
 from rn50.config import ModelConfig  # noqa: E402
 from rn50.core.model import build_model  # noqa: E402
 

@@ -6,12 +6,13 @@ checkpoint, the steps that run while its upload is in flight, and the rest.
     python benchmarks/ckpt_step_times.py           # 90 timed steps, a checkpoint every 15 (~4 min)
     python benchmarks/run.py --ckpt-steps          # the same (quick or not), into run.py's JSON
 
-Each worker runs the project's `rn50.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
+Each worker runs the project's `rn50.core.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
-the due steps does what `rn50.distributed.worker` does: `ckpt.rank0_training_state` (RNG all-gather + state),
-then `rn50.train._report` (serialise + SHA-256 on rank 0, `ray.train.report` with the ASYNC upload
-and the project's retrying upload function). The upload function is wrapped to timestamp each
-upload, so a step can be classed as "upload in flight" from when it ran, not from a guess.
+the due steps does what the training worker does: `TrainingState.snapshot` (RNG all-gather +
+state), then `rn50.distributed.worker.report` (serialise + SHA-256 on rank 0, `ray.train.report`
+with the ASYNC upload through `rn50.core.checkpoint.upload_with_retries`). `report`'s
+`on_upload` observer timestamps each upload, so a step can be classed as "upload in flight" from
+when it ran, not from a guess.
 A step's time runs from the end of the previous step's hook to the end of its own, so a saving
 step includes its save. Ends with one JSON line.
 """
@@ -34,35 +35,18 @@ SIZES = {"quick": {"warmup_steps": 5, "timed_steps": 40, "every_steps": 10},
 NUM_WORKERS, BATCH_PER_WORKER, IMAGE_PX = 2, 32, 32
 
 
-def _timed_uploads(train_module, log: list) -> None:
-    """Wrap `rn50.train._upload_with_retries` so each upload appends (start_s, end_s) to `log`."""
-    original = train_module._upload_with_retries
-
-    def wrapped(storage_context):
-        upload = original(storage_context)
-
-        def timed(checkpoint, dir_name):
-            start_s = time.perf_counter()
-            try:
-                return upload(checkpoint, dir_name)
-            finally:
-                log.append((start_s, time.perf_counter()))
-        return timed
-    train_module._upload_with_retries = wrapped
-
-
 def worker_loop(loop_config: dict) -> None:
     """The train_loop_per_worker: warm-up steps, then timed steps that checkpoint when due."""
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from rn50.core import checkpoint as ckpt
-    from rn50.distributed import worker as train_module
     from rn50.config import Config
     from rn50.core.engine import build_optimizer, train_one_epoch
     from rn50.core.model import build_model
     from rn50.core.schedule import build_scheduler
+    from rn50.core.training_state import TrainingState
+    from rn50.distributed.worker import report
 
     config, sizes = Config.from_dict(loop_config["config"]), loop_config["sizes"]
     rank = ray.train.get_context().get_world_rank()
@@ -77,7 +61,7 @@ def worker_loop(loop_config: dict) -> None:
                            generator=generator),
              torch.randint(0, 10, (BATCH_PER_WORKER,), generator=generator), 0)
     uploads: list[tuple[float, float]] = []
-    _timed_uploads(train_module, uploads)
+    state = TrainingState(model, optimizer, scheduler)
     steps: list[dict] = []
     mark = [time.perf_counter()]
 
@@ -85,9 +69,9 @@ def worker_loop(loop_config: dict) -> None:
         timed_index = steps_done - sizes["warmup_steps"]
         saves = timed_index > 0 and timed_index % sizes["every_steps"] == 0
         if saves:
-            state = ckpt.rank0_training_state(rank, model, optimizer, scheduler, None, 0,
-                                              steps_done, config.to_dict())
-            train_module._report({"steps_done": steps_done}, state, rank)
+            report({"steps_done": steps_done},
+                   state.snapshot(rank, 0, steps_done, config.to_dict()), rank,
+                   on_upload=lambda start_s, end_s: uploads.append((start_s, end_s)))
         now = time.perf_counter()
         if timed_index > 0:
             steps.append({"start_s": mark[0], "end_s": now, "saves": saves})
@@ -132,6 +116,7 @@ def run_benchmark(quick: bool) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rn50.distributed.ray_setup import init_ray
     from rn50.io import storage
     from rn50.config import load_config
     from rn50.io.local_servers import S3Server
@@ -146,7 +131,7 @@ def run_benchmark(quick: bool) -> dict:
     config = load_config("demo", ["train.ema_decay=0", "train.compile=false"])
     filesystem, storage_path = storage.resolve_storage(f"s3://{server.bucket}/ckpt-steps")
     try:
-        ray.init(address="local", num_cpus=NUM_WORKERS)
+        init_ray(NUM_WORKERS, exact=True)
         trainer = TorchTrainer(
             worker_loop, train_loop_config={"config": config.to_dict(), "sizes": sizes,
                                             "out_path": str(work / "steps.json")},

@@ -103,8 +103,7 @@ def real_jpeg_batches(shard_root: Path, config: Config, px: int, steps: int,
     preset = DeviceDecodePreset(config.data) if decode_on_device else train_transform(config.data)
     dataset = ParquetDataset(shard_root, "train", preset, num_classes=1)
     set_train_crop_px(dataset, px)
-    loader = build_loader(dataset, config.train.global_batch_size, 0, 1, 0, 0, True,
-                          loader_workers=os.cpu_count() or 1)
+    loader = build_loader(dataset, config.train.global_batch_size, rank=0, world_size=1, seed=0, epoch=0, train=True, loader_workers=os.cpu_count() or 1)
     if len(loader) < steps + 1:
         raise SystemExit(f"--images gives {len(loader)} batches of {config.train.global_batch_size}"
                          f"; the real-JPEG figure needs {steps + 1}: raise --images")

@@ -70,8 +70,7 @@ def loader_pass(shard_root: Path, crop_px: int, epoch: int) -> tuple[int, float,
     from benchmarks.pipeline import data_config
     dataset = ParquetDataset(shard_root, "train", train_transform(data_config(crop_px)),
                              num_classes=1)
-    loader = build_loader(dataset, BATCH_SIZE, 0, 1, 0, epoch, True,
-                          loader_workers=DECODE_PROCESSES)
+    loader = build_loader(dataset, BATCH_SIZE, rank=0, world_size=1, seed=0, epoch=epoch, train=True, loader_workers=DECODE_PROCESSES)
     return _consume(batch[0] for batch in loader)
 
 
@@ -90,7 +89,9 @@ def run_benchmark(paths: list[Path], crop_px: int, passes: int, rows: int) -> di
     """Prepare 16 shards of `rows` rows cycling through `paths`, time both sides `passes` times
     each, return the figures."""
     import ray
+
     from benchmarks.pipeline import write_prepared_shard
+    from rn50.distributed.ray_setup import init_ray
     work = Path(tempfile.mkdtemp(prefix="rn50-raydata-"))
     # Ray's workers must import `benchmarks.ray_data_vs_loader` to unpickle `decode_batch`.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
@@ -101,7 +102,7 @@ def run_benchmark(paths: list[Path], crop_px: int, passes: int, rows: int) -> di
     try:
         cycled = [paths[i % len(paths)] for i in range(rows)]
         shard_root, _ = write_prepared_shard(cycled, work / "shards", num_shards=16)
-        ray.init(address="local", num_cpus=DECODE_PROCESSES)
+        init_ray(DECODE_PROCESSES, exact=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
         for epoch in range(passes + 1):  # pass 0 of each side is an untimed warm-up
             for name, run_pass in (("loader", loader_pass), ("ray_data", ray_data_pass)):

@@ -13,7 +13,7 @@ barrier -> N steps -> end, its wall time taken as the max over ranks. Nothing Ra
 inside it (the project's loop calls Ray only at checkpoints, none per step), so the ratio is the
 per-step cost of running under Ray: its processes beside the workers, its worker setup, hooks.
 The sides alternate (plain, ray, plain, ray, ...) and each side's median is reported. Ray is
-started (`rn50.driver.init_ray`, as a real run does: dashboard on) and shut down around every Ray
+started (`rn50.distributed.ray_setup.init_ray`, as a real run does: dashboard on) and shut down around every Ray
 repeat, so its daemons do not slow the plain runs. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -65,8 +65,7 @@ def _endless_batches(train_set, config: Config, rank: int, world_size: int):
     """This rank's training batches, epoch after epoch, as the project's loader deals them."""
     batch_per_worker = config.train.global_batch_size // world_size
     for epoch in itertools.count():
-        yield from build_loader(train_set, batch_per_worker, rank, world_size, config.train.seed,
-                                epoch, True, config.data.loader_workers)
+        yield from build_loader(train_set, batch_per_worker, rank=rank, world_size=world_size, seed=config.train.seed, epoch=epoch, train=True, loader_workers=config.data.loader_workers)
 
 
 def worker_body(config_dict: dict, warmup_steps: int, timed_steps: int) -> dict:
@@ -143,14 +142,14 @@ def run_ray(config: Config, sizes: dict) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rn50.distributed.driver import init_ray
+    from rn50.distributed.ray_setup import init_ray
     threads = str(THREADS_PER_WORKER)
     # Ray's processes inherit this environment: they must import `benchmarks.ray_overhead` to
     # unpickle `_ray_worker` when this module was imported (from run.py) rather than run.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
                                                              os.environ.get("PYTHONPATH")]))
     start_s = time.perf_counter()
-    init_ray(config)  # the project's helper: local Ray with num_cpus = workers x CPUs (here 2)
+    init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)  # as a real run does
     init_s = time.perf_counter() - start_s
     storage = tempfile.mkdtemp(prefix="rn50-ray-overhead-")
     try:

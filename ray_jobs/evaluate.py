@@ -5,7 +5,6 @@ With `--workers N` (N > 1) the set is split into N shards evaluated as Ray tasks
 or the cluster in RAY_ADDRESS, e.g. under `ray job submit`); with 1 it runs here, without Ray.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ def ray_map(cpus: float, gpus: float):
     """A shard mapper that runs each shard as a Ray task."""
     import ray
 
-    if not ray.is_initialized():
-        # Join RAY_ADDRESS if set; never attach to some other local cluster by accident.
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
+    from rn50.distributed.ray_setup import init_ray
+    init_ray()
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(evaluate.evaluate_shard_job)
     return lambda spec, shards: ray.get([task.remote(spec, i, n) for i, n in shards])
 

@@ -164,16 +164,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class FaultsConfig:
-    raise_at_epoch: int = -1
-    """Testing aid: raise an error on rank 0 once at the start of this epoch; -1 disables it."""
-    kill_at_step: int = -1
-    """Testing aid: SIGKILL the highest-rank worker process once at this global step; -1 disables it."""
-    marker_path: str = ""
-    """File created when the injected fault fires, so it fires only once across restarts."""
-
-
-@dataclass
 class TrackingConfig:
     experiment: str = "rn50"
     """MLflow experiment name."""
@@ -192,7 +182,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod

@@ -1,77 +1,67 @@
-"""Checkpoint files: the whole training state in `state.pt`, plus a `manifest.json` written last.
+"""Checkpoints in storage: writing, uploading, verifying, choosing what to resume, downloading.
 
-The manifest lists every file's size and SHA-256. A checkpoint directory without a manifest, or
-whose files do not match it, was cut short (a worker died mid-write, an upload broke) and is never
-loaded. Loading uses `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
+A checkpoint is a folder with the whole training state in `state.pt` and a `manifest.json`,
+written last, listing every file's size and SHA-256. A folder without a manifest, or whose files
+do not match it, was cut short (a worker died mid-write, an upload broke) and is never loaded.
+Loading uses `torch.load(weights_only=True)`, so a checkpoint cannot execute code. Every function
+takes a local path or an s3:// URI (or a pyarrow filesystem and path).
 
     python -m rn50.checkpoint fingerprint CHECKPOINT   # SHA-256 of the model weights
     python -m rn50.checkpoint verify CHECKPOINT        # files match the manifest?
     python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified
-(local paths or s3:// URIs)
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import random
+import logging
+import os
+import posixpath
 import re
+import shutil
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
+import pyarrow.fs as pafs
 import torch
-import torch.distributed as dist
+
+from rn50.core.training_state import fingerprint_weights
+from rn50.io import storage
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-
-
+UPLOAD_ATTEMPTS = 6  # 2+4+8+16+30 s of back-off: rides out a storage restart of ~1 minute
+READ_ATTEMPTS = 4    # 2+4+8 s: a passing read error is retried, never taken for a bad checkpoint
 # Ray names checkpoint folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff> (sorting is chronological);
 # the same run folder also holds checkpoint_manager_snapshot.json, which is not one.
 CHECKPOINT_DIR_NAME = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
+
+log = logging.getLogger(__name__)
+Location = tuple[pafs.FileSystem, str]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
 
 
-def _sha256_file(path: Path) -> str:
+def _locate(where: str | Path | Location) -> Location:
+    if isinstance(where, tuple):
+        return (where[0] or pafs.LocalFileSystem()), where[1].rstrip("/")
+    return storage.filesystem_and_path(str(where).rstrip("/"))
+
+
+def _sha256(filesystem: pafs.FileSystem, path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states as plain tensors/lists (loadable with weights_only)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {"python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-            "torch": torch.get_rng_state()}
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`."""
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every worker's RNG states in rank order (a collective when torch.distributed is set up)."""
-    state = capture_rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
@@ -82,7 +72,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[
     torch.save(state, state_path)
     manifest = {"format_version": FORMAT_VERSION, "summary": summary,
                 "files": {STATE_FILE: {"size": state_path.stat().st_size,
-                                       "sha256": _sha256_file(state_path)}}}
+                                       "sha256": _sha256(pafs.LocalFileSystem(), str(state_path))}}}
     # Written last and atomically: its presence means every file above is complete.
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -90,146 +80,193 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[
     return directory
 
 
-def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Return the manifest if every file matches it; raise CheckpointError saying what is wrong."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST_FILE}: it was not finished")
+def verify(where: str | Path | Location, hashes: bool = True) -> dict[str, Any]:
+    """The manifest, if every file is there at its size (and SHA-256, unless `hashes=False`, the
+    cheap check run before Ray records an upload); else CheckpointError saying what is wrong.
+    Storage errors other than a missing file are raised as they are (OSError): retry those."""
+    filesystem, path = _locate(where)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        with filesystem.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
+            manifest = json.loads(stream.read())
         files = manifest["files"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {directory} has an unreadable manifest: {err}") from None
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {directory} is missing {name}")
-        if path.stat().st_size != expected["size"]:
-            raise CheckpointError(f"checkpoint {directory}: {name} is {path.stat().st_size} bytes, "
-                                  f"the manifest says {expected['size']} (truncated?)")
-        if _sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {directory}: {name} does not match its SHA-256 "
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST_FILE}: it was not finished") \
+            from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable manifest: {err}") from None
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
+    for (name, expected), info in zip(files.items(), infos):
+        if info.type != pafs.FileType.File:
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if info.size != expected["size"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is {info.size} bytes, the manifest "
+                                  f"says {expected['size']} (truncated?)")
+        if hashes and _sha256(filesystem, info.path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its SHA-256 "
                                   "(altered or corrupted)")
     return manifest
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify and load a checkpoint's state dict (weights_only, so no code runs)."""
-    verify_checkpoint(directory)
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Verify and load a local checkpoint's state dict (weights_only, so no code runs)."""
+    verify(Path(directory))
     try:
-        return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+        return torch.load(Path(directory) / STATE_FILE, map_location=map_location,
+                          weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
         raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from None
 
 
-def training_state(model, optimizer, scheduler, ema, epoch: int, steps_done: int,
-                   config_dict: dict, extra: dict | None = None, scaler=None,
-                   rng_per_rank: list[dict] | None = None) -> dict[str, Any]:
-    """Everything a bit-exact resume needs, after `steps_done` optimizer steps of `epoch`.
-
-    `rng_per_rank` holds every worker's RNG states (gathered by the caller, rank order); without
-    it, this process's states stand for rank 0."""
-    from rn50.core.model import unwrap
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "epoch": epoch, "steps_done": steps_done, "config": config_dict,
-            "rng": rng_per_rank or [capture_rng_state()], **(extra or {})}
-
-
-def rank0_training_state(rank: int, model, optimizer, scheduler, ema, epoch: int,
-                         steps_done: int, config_dict: dict, extra: dict | None = None,
-                         scaler=None) -> dict[str, Any] | None:
-    """`training_state` with every rank's RNG states, on rank 0 (None elsewhere). A collective:
-    every rank must call it at the same step."""
-    rng_per_rank = gather_rng_states()
-    if rank != 0:
-        return None
-    return training_state(model, optimizer, scheduler, ema, epoch, steps_done, config_dict, extra,
-                          scaler=scaler, rng_per_rank=rng_per_rank)
-
-
-def apply_training_state(state: dict[str, Any], model, optimizer, scheduler, ema,
-                         steps_per_epoch: int, scaler=None, rank: int = 0) -> tuple[int, int]:
-    """Load `state` into the live objects (RNGs: this rank's); return (epoch, step) to continue from."""
-    from rn50.core.model import unwrap
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    # Older checkpoints hold one dict; a resume on more workers than saved reuses states cyclically.
-    rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    restore_rng_state(rng_states[rank % len(rng_states)])
-    steps_done = state.get("steps_done", steps_per_epoch)
-    if steps_done >= steps_per_epoch:
-        return state["epoch"] + 1, 0
-    return state["epoch"], steps_done
-
-
-def fingerprint_weights(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def verify_remote(uri: str) -> dict[str, Any]:
-    """Like `verify_checkpoint` for a local path or s3:// checkpoint, streaming each file."""
-    from rn50.io import storage
-    try:
-        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST_FILE)))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {uri} has no {MANIFEST_FILE}: it was not finished") from None
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {uri} has an unreadable manifest: {err}") from None
-    for name, expected in manifest.get("files", {}).items():
+def _with_retries(what: str, action: Callable, attempts: int):
+    """`action()`, retried with back-off on OSError (a storage blip); CheckpointError is final."""
+    for attempt in range(1, attempts + 1):
         try:
-            data = storage.read_bytes(storage.join(uri, name))
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {uri} is missing {name}") from None
-        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {uri}: {name} does not match its manifest "
-                                  f"({len(data)} bytes, manifest says {expected['size']})")
-    return manifest
+            return action()
+        except CheckpointError:
+            raise
+        except OSError as err:
+            if attempt == attempts:
+                raise
+            delay_s = min(2 ** attempt, 30)
+            log.warning("%s failed (attempt %d/%d): %s; retrying in %d s", what, attempt,
+                        attempts, err, delay_s)
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
 
 
-def check_uploaded(filesystem, path: str) -> None:
-    """Cheap check of an uploaded copy: manifest readable, every file there at its manifest size.
+def upload_with_retries(upload: Callable[[], Location], name: str,
+                        attempts: int = UPLOAD_ATTEMPTS) -> Location:
+    """Run `upload()` (which returns where the copy landed) until the copy verifies cheaply.
 
-    Run before Ray is told about a checkpoint, so older ones are pruned only once a newer copy is
-    complete in storage (a full SHA-256 pass would mean downloading it again)."""
-    import pyarrow.fs as pafs
+    A retry rewrites the same folder; a copy torn by an outage is never loaded because its files
+    do not match the manifest. The caller records the checkpoint (and prunes older ones) only
+    after this returns, so the last good checkpoint outlives a failed upload."""
+    def attempt() -> Location:
+        landed = upload()
+        try:
+            verify(landed, hashes=False)
+        except CheckpointError as err:  # torn by the outage: upload again
+            raise OSError(str(err)) from err
+        return landed
+    return _with_retries(f"checkpoint upload {name}", attempt, attempts)
+
+
+def checkpoints_newest_first(run: str | Location, also: tuple[str, ...] = ()) -> list[str]:
+    """Every `checkpoint_*` folder of a run in storage (plus `also`), newest first."""
+    filesystem, run_dir = _locate(run)
+    listing = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    paths = {info.path.rstrip("/") for info in listing if info.type == pafs.FileType.Directory
+             and CHECKPOINT_DIR_NAME.match(posixpath.basename(info.path.rstrip("/")))}
+    paths.update(path.rstrip("/") for path in also)
+    return sorted(paths, key=posixpath.basename, reverse=True)
+
+
+def _load_from(filesystem: pafs.FileSystem, path: str) -> dict[str, Any]:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return load_checkpoint(path)
+    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as local:
+        pafs.copy_files(path, local, source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return load_checkpoint(local)
+
+
+def load_newest_good(run: str | Location, also: tuple[str, ...] = ()
+                     ) -> tuple[str | None, dict | None]:
+    """(path, state) of the run's newest checkpoint whose files match its manifest.
+
+    Storage, not only Ray's record, is the source: a checkpoint uploaded moments before a crash
+    may never have reached the controller, and it is still the newest complete state. A broken
+    checkpoint is named and skipped; a read error is retried, and raised if it persists (falling
+    back to an older checkpoint over a passing error would silently cost work)."""
+    filesystem, _ = _locate(run)
+    candidates = checkpoints_newest_first(run, also)
+    for path in candidates:
+        try:
+            return path, _with_retries(f"reading checkpoint {path}",
+                                       lambda path=path: _load_from(filesystem, path), READ_ATTEMPTS)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+    if candidates:
+        raise CheckpointError(f"no checkpoint of this run verifies (newest: {candidates[0]}); "
+                              "start a fresh run with a new --name, or fix the storage")
+    return None, None
+
+
+def load_state(path: str | Location) -> dict[str, Any]:
+    """Load one checkpoint (local or in storage), retrying passing read errors."""
+    filesystem, where = _locate(path)
+    return _with_retries(f"reading checkpoint {where}", lambda: _load_from(filesystem, where),
+                         READ_ATTEMPTS)
+
+
+def cache_root() -> Path:
+    """Where downloaded checkpoints are kept: $RN50_CACHE or ~/.cache/rn50."""
+    return Path(os.environ.get("RN50_CACHE") or "~/.cache/rn50").expanduser()
+
+
+def find_checkpoint(uri: str) -> str:
+    """`uri` if it is a checkpoint folder, else the newest finished `checkpoint_*` inside it."""
+    uri = uri.rstrip("/")
+    names = storage.list_dir(uri)
+    if MANIFEST_FILE in names:
+        return uri
+    for name in sorted((n for n in names if CHECKPOINT_DIR_NAME.match(n)), reverse=True):
+        if storage.exists(storage.join(uri, name, MANIFEST_FILE)):
+            return storage.join(uri, name)
+    what = "is empty or does not exist" if not names else "holds no finished checkpoint"
+    raise CheckpointError(f"{uri} {what}: pass a checkpoint directory (…/checkpoint_*, with "
+                          f"{MANIFEST_FILE} and {STATE_FILE}), a run directory holding some, or "
+                          "an MLflow model URI (runs:/<run id>/model)")
+
+
+def download(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A verified local checkpoint folder for `uri`; s3:// ones are copied to a cache once."""
+    uri = find_checkpoint(uri)
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        verify(path)
+        return path
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "checkpoints"
+    # A finished checkpoint never changes (its manifest is written last), so the URI is the key.
+    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
+    if dest.is_dir():
+        try:
+            verify(dest)
+            return dest
+        except CheckpointError as err:
+            log.warning("re-downloading %s: cached copy is bad (%s)", uri, err)
+            shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    part.mkdir()  # copy_files writes into the folder but does not create it
+    filesystem, path = storage.resolve_storage(uri)
     try:
-        with filesystem.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
-            files = json.loads(stream.read())["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"uploaded checkpoint {path} has no readable manifest: {err}") from None
-    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
-    for (name, expected), info in zip(files.items(), infos):
-        if info.type != pafs.FileType.File or info.size != expected["size"]:
-            raise CheckpointError(f"uploaded checkpoint {path}: {name} is {info.size} bytes in "
-                                  f"storage, the manifest says {expected['size']}")
+        try:
+            _with_retries(f"downloading {uri}", lambda: pafs.copy_files(
+                path, str(part), source_filesystem=filesystem,
+                destination_filesystem=pafs.LocalFileSystem()), READ_ATTEMPTS)
+        except OSError as err:
+            raise storage.StorageError(f"copying {uri} to {part} failed ({err}): check the S3 "
+                                       "credentials/endpoint and that the disk has room") from err
+        verify(part)
+        try:
+            os.replace(part, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process (a Ray task) finished it first
+                raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return dest
 
 
 def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
     """One row per `checkpoint_*` of a run: name, epoch, steps, size, val_top1, verified."""
-    from rn50.io import storage
     rows = []
     for name in sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n)):
-        uri = storage.join(run_uri, name)
         row = {"checkpoint": name, "epoch": None, "steps_done": None, "size_mb": None,
                "val_top1": None, "verified": "yes"}
         try:
-            manifest = verify_remote(uri)
+            manifest = verify(storage.join(run_uri, name))
         except CheckpointError as err:
             row["verified"] = f"NO: {err}"
         else:
@@ -239,22 +276,6 @@ def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
                        size_mb=round(sum(f["size"] for f in manifest["files"].values()) / 2**20, 1))
         rows.append(row)
     return rows
-
-
-def _load_any(uri: str) -> dict[str, Any]:
-    """Load a local or s3:// checkpoint (an S3 one is copied to a temporary folder first)."""
-    if not uri.startswith("s3://"):
-        return load_checkpoint(uri)
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from rn50.io import storage
-    filesystem, path = storage.resolve_storage(uri)
-    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as local:
-        pafs.copy_files(path, local, source_filesystem=filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
-        return load_checkpoint(local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['checkpoint']}  epoch={row['epoch']} steps={row['steps_done']} "
                       f"size_mb={row['size_mb']} val_top1={top1} verified={row['verified']}")
         elif args.command == "verify":
-            print(f"OK {args.uri} {json.dumps(verify_remote(args.uri)['summary'])}")
+            print(f"OK {args.uri} {json.dumps(verify(args.uri)['summary'])}")
         else:
-            print(fingerprint_weights(_load_any(args.uri)["model"]))
-    except CheckpointError as err:
+            print(fingerprint_weights(load_state(args.uri)["model"]))
+    except (CheckpointError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

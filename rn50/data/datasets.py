@@ -209,6 +209,11 @@ class ParquetDataset(Dataset):
     def __len__(self) -> int:
         return self._len
 
+    def row_group_ranges(self) -> list[range]:
+        """The global row indices of each row group, in storage order (what a streaming sampler
+        deals out: a row group is read once, front to back)."""
+        return [range(start, end) for start, end in zip(self._starts, [*self._starts[1:], self._len])]
+
     def _row_group(self, entry: int) -> tuple[list, list]:
         if self._pid != os.getpid():  # forked into a DataLoader worker: never share handles
             self._reset()

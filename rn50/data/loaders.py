@@ -35,35 +35,54 @@ def _fixed_subset(dataset: Dataset, limit: int) -> Dataset:
     return Subset(dataset, sorted(order[:limit].tolist()))
 
 
+def _prepared_root(data_cfg) -> Path:
+    """The folder holding `data_cfg`'s class folders, writing the digits / Imagenette cache first."""
+    root = Path(os.path.expanduser(data_cfg.root))
+    if data_cfg.dataset == "digits":
+        return prepare_digits(root)
+    if data_cfg.dataset == "imagenette":
+        return prepare_imagenette(root, data_cfg.imagenette_size_px)
+    if data_cfg.dataset == "imagefolder":
+        return root
+    raise DataError(f"unknown data.dataset {data_cfg.dataset!r}")
+
+
+def build_val_dataset(data_cfg, classes: list[str] | None = None) -> Dataset:
+    """The validation split `data_cfg` describes, exactly as training evaluates it (uint8 out).
+
+    `classes` (the training set's) fixes the label order; without it the split's own is used.
+    `max_val_samples` takes a fixed shuffled subset (a plain prefix of a class-sorted folder would
+    be a single class)."""
+    transform = val_transform(data_cfg)
+    if data_cfg.dataset == "parquet":
+        val = ParquetDataset(data_cfg.root, "val", transform, num_classes=data_cfg.num_classes)
+    else:
+        val = ImageFolderDataset(_prepared_root(data_cfg), "val", transform, classes=classes)
+    if len(val.classes) != data_cfg.num_classes:
+        raise DataError(f"the validation data at {data_cfg.root} has {len(val.classes)} classes "
+                        f"but data.num_classes is {data_cfg.num_classes}: point data.root at the "
+                        f"data set the model was trained on, or set data.num_classes")
+    return _fixed_subset(val, data_cfg.max_val_samples)
+
+
 def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
     """Train and val datasets (uint8 tensors out) and the class names for `data_cfg`.
 
-    `max_val_samples` also takes a fixed shuffled subset (a plain prefix of a class-sorted folder
-    would be a single class). Digits are written at 32 px regardless of the crop (the source is
-    8 px), so one cache serves every recipe.
-    """
+    Digits are written at 32 px regardless of the crop (the source is 8 px), so one cache serves
+    every recipe."""
     train_tf = DeviceDecodePreset(data_cfg) if data_cfg.decode_on_device else \
         train_transform(data_cfg)
-    val_tf, kind = val_transform(data_cfg), data_cfg.dataset
-    root = Path(os.path.expanduser(data_cfg.root))
-    if kind == "parquet":
+    if data_cfg.dataset == "parquet":
         train = ParquetDataset(data_cfg.root, "train", train_tf, num_classes=data_cfg.num_classes)
-        val = ParquetDataset(data_cfg.root, "val", val_tf, num_classes=data_cfg.num_classes)
-    elif kind in ("digits", "imagefolder", "imagenette"):
-        if kind == "digits":
-            root = prepare_digits(root)
-        elif kind == "imagenette":
-            root = prepare_imagenette(root, data_cfg.imagenette_size_px)
-        train = ImageFolderDataset(root, "train", train_tf)
-        val = ImageFolderDataset(root, "val", val_tf, classes=train.classes)
     else:
-        raise DataError(f"unknown data.dataset {kind!r}")
+        train = ImageFolderDataset(_prepared_root(data_cfg), "train", train_tf)
     names = [IMAGENETTE_SYNSETS.get(c, c) for c in train.classes]
     if len(names) != data_cfg.num_classes:
         raise DataError(f"the data set has {len(names)} classes but data.num_classes is "
                         f"{data_cfg.num_classes}; set data.num_classes={len(names)}")
-    return (_fixed_subset(train, data_cfg.max_train_samples),
-            _fixed_subset(val, data_cfg.max_val_samples), names)
+    val = build_val_dataset(data_cfg, classes=None if data_cfg.dataset == "parquet"
+                            else train.classes)
+    return _fixed_subset(train, data_cfg.max_train_samples), val, names
 
 
 def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:
@@ -154,15 +173,15 @@ class RowGroupSampler(Sampler):
     """
 
     def __init__(self, dataset: ParquetDataset, rank: int, world_size: int, seed: int, epoch: int):
-        ends = [*dataset._starts[1:], len(dataset)]
-        order = torch.randperm(len(ends), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        groups = dataset.row_group_ranges()
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
         per_rank = [order[r::world_size].tolist() for r in range(world_size)]
-        self.length = min(sum(ends[g] - dataset._starts[g] for g in groups) for groups in per_rank)
+        self.length = min(sum(len(groups[g]) for g in dealt) for dealt in per_rank)
         self.indices = []
         for group in per_rank[rank]:
-            rows = torch.randperm(ends[group] - dataset._starts[group],
+            rows = torch.randperm(len(groups[group]),
                                   generator=torch.Generator().manual_seed(_mix(seed, epoch, group)))
-            self.indices += (rows + dataset._starts[group]).tolist()
+            self.indices += (rows + groups[group].start).tolist()
         self.indices = self.indices[:self.length]
 
     def __iter__(self):
@@ -172,7 +191,7 @@ class RowGroupSampler(Sampler):
         return self.length
 
 
-def build_loader(dataset: Dataset, batch_size_per_worker: int, rank: int, world_size: int,
+def build_loader(dataset: Dataset, batch_size_per_worker: int, *, rank: int, world_size: int,
                  seed: int, epoch: int, train: bool, loader_workers: int = 0,
                  skip_batches: int = 0) -> DataLoader:
     """This rank's loader for one epoch: train shuffles by (seed, epoch) and drops the ragged tail

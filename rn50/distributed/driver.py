@@ -7,7 +7,6 @@ the `RESULT` summary. Running it again with the same name and storage resumes th
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import ray
@@ -20,22 +19,11 @@ from rn50.io import storage
 from rn50.io import tracking
 from rn50.config import Config
 from rn50.core.model import build_model
+from rn50.distributed.contexts import RunContext
+from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
-
-
-def init_ray(config: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    # A local Ray sized explicitly: workers × CPUs, never fewer than the machine has.
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
-    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1))
 
 
 def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
@@ -48,21 +36,22 @@ def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
 def _final_model(result_checkpoint, config: Config):
     """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
     with result_checkpoint.as_directory() as directory:
-        manifest = ckpt.verify_checkpoint(directory)
+        manifest = ckpt.verify(directory)
         state = ckpt.load_checkpoint(directory)
     model = build_model(config.model, config.data.num_classes)
     model.load_state_dict(state["model"])
     return model.eval(), manifest["summary"]
 
 
-def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict,
+def build_trainer(run: RunContext, name: str, storage_uri: str,
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run: scaling, storage, failure handling and checkpoint retention."""
+    config = run.config
     filesystem, storage_path = storage.resolve_storage(storage_uri)
     threads = str(config.train.torch_threads)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=run,  # typed: the worker receives this RunContext as its argument
         # gloo, not Ray's NCCL default for GPU workers: a node may advertise a GPU that torch
         # cannot see (fake clusters, broken drivers); _wrap_ddp adds NCCL where CUDA is real.
         torch_config=TorchConfig(backend="gloo"),
@@ -79,14 +68,15 @@ def build_trainer(config: Config, name: str, storage_uri: str, loop_config: dict
                                              "MKL_NUM_THREADS": threads}}))
 
 
-def _fit_surviving_storage_outages(config: Config, name: str, storage_uri: str, loop_config: dict):
+def fit_surviving_storage_outages(run: RunContext, name: str, storage_uri: str):
     """`TorchTrainer.fit()`, started again from the newest checkpoint if the Train controller
     dies (it writes its state to storage after every report, so a storage outage kills it)."""
-    for attempt in range(config.checkpoint.max_failures + 1):
+    max_failures = run.config.checkpoint.max_failures
+    for attempt in range(max_failures + 1):
         try:
-            return build_trainer(config, name, storage_uri, loop_config).fit()
+            return build_trainer(run, name, storage_uri).fit()
         except ray.train.ControllerError as err:
-            if attempt == config.checkpoint.max_failures:
+            if attempt == max_failures:
                 raise
             logger.warning("Train controller failed (%s); waiting for storage, then resuming",
                            str(err).splitlines()[0])
@@ -111,20 +101,19 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
     """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
-    run_key = f"{storage_uri.rstrip('/')}/{name}"
     run_id, resumed = tracking.start_or_resume_run(
-        config, tracking_uri, run_key, name,
+        config, tracking_uri, storage.run_uri(storage_uri, name), name,
         tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
               "torch_version": torch.__version__, "num_workers": str(config.scaling.num_workers),
               "device_type": "gpu" if config.scaling.use_gpu else "cpu",
               "storage": storage.describe_storage(storage_uri)})
     print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
           f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
-    init_ray(config)
-    loop_config = {"config": config.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
+    init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
     start = time.time()
     try:
-        result = _fit_surviving_storage_outages(config, name, storage_uri, loop_config)
+        result = fit_surviving_storage_outages(RunContext(config, tracking_uri, run_id), name,
+                                               storage_uri)
     except Exception:
         tracking.finish_run(tracking_uri, run_id, succeeded=False)
         raise

@@ -19,7 +19,9 @@ from rn50.io import storage
 from rn50.io import tracking
 from rn50.search_space import SweepSpec
 from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
+from rn50.distributed.contexts import RunContext, SweepContext
 from rn50.distributed.driver import build_trainer
+from rn50.distributed.ray_setup import init_ray
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -42,47 +44,45 @@ def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
     return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
 
 
-def train_trial(params: dict, spec: SweepSpec, sweep: dict) -> None:
+def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
     """Tune trainable: train one trial's config with Ray Train, logging to a child MLflow run."""
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
-    config = spec.trial_config(params, sweep["overrides"])
+    config = spec.trial_config(params, list(sweep.overrides))
     run_id, _ = tracking.start_or_resume_run(
-        config, sweep["tracking_uri"], f"{sweep['run_key']}/{trial_id}", context.get_trial_name(),
-        tags={"mlflow.parentRunId": sweep["parent_run_id"], "rn50.trial_id": trial_id,
-              "rn50.sweep": sweep["name"]})
-    trainer = build_trainer(config, f"{sweep['name']}-{trial_id}",
-                            storage.join(sweep["storage"], sweep["name"], "trials"),
-                            {"config": config.to_dict(), "tracking_uri": sweep["tracking_uri"],
-                             "mlflow_run_id": run_id},
+        config, sweep.tracking_uri, sweep.trial_key(trial_id), context.get_trial_name(),
+        tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
+              "rn50.sweep": sweep.name})
+    trainer = build_trainer(RunContext(config, sweep.tracking_uri, run_id),
+                            f"{sweep.name}-{trial_id}", sweep.trials_storage,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
-    tracking.finish_run(sweep["tracking_uri"], run_id, succeeded=True)
+    tracking.finish_run(sweep.tracking_uri, run_id, succeeded=True)
 
 
-def _tuner(spec: SweepSpec, sweep: dict, concurrency: int) -> ray.tune.Tuner:
+def _tuner(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.Tuner:
     # The trial driver only waits on its TorchTrainer: it reserves a little memory but no CPU, so
     # a trial's CPUs all go to its training workers (Tune refuses an all-zero request).
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_trial, spec=spec, sweep=sweep),
         {"CPU": 0, "memory": 256 * 1024 * 1024})
-    filesystem, storage_path = storage.resolve_storage(sweep["storage"])
-    run_config = ray.tune.RunConfig(name=sweep["name"], storage_path=storage_path,
+    filesystem, storage_path = storage.resolve_storage(sweep.storage_uri)
+    run_config = ray.tune.RunConfig(name=sweep.name, storage_path=storage_path,
                                     storage_filesystem=filesystem)
-    restore_path = os.path.join(storage_path, sweep["name"])
+    restore_path = os.path.join(storage_path, sweep.name)
     if ray.tune.Tuner.can_restore(restore_path, storage_filesystem=filesystem):
-        print(f"[rn50] resuming sweep '{sweep['name']}' from {restore_path}", flush=True)
+        print(f"[rn50] resuming sweep '{sweep.name}' from {restore_path}", flush=True)
         return ray.tune.Tuner.restore(restore_path, trainable, resume_errored=True,
                                       storage_filesystem=filesystem, param_space=param_space(spec))
     return ray.tune.Tuner(trainable, param_space=param_space(spec), run_config=run_config,
                           tune_config=_tune_config(spec, sweep, concurrency))
 
 
-def _tune_config(spec: SweepSpec, sweep: dict, concurrency: int) -> ray.tune.TuneConfig:
+def _tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.TuneConfig:
     scheduler = None
     if spec.asha is not None:
         # One Tune iteration is one reported epoch, so grace and max_t are in epochs.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep["epochs"],
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                   grace_period=spec.asha.grace_period_epochs,
                                   reduction_factor=spec.asha.reduction_factor)
     if spec.search == "optuna":
@@ -140,21 +140,20 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
 
 def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
-    from rn50.distributed.driver import init_ray
     overrides = list(overrides or [])
     storage.preflight(storage_uri)
     base = spec.base_config(overrides)
     tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)
-    run_key = f"{storage_uri.rstrip('/')}/{name}"
     parent_id, resumed = tracking.start_or_resume_run(
-        base, tracking_uri, run_key, name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
+        base, tracking_uri, storage.run_uri(storage_uri, name), name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
                                                  "ray_version": ray.__version__})
     if not resumed:
         tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
     print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)
-    init_ray(base)
-    sweep = {"name": name, "storage": storage_uri, "overrides": overrides, "run_key": run_key,
-             "tracking_uri": tracking_uri, "parent_run_id": parent_id, "epochs": base.train.epochs}
+    init_ray(base.scaling.num_workers * base.scaling.cpus_per_worker)
+    sweep = SweepContext(name=name, storage_uri=storage_uri, overrides=tuple(overrides),
+                         tracking_uri=tracking_uri, parent_run_id=parent_id,
+                         epochs=base.train.epochs)
     concurrency = max_concurrent_trials(spec, overrides)
     print(f"[rn50] sweep '{name}': at most {concurrency} trial(s) at once", flush=True)
     results = _tuner(spec, sweep, concurrency).fit()

@@ -187,7 +187,13 @@ def join(storage: str, *parts: str) -> str:
     return "/".join([storage.rstrip("/"), *pieces])
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def run_uri(storage: str, name: str) -> str:
+    """Where run (or sweep) `name` lives in `storage`; also its key in MLflow."""
+    return join(storage, name)
+
+
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or s3:// URI; local paths get a LocalFileSystem."""
     filesystem, path = resolve_storage(uri)
     return filesystem or pafs.LocalFileSystem(), path
 
@@ -206,7 +212,7 @@ def _call(uri: str, action):
 
 def read_bytes(uri: str) -> bytes:
     """The contents of the file at `uri` (local path or s3:// URI)."""
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_and_path(uri)
 
     def read() -> bytes:
         with filesystem.open_input_stream(path) as stream:
@@ -216,7 +222,7 @@ def read_bytes(uri: str) -> bytes:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri`, replacing it; local parent directories are created."""
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_and_path(uri)
 
     def write() -> None:
         if isinstance(filesystem, pafs.LocalFileSystem):
@@ -228,13 +234,13 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def exists(uri: str) -> bool:
     """Whether a file or directory exists at `uri`."""
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_and_path(uri)
     return _call(uri, lambda: filesystem.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def list_dir(uri: str) -> list[str]:
     """Sorted names (not paths) directly under `uri`; [] if it does not exist."""
-    filesystem, path = _filesystem(uri)
+    filesystem, path = filesystem_and_path(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
     infos = _call(uri, lambda: filesystem.get_file_info(selector))
     return sorted(info.base_name for info in infos)

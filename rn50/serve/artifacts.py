@@ -8,23 +8,19 @@ normalized float NCHW input; its run's `recipe.yaml` supplies the class count an
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 from torch import nn
 
 from rn50.io import storage
-from rn50.core.checkpoint import CheckpointError, MANIFEST_FILE, load_checkpoint, verify_checkpoint
+from rn50.core.checkpoint import CheckpointError, download, load_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
 from rn50.data.datasets import DataError
 from rn50.data.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
@@ -59,66 +55,6 @@ class LoadedModel:
     def model(self) -> nn.Module:
         """The bare network (normalized float NCHW in, logits out), in eval mode."""
         return self.classifier.model
-
-
-def cache_root() -> Path:
-    """Where downloaded checkpoints are kept: $RN50_CACHE or ~/.cache/rn50."""
-    return Path(os.environ.get("RN50_CACHE") or "~/.cache/rn50").expanduser()
-
-
-def find_checkpoint(uri: str) -> str:
-    """`uri` if it is a checkpoint directory, else the newest `checkpoint_*` inside it."""
-    uri = uri.rstrip("/")
-    names = storage.list_dir(uri)
-    if MANIFEST_FILE in names:
-        return uri
-    # Ray names checkpoints checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: sorted is chronological.
-    for name in sorted((n for n in names if n.startswith("checkpoint_")), reverse=True):
-        if storage.exists(storage.join(uri, name, MANIFEST_FILE)):
-            return storage.join(uri, name)
-    what = "is empty or does not exist" if not names else "holds no finished checkpoint"
-    raise ArtifactError(f"{uri} {what}: pass a checkpoint directory (…/checkpoint_*, with "
-                        f"{MANIFEST_FILE} and state.pt), a run directory holding some, or an "
-                        "MLflow model URI (runs:/<run id>/model)")
-
-
-def download_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """A verified local checkpoint directory for `uri`; s3:// ones are copied to a cache once."""
-    uri = find_checkpoint(uri)
-    if not uri.startswith("s3://"):
-        path = Path(uri).expanduser()
-        verify_checkpoint(path)
-        return path
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "checkpoints"
-    # A finished checkpoint never changes (its manifest is written last), so the URI is the key.
-    dest = root / hashlib.sha256(uri.encode()).hexdigest()[:16] / uri.rsplit("/", 1)[-1]
-    if dest.is_dir():
-        try:
-            verify_checkpoint(dest)
-            return dest
-        except CheckpointError as err:
-            log.warning("re-downloading %s: cached copy is bad (%s)", uri, err)
-            shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-    part.mkdir()  # copy_files writes into the folder but does not create it
-    filesystem, path = storage.resolve_storage(uri)
-    try:
-        try:
-            pafs.copy_files(path, str(part), source_filesystem=filesystem,
-                            destination_filesystem=pafs.LocalFileSystem())
-        except OSError as err:
-            raise storage.StorageError(f"copying {uri} to {part} failed ({err}): check the S3 "
-                                       "credentials/endpoint and that the disk has room") from err
-        verify_checkpoint(part)
-        try:
-            os.replace(part, dest)
-        except OSError:
-            if not dest.is_dir():  # else another process (a Ray task) finished it first
-                raise
-    finally:
-        shutil.rmtree(part, ignore_errors=True)
-    return dest
 
 
 def imagenet_names() -> list[str]:
@@ -159,7 +95,7 @@ def _config(raw: dict, overrides: list[str]) -> Config:
 
 
 def _from_checkpoint(uri: str, ema: bool, overrides: list[str]) -> LoadedModel:
-    directory = download_checkpoint(uri)
+    directory = download(uri)
     state = load_checkpoint(directory)
     config = _config(state["config"], overrides)
     if ema and state.get("ema") is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,13 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from rn50.serve.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
 from rn50.serve.artifacts import load_model
-from rn50.data.loaders import _fixed_subset
-from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
+from rn50.data.loaders import build_val_dataset
+from rn50.data.datasets import DataError
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
 from rn50.serve.inference import normalize
-from rn50.data.small_datasets import prepare_digits, prepare_imagenette
-from rn50.data.transforms import val_transform
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +55,6 @@ class ShardResult:
     skipped: int = 0
     seconds: float = 0.0
     mistakes: list[Mistake] = field(default_factory=list)
-
-
-def build_val_dataset(data_cfg) -> Dataset:
-    """The validation split `data_cfg` describes (as training evaluated it), uint8 tensors out."""
-    transform = val_transform(data_cfg)
-    if data_cfg.dataset == "parquet":
-        dataset = ParquetDataset(data_cfg.root, "val", transform,
-                                 num_classes=data_cfg.num_classes)
-    else:
-        root = Path(os.path.expanduser(data_cfg.root))
-        if data_cfg.dataset == "digits":
-            root = prepare_digits(root)
-        elif data_cfg.dataset == "imagenette":
-            root = prepare_imagenette(root, data_cfg.imagenette_size_px)
-        dataset = ImageFolderDataset(root, "val", transform)
-    if len(dataset.classes) != data_cfg.num_classes:
-        raise DataError(f"the validation data at {data_cfg.root} has {len(dataset.classes)} "
-                        f"classes but the model has {data_cfg.num_classes}: point data.root at "
-                        "the data set the model was trained on")
-    return _fixed_subset(dataset, data_cfg.max_val_samples)
 
 
 def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, config,

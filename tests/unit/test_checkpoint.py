@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from rn50.core.checkpoint import (CheckpointError, apply_training_state, capture_rng_state,
-                             check_uploaded, fingerprint_weights, load_checkpoint, main,
-                             rank0_training_state, restore_rng_state, save_checkpoint,
-                             training_state)
+from rn50.core.checkpoint import CheckpointError, load_checkpoint, main, save_checkpoint, verify
+from rn50.core.training_state import (TrainingState, capture_rng_state, fingerprint_weights,
+                                      restore_rng_state)
 from rn50.config import ModelConfig
 from rn50.core.model import build_model
 
@@ -96,8 +95,9 @@ def test_each_rank_gets_back_its_own_rng_states(rank):
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = training_state(model, optimizer, scheduler, None, 0, 3, {}, rng_per_rank=per_rank)
-    apply_training_state(state, model, optimizer, scheduler, None, steps_per_epoch=8, rank=rank)
+    training = TrainingState(model, optimizer, scheduler)
+    state = training.state_dict(0, 3, {}, rng_per_rank=per_rank)
+    training.restore(state, steps_per_epoch=8, rank=rank)
     assert _draws() == expected[rank]
 
 
@@ -106,11 +106,12 @@ def test_a_checkpoint_with_one_rng_dict_still_resumes():
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = training_state(model, optimizer, scheduler, None, 1, 8, {})
+    training = TrainingState(model, optimizer, scheduler)
+    state = training.state_dict(1, 8, {})
     state["rng"] = _seeded_rng_state(5)
     restore_rng_state(state["rng"])
     expected = _draws()
-    assert apply_training_state(state, model, optimizer, scheduler, None, 8, rank=1) == (2, 0)
+    assert training.restore(state, 8, rank=1) == (2, 0)
     assert _draws() == expected
 
 
@@ -144,24 +145,118 @@ def test_uploaded_copy_is_checked_against_its_manifest(tmp_path):
     import pyarrow.fs as pafs
     local = pafs.LocalFileSystem()
     save_checkpoint(tmp_path / "c", {"model": {"w": torch.ones(1000)}}, {})
-    check_uploaded(local, str(tmp_path / "c"))
+    verify((local, str(tmp_path / "c")), hashes=False)
     state_file = tmp_path / "c" / "state.pt"
     state_file.write_bytes(state_file.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="state.pt is 100 bytes"):
-        check_uploaded(local, str(tmp_path / "c"))
+        verify((local, str(tmp_path / "c")), hashes=False)
     (tmp_path / "c" / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="no readable manifest"):
-        check_uploaded(local, str(tmp_path / "c"))
+    with pytest.raises(CheckpointError, match="not finished"):
+        verify((local, str(tmp_path / "c")), hashes=False)
 
 
-def test_rank0_training_state_is_taken_on_rank_0_only():
+def test_snapshot_is_taken_on_rank_0_only():
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    assert rank0_training_state(1, model, optimizer, scheduler, None, 0, 3, {}) is None
+    training = TrainingState(model, optimizer, scheduler)
+    assert training.snapshot(1, 0, 3, {}) is None
     torch.manual_seed(4)
     expected = capture_rng_state()
-    state = rank0_training_state(0, model, optimizer, scheduler, None, 0, 3, {"a": 1},
-                                 extra={"class_names": ["x"]})
+    state = training.snapshot(0, 0, 3, {"a": 1}, extra={"class_names": ["x"]})
     assert state["steps_done"] == 3 and state["class_names"] == ["x"] and len(state["rng"]) == 1
     assert torch.equal(state["rng"][0]["torch"], expected["torch"])
+
+
+def _run_with_three_checkpoints(run):
+    """A run folder with checkpoints at steps 1, 2 and 3 (names sort by time, as Ray's do)."""
+    paths = []
+    for step in (1, 2, 3):
+        path = run / f"checkpoint_2026-01-01_00-00-0{step}.000001"
+        save_checkpoint(path, {"model": {"w": torch.full((100,), float(step))}, "step": step},
+                        {"epoch": 0, "steps_done": step})
+        paths.append(path)
+    return paths
+
+
+def test_resume_picks_the_newest_checkpoint_that_verifies(tmp_path, caplog):
+    from rn50.core.checkpoint import load_newest_good
+    first, second, third = _run_with_three_checkpoints(tmp_path / "run")
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")  # not a checkpoint
+    chosen, state = load_newest_good(str(tmp_path / "run"))
+    assert chosen == str(third) and state["step"] == 3
+    (third / "state.pt").write_bytes((third / "state.pt").read_bytes()[:50])  # torn
+    chosen, state = load_newest_good(str(tmp_path / "run"))
+    assert chosen == str(second) and state["step"] == 2
+    assert f"skipping checkpoint {third}" in caplog.text
+    assert load_newest_good(str(tmp_path / "empty")) == (None, None)
+    for path in (first, second):
+        (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint of this run verifies"):
+        load_newest_good(str(tmp_path / "run"))
+
+
+def _flaky_filesystem(failures: int):
+    """A real pyarrow filesystem over the local disk whose first `failures` opens for reading
+    raise OSError, as a storage blip does."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    class FlakyHandler(pafs.FSSpecHandler):
+        def __init__(self):
+            super().__init__(fsspec.filesystem("file"))
+            self.failures, self.opens = failures, 0
+
+        def _maybe_fail(self):
+            self.opens += 1
+            if self.failures > 0:
+                self.failures -= 1
+                raise OSError("connection reset by peer (injected)")
+
+        def open_input_stream(self, path):
+            self._maybe_fail()
+            return super().open_input_stream(path)
+
+        def open_input_file(self, path):
+            self._maybe_fail()
+            return super().open_input_file(path)
+
+    handler = FlakyHandler()
+    return pafs.PyFileSystem(handler), handler
+
+
+def test_a_passing_read_error_is_retried_not_taken_for_a_bad_checkpoint(tmp_path, monkeypatch):
+    """A read error on the newest checkpoint must not fall back to an older one (lost work)."""
+    from rn50.core import checkpoint as ckpt
+    _, _, third = _run_with_three_checkpoints(tmp_path / "run")
+    monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)  # the back-off, not the behaviour
+    filesystem, handler = _flaky_filesystem(failures=2)
+    chosen, state = ckpt.load_newest_good((filesystem, str(tmp_path / "run")))
+    assert chosen == str(third) and state["step"] == 3 and handler.opens > 2
+    handler.failures = 10_000  # a read error that persists is raised, not skipped over
+    with pytest.raises(OSError, match="injected"):
+        ckpt.load_newest_good((filesystem, str(tmp_path / "run")))
+
+
+def test_upload_is_retried_until_the_copy_verifies(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from rn50.core import checkpoint as ckpt
+    monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)
+    source = save_checkpoint(tmp_path / "src", {"model": {"w": torch.ones(1000)}}, {})
+    dest, attempts = tmp_path / "dest", []
+
+    def upload():
+        attempts.append(1)
+        import shutil
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+        if len(attempts) == 1:  # the first copy is torn by an outage
+            (dest / "state.pt").write_bytes((source / "state.pt").read_bytes()[:10])
+        if len(attempts) == 2:
+            raise OSError("S3 unreachable (injected)")
+        return pafs.LocalFileSystem(), str(dest)
+    assert ckpt.upload_with_retries(upload, "c") == (pafs.LocalFileSystem(), str(dest))
+    assert len(attempts) == 3
+    verify(dest)
+    with pytest.raises(OSError):
+        ckpt.upload_with_retries(lambda: (_ for _ in ()).throw(OSError("down")), "c", attempts=2)

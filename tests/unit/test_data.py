@@ -98,8 +98,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert images.shape == (1, 3, 16, 20) and labels.dtype == torch.int64 and skipped == 1
     assert collate_skip_corrupt([None])[2] == 1
     dataset.transform = lambda image: torch.zeros(3, 8, 8, dtype=torch.uint8)
-    loader = build_loader(dataset, 4, rank=0, world_size=1, seed=0, epoch=0, train=False,
-                          loader_workers=0)
+    loader = build_loader(dataset, 4, rank=0, world_size=1, seed=0, epoch=0, train=False, loader_workers=0)
     batches = list(loader)
     assert sum(b[2] for b in batches) == 2 and sum(len(b[1]) for b in batches) == 10
 
@@ -205,7 +204,7 @@ class _Indexed(Dataset):
 
 
 def _epoch(rank, epoch, seed=0, world_size=2, train=True, workers=0, dataset=None):
-    loader = build_loader(dataset or _Indexed(), 5, rank, world_size, seed, epoch, train, workers)
+    loader = build_loader(dataset or _Indexed(), 5, rank=rank, world_size=world_size, seed=seed, epoch=epoch, train=train, loader_workers=workers)
     batches = list(loader)
     return torch.cat([b[1] for b in batches]).tolist(), torch.cat([b[0] for b in batches])
 
@@ -257,5 +256,5 @@ def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
         assert groups == sorted(groups, key=groups.index)
     assert orders[0] == list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=3))
     assert orders[0] != list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=4))
-    loader = build_loader(dataset, 2, 0, 2, 0, 3, True)
+    loader = build_loader(dataset, 2, rank=0, world_size=2, seed=0, epoch=3, train=True)
     assert isinstance(loader.sampler, RowGroupSampler)

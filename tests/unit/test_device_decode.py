@@ -80,7 +80,7 @@ def test_garbage_is_skipped_before_it_reaches_the_device(tmp_path):
                 (folder / f"{i}.jpg").write_bytes(_photo_jpeg(i + (label == "b") * 10))
     (tmp_path / "train" / "a" / "bad.jpg").write_bytes(b"not an image")
     train_set, val_set, _ = build_datasets(config.data)
-    batches = list(build_loader(train_set, 7, 0, 1, 0, 0, True))
+    batches = list(build_loader(train_set, 7, rank=0, world_size=1, seed=0, epoch=0, train=True))
     assert len(batches) == 1 and batches[0][2] == 1 and len(batches[0][0]) == 6
     assert isinstance(val_set[0][0], torch.Tensor)  # validation decodes on the CPU as before
 
@@ -97,7 +97,7 @@ def test_loader_with_workers_is_deterministic_and_trains(tmp_path):
 
     def first_epoch_images(workers: int) -> list[torch.Tensor]:
         return [batch.decode(labels, torch.device("cpu"))[0] for batch, labels, _ in
-                build_loader(train_set, 32, 0, 1, 0, 0, True, loader_workers=workers)]
+                build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True, loader_workers=workers)]
     with_workers, in_process = first_epoch_images(2), first_epoch_images(0)
     assert len(with_workers) == 3
     assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process))
@@ -106,6 +106,6 @@ def test_loader_with_workers_is_deterministic_and_trains(tmp_path):
                           nn.Linear(8, 10))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, 3, 1, config.schedule)
-    stats = train_one_epoch(model, build_loader(train_set, 32, 0, 1, 0, 0, True), optimizer,
+    stats = train_one_epoch(model, build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True), optimizer,
                             scheduler, None, torch.device("cpu"), config)
     assert stats.images == 96 and stats.skipped_images == 0 and np.isfinite(stats.loss)

@@ -3,7 +3,7 @@ GPU-path switch, run here on CPU) changes nothing a checkpoint or the numbers ca
 import torch
 from torch import nn
 
-from rn50.core.checkpoint import apply_training_state, training_state
+from rn50.core.training_state import TrainingState
 from rn50.config import Config
 from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                          train_one_epoch)
@@ -66,7 +66,7 @@ def test_compiled_model_trains_the_same_and_checkpoints_bare_weights():
     assert abs(compiled_losses[0] - eager_losses[0]) < 1e-3
     optimizer = build_optimizer(compiled, config)
     scheduler = build_scheduler(optimizer, 8, 1, config.schedule)
-    state = training_state(compiled, optimizer, scheduler, None, 0, 8, config.to_dict())
+    state = TrainingState(compiled, optimizer, scheduler).state_dict(0, 8, config.to_dict())
     assert set(state["model"]) == set(eager.state_dict())  # no `_orig_mod.` prefixes
     assert maybe_compile(eager, False) is eager
 
@@ -82,11 +82,12 @@ def test_fp16_loss_scaler_trains_and_its_state_survives_a_checkpoint():
                             config, scaler=scaler)
     assert stats.loss == stats.loss  # finite, not NaN
     assert scaler.get_scale() == 1024.0 * 2 ** 4  # 8 finite steps, growth every 2
-    state = training_state(model, optimizer, scheduler, None, 0, 8, config.to_dict(), scaler=scaler)
+    state = TrainingState(model, optimizer, scheduler, scaler=scaler).state_dict(
+        0, 8, config.to_dict())
     restored = torch.amp.GradScaler("cpu", init_scale=1.0)
-    apply_training_state(state, _tiny_model(), build_optimizer(_tiny_model(), config),
-                         build_scheduler(optimizer, 8, 1, config.schedule), None, 8,
-                         scaler=restored)
+    fresh = _tiny_model()
+    TrainingState(fresh, build_optimizer(fresh, config),
+                  build_scheduler(optimizer, 8, 1, config.schedule), scaler=restored).restore(state, 8)
     assert restored.get_scale() == scaler.get_scale()
 
 

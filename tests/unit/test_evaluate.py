@@ -28,7 +28,7 @@ def prepared(checkpoint):
 def test_counts_match_the_training_loops_evaluation(prepared):
     loaded, dataset = prepared
     assert len(dataset) == 96
-    expected = engine_evaluate(loaded.model, build_loader(dataset, 32, 0, 1, 0, 0, False),
+    expected = engine_evaluate(loaded.model, build_loader(dataset, 32, rank=0, world_size=1, seed=0, epoch=0, train=False),
                                torch.device("cpu"))
     got = metrics(evaluate_shard(loaded.model, dataset, batch_size=32))
     assert got["images"] == 96
