@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.results import write_result  # noqa: E402
 from rn50.core.checkpoint import save_checkpoint  # noqa: E402
 from rn50.core.training_state import capture_rng_state  # noqa: E402
 from rn50.config import ModelConfig  # noqa: E402
@@ -79,24 +80,44 @@ def upload_times(directory: Path) -> dict:
     return {"upload_pyarrow_s": pyarrow_s, "upload_boto3_s": boto3_s}
 
 
-MARKS = ("SIGKILL to worker", "resumed from")  # log lines whose arrival times we want
+def _kill_a_worker_after_first_checkpoint(job: subprocess.Popen, run_dir: Path) -> float | None:
+    """SIGKILL one Ray Train worker (by pid, from outside) once the run's first mid-epoch
+    checkpoint has landed; return when (perf_counter seconds), or None if the run ended first."""
+    import psutil
+    while job.poll() is None:
+        for manifest in run_dir.glob("checkpoint_2*/manifest.json"):
+            try:
+                steps = json.loads(manifest.read_text())["summary"].get("steps_done", 0)
+            except (OSError, ValueError, KeyError):
+                continue
+            workers = [p for p in psutil.Process(job.pid).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            if steps and workers:
+                workers[-1].kill()
+                return time.perf_counter()
+        time.sleep(0.05)
+    return None
 
 
-def _timed_run(args: list[str]) -> tuple[float, dict[str, float]]:
-    """Run the job; return its wall seconds and when (seconds from start) each MARKS line came."""
+def _timed_run(args: list[str], kill_in: Path | None = None) -> tuple[float, dict[str, float]]:
+    """Run the job (killing a worker once if `kill_in`, its run folder, is given); return its
+    wall seconds and when (seconds from start) the kill and the resume happened."""
+    import threading
     marks: dict[str, float] = {}
     start = time.perf_counter()
     with subprocess.Popen([sys.executable, "ray_jobs/train_full.py", *args], cwd=REPO, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}) as job:
+        if kill_in is not None:
+            threading.Thread(target=lambda: marks.update(
+                {"kill": (_kill_a_worker_after_first_checkpoint(job, kill_in) or start) - start}),
+                daemon=True).start()
         for line in job.stdout:  # read as it streams: the arrival time is the measurement
-            for mark in MARKS:
-                if mark in line and mark not in marks:
-                    marks[mark] = time.perf_counter() - start
+            if "resumed from" in line and "resumed" not in marks:
+                marks["resumed"] = time.perf_counter() - start
     if job.returncode != 0:
         raise RuntimeError(f"train_full.py {' '.join(args)} exited {job.returncode}")
     return time.perf_counter() - start, marks
-
 
 
 def kill_overhead() -> dict:
@@ -110,12 +131,14 @@ def kill_overhead() -> dict:
               "optim.lr_reference_batch_size=32", "tracking.log_model=false",
               "checkpoint.every_steps=3", f"tracking.uri=sqlite:///{tmp / 'm.db'}"]
     straight_s, _ = _timed_run(["--name", "straight", "--storage", str(tmp / "runs"), *common])
-    killed_s, marks = _timed_run(["--name", "killed", "--storage", str(tmp / "runs"), *common,
-                                  "faults.kill_at_step=13", f"faults.marker_path={tmp / 'marker'}"])
+    killed_s, marks = _timed_run(["--name", "killed", "--storage", str(tmp / "runs"), *common],
+                                 kill_in=tmp / "runs" / "killed")
     shutil.rmtree(tmp, ignore_errors=True)
+    if "resumed" not in marks or not marks.get("kill"):
+        raise RuntimeError("the worker kill did not happen before the run ended; nothing measured")
     return {"straight_run_s": straight_s, "killed_run_s": killed_s,
             "kill_recovery_overhead_s": killed_s - straight_s,
-            "kill_to_resumed_s": marks["resumed from"] - marks["SIGKILL to worker"]}
+            "kill_to_resumed_s": marks["resumed"] - marks["kill"]}
 
 
 def main() -> None:
@@ -133,7 +156,9 @@ def main() -> None:
         figures.update(kill_overhead())
     for key, value in figures.items():
         print(f"{key:28s} {value:10.2f}")
-    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
+    rounded = {k: round(v, 3) for k, v in figures.items()}
+    print(json.dumps(rounded))
+    write_result("checkpoint_costs", rounded)
 
 
 if __name__ == "__main__":

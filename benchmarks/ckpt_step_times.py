@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results import write_result  # noqa: E402
+
 SIZES = {"quick": {"warmup_steps": 5, "timed_steps": 40, "every_steps": 10},
          "full": {"warmup_steps": 5, "timed_steps": 90, "every_steps": 15}}
 NUM_WORKERS, BATCH_PER_WORKER, IMAGE_PX = 2, 32, 32
@@ -156,7 +158,9 @@ def main() -> None:
     figures = run_benchmark(parser.parse_args().quick)
     for key, value in figures.items():
         print(f"{key:26s} {value if value is None else round(value, 4)}")
-    print(json.dumps({k: v if v is None else round(v, 4) for k, v in figures.items()}))
+    rounded = {k: v if v is None else round(v, 4) for k, v in figures.items()}
+    print(json.dumps(rounded))
+    write_result("ckpt_step_times" + ("-quick" if parser.parse_args().quick else ""), rounded)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.results import write_result  # noqa: E402
 from rn50.data.loaders import build_loader  # noqa: E402
 from rn50.data.datasets import ParquetDataset, _decode, image_bytes  # noqa: E402
 from rn50.data.transforms import normalize, train_transform  # noqa: E402
@@ -137,7 +138,9 @@ def main() -> None:
     figures = run_benchmark(paths, args.crop_px, *((2, 2000) if args.quick else (3, 8000)))
     for key, value in figures.items():
         print(f"{key:40s} {round(value, 3)}")
-    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
+    rounded = {k: round(v, 3) for k, v in figures.items()}
+    print(json.dumps(rounded))
+    write_result("ray_data_vs_loader" + ("-quick" if args.quick else ""), rounded)
 
 
 if __name__ == "__main__":

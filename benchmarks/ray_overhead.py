@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from benchmarks.results import write_result  # noqa: E402
 from rn50.config import Config, load_config  # noqa: E402
 from rn50.data.loaders import build_datasets, build_loader  # noqa: E402
 from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
@@ -336,7 +337,11 @@ def main() -> None:
                         help=f"training workers x 1 thread (default {NUM_WORKERS}: every core; "
                              "1 leaves a core to Ray's own processes, as a GPU node has)")
     args = parser.parse_args()
-    print(json.dumps(run_benchmark(args.quick, args.repeats, args.timed_steps, args.workers)))
+    figures = run_benchmark(args.quick, args.repeats, args.timed_steps, args.workers)
+    print(json.dumps(figures))
+    suffix = ("-quick" if args.quick else "") + \
+        (f"-workers{args.workers}" if args.workers != NUM_WORKERS else "")
+    write_result(f"ray_overhead{suffix}", figures)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rn50.core import checkpoint as ckpt
-from rn50.io import storage
-from rn50.io import tracking
+from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.core.model import build_model
 from rn50.distributed.contexts import RunContext
@@ -88,13 +87,15 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
     """Block until the storage preflight passes again (or raise after `timeout_s`)."""
     deadline = time.time() + timeout_s
     while True:
+        # A storage that just failed a write often passes one probe while still flapping: give
+        # it a few seconds before the next probe and before a new controller relies on it.
+        time.sleep(5)
         try:
             storage.preflight(storage_uri)
             return
         except storage.StorageError:
             if time.time() > deadline:
                 raise
-            time.sleep(5)
 
 
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
@@ -109,6 +110,11 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
               "storage": storage.describe_storage(storage_uri)})
     print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
           f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
+    backup_problem = mlflow_backup.failed_backup_note()
+    if backup_problem:  # where the operator looks: the console and the run itself
+        logger.error("%s; fix it before `ray down`, or this run's tracking can be lost",
+                     backup_problem)
+        tracking.set_tags(tracking_uri, run_id, {"rn50.mlflow_backup_error": backup_problem})
     init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
     start = time.time()
     try:

@@ -3,6 +3,7 @@ trial's learning curve, a table of trials and the best config as a recipe YAML."
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,14 @@ class TrialRecord:
         return (max if mode == "max" else min)(values) if values else None
 
 
-def _figure_png(figure) -> bytes:
+PLOTTED_POINTS_KEY = "rn50:points"  # PNG text chunk: the (x, y) data the scatter drew
+
+
+def _figure_png(figure, metadata: dict[str, str] | None = None) -> bytes:
     import matplotlib.pyplot as plt
     buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, metadata=metadata)
     plt.close(figure)
     return buffer.getvalue()
 
@@ -56,7 +60,10 @@ def plane_png(records: list[TrialRecord], metric: str, mode: str,
     axis.set_xlabel(x_key)
     axis.set_ylabel(y_key)
     axis.set_title(f"{metric} per trial (red edge: stopped by ASHA)")
-    return _figure_png(figure)
+    # What was drawn, read back from the plot itself, so a reader (or a test) can check the
+    # picture against the trials without guessing from pixels.
+    drawn = [[float(x), float(y)] for c in axis.collections for x, y in c.get_offsets()]
+    return _figure_png(figure, {PLOTTED_POINTS_KEY: json.dumps(drawn)})
 
 
 def curves_png(records: list[TrialRecord], metric: str) -> bytes:

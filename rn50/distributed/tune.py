@@ -97,18 +97,31 @@ def _tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.
                                scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit)
 
 
+def trial_status(result, epochs: int) -> str:
+    """How a trial ended, read from Tune's own record of it: its error, else whether the last
+    result Tune logged for it carries Tune's `done` flag before the last epoch (set when the
+    scheduler decides STOP; a trial that runs to its end never has it on an earlier epoch)."""
+    if result.error:
+        return "errored"
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return "errored"
+    last = frame.iloc[-1]
+    if bool(last.get("done", False)) and int(last["training_iteration"]) < epochs:
+        return "stopped_by_asha"
+    return "completed"
+
+
 def _records(results, spec: SweepSpec, epochs: int) -> list[TrialRecord]:
     records = []
     for result in results:
         frame = result.metrics_dataframe
         history = [] if frame is None or spec.metric not in frame else \
             list(zip(frame["epoch"].astype(int), frame[spec.metric].astype(float)))
-        status = "errored" if result.error else \
-            "completed" if history and history[-1][0] >= epochs - 1 else "stopped_by_asha"
         params = {key: result.config[key] for key in spec.space}
         checkpoint = (result.metrics or {}).get("checkpoint_path", "")
         records.append(TrialRecord(result.metrics.get("trial_id", "?") if result.metrics else "?",
-                                   params, status, history, checkpoint))
+                                   params, trial_status(result, epochs), history, checkpoint))
     return records
 
 

@@ -7,12 +7,19 @@ taken with sqlite's online backup API, which is consistent while the server writ
     python -m rn50.mlflow_backup restore --db ~/mlflow/mlflow.db --backup s3://B/rn50/mlflow.db
     python -m rn50.mlflow_backup backup  --db ~/mlflow/mlflow.db --backup s3://B/rn50/mlflow.db
     python -m rn50.mlflow_backup loop --every-s 900 --db ... --backup ...
+    python -m rn50.mlflow_backup status --db ~/mlflow/mlflow.db   # exit 1 if the last one failed
+
+Every attempt writes `<db>.backup-status.json` beside the database. A failed backup is logged as
+an error, the status file says so (and `status` exits non-zero, a health check), and the next
+training run started on this head tags its MLflow run with it (`RN50_MLFLOW_BACKUP_STATUS`).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -81,9 +88,40 @@ def _check_sqlite(path: Path) -> None:
         raise ValueError(f"{path} failed sqlite's integrity check ({result}); refusing to restore")
 
 
+def status_path(db: Path) -> Path:
+    """Where the outcome of the last backup attempt of `db` is written."""
+    return db.with_name(db.name + ".backup-status.json")
+
+
+def _write_status(db: Path, uri: str, error: str, failures: int) -> None:
+    status = {"ok": not error, "uri": uri, "error": error, "consecutive_failures": failures,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    status_path(db).write_text(json.dumps(status))
+
+
+def read_status(path: Path | str) -> dict | None:
+    """The last backup status written at `path`, or None when there is none (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def failed_backup_note() -> str:
+    """A one-line description of a failed last backup, from $RN50_MLFLOW_BACKUP_STATUS (set on
+    the cluster head), or "" when it succeeded or nothing says otherwise."""
+    status = read_status(os.environ.get("RN50_MLFLOW_BACKUP_STATUS", "")) \
+        if os.environ.get("RN50_MLFLOW_BACKUP_STATUS") else None
+    if not status or status.get("ok"):
+        return ""
+    return (f"the MLflow backup to {status.get('uri')} has failed "
+            f"{status.get('consecutive_failures')} time(s) in a row, last at {status.get('time')}:"
+            f" {status.get('error')}")
+
+
 def loop(db: Path, uri: str, every_s: float, rounds: int = 0) -> None:
     """Back up every `every_s` seconds when the database changed; `rounds` > 0 stops after N."""
-    last, done = None, 0
+    last, done, failures = None, 0, 0
     while not rounds or done < rounds:
         done += 1
         try:
@@ -91,21 +129,50 @@ def loop(db: Path, uri: str, every_s: float, rounds: int = 0) -> None:
             if digest is not None and digest != last:
                 last = backup(db, uri)
                 log.info("backed up %s to %s (sha256 %s)", db, uri, last[:12])
-        except Exception as err:  # a transient S3 error must not end the backups for good
-            log.warning("backup of %s to %s failed, retrying next round: %s", db, uri, err)
+            failures = 0
+            _write_status(db, uri, "", 0)
+        except Exception as err:  # noqa: BLE001 - keep trying, but loudly and on the record
+            failures += 1
+            log.error("backup of %s to %s FAILED (%d in a row): %s", db, uri, failures, err)
+            _write_status(db, uri, str(err) or type(err).__name__, failures)
         if not rounds or done < rounds:
             time.sleep(every_s)
 
 
+def check(db: Path, max_age_s: float) -> tuple[bool, str]:
+    """(healthy, message): the last backup attempt succeeded and is at most `max_age_s` old."""
+    path = status_path(db)
+    status = read_status(path)
+    if status is None:
+        return False, f"no backup status at {path}: is the backup loop running?"
+    age_s = time.time() - path.stat().st_mtime
+    if not status["ok"]:
+        return False, f"last backup FAILED ({status['consecutive_failures']} in a row): " \
+            f"{status['error']}"
+    if age_s > max_age_s:
+        return False, f"last backup attempt was {age_s:.0f} s ago (> {max_age_s:.0f} s): " \
+            "is the backup loop running?"
+    return True, f"last backup OK at {status['time']} to {status['uri']}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """CLI: restore, backup, loop, status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("restore", "backup", "loop"))
+    parser.add_argument("action", choices=("restore", "backup", "loop", "status"))
     parser.add_argument("--db", required=True, type=Path, help="the MLflow sqlite file")
-    parser.add_argument("--backup", required=True, help="s3://bucket/key or a local path")
+    parser.add_argument("--backup", help="s3://bucket/key or a local path (not for status)")
     parser.add_argument("--every-s", type=float, default=900.0, help="loop period in seconds")
+    parser.add_argument("--max-age-s", type=float, default=2000.0,
+                        help="status: how old the last attempt may be (default ~2 periods)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     db = args.db.expanduser()
+    if args.action == "status":
+        healthy, message = check(db, args.max_age_s)
+        print(message, file=sys.stdout if healthy else sys.stderr)
+        return 0 if healthy else 1
+    if not args.backup:
+        parser.error(f"{args.action} needs --backup s3://bucket/key (or a local path)")
     try:
         if args.action == "restore":
             restore(db, args.backup)

@@ -15,15 +15,12 @@ import pytest
 from PIL import Image
 
 from rn50.io.local_servers import free_ports, log_tail
+from tests.browser import launch
 from tests.model_helpers import digits_config, random_image, write_checkpoint
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 NAMES = [f"digit {d}" for d in range(10)]
 
 
@@ -126,12 +123,9 @@ def test_oversized_uploads_are_refused_by_the_server(demo, tmp_path):
 
 @pytest.fixture
 def page():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (CI installs it)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                             headless=True)
+        browser = launch(playwright)
         try:
             yield browser.new_page()
         finally:

@@ -12,7 +12,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from rn50.serve.artifacts import download_checkpoint, load_model
+from rn50.core.checkpoint import download
+from rn50.serve.artifacts import load_model
 from rn50.serve.evaluate import build_parser, build_val_dataset, evaluate_shard, metrics, run_from_args
 from tests.model_helpers import digits_config, write_checkpoint
 
@@ -35,7 +36,7 @@ def test_ray_workers_evaluate_an_s3_checkpoint_and_log_to_mlflow(tmp_path, s3_en
     local = write_checkpoint(tmp_path / "run" / "checkpoint_2026-01-01_00-00-00.000000", config)
     run_uri = _upload_dir(s3_env, tmp_path / "run", "eval-runs/run1")
     monkeypatch.setenv("RN50_CACHE", str(tmp_path / "cache"))
-    cached = download_checkpoint(run_uri)  # the run dir on S3 resolves to its checkpoint
+    cached = download(run_uri)  # the run dir on S3 resolves to its checkpoint
     assert (cached / "state.pt").read_bytes() == (local / "state.pt").read_bytes()
     expected = metrics(evaluate_shard(load_model(str(local)).model,
                                       build_val_dataset(config.data)))

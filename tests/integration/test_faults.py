@@ -1,91 +1,174 @@
-"""The fault matrix on real processes: a SIGKILLed worker, a corrupt checkpoint, a killed driver.
+"""The fault matrix on real processes: a SIGKILLed worker, altered and corrupt checkpoints, a
+killed driver, a Train controller that fails.
 
 Composer-style: a run interrupted and resumed must end with weights bit-identical to the same run
 left alone, compared by the SHA-256 fingerprint of every tensor (`python -m rn50.checkpoint`).
+Every fault comes from outside the product: a process killed by pid, files changed in storage.
+The negative controls show the comparison can fail: a resume one batch off, or without the
+optimizer and RNG state, must end with different weights.
 """
 import os
+import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+import torch
 
-from tests.integration.jobs import REPO, run_job
-
-STEPS_PER_EPOCH = 8  # 256 images / global batch 32
-
-
-def common(tmp: Path, epochs: int = 2) -> list[str]:
-    """Two workers, 8 steps per epoch, a checkpoint every 3 steps and at each epoch end."""
-    return [f"data.root={tmp / 'digits'}", f"train.epochs={epochs}", "data.max_train_samples=256",
-            "data.max_val_samples=64", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
-            "checkpoint.every_steps=3", "checkpoint.keep_last=3",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
-
-
-def fingerprint(checkpoint: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "rn50.core.checkpoint", "fingerprint", checkpoint],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
-    return proc.stdout.strip()
+from rn50.core.checkpoint import load_checkpoint, save_checkpoint
+from tests.integration.faults import (STEPS_PER_EPOCH, common, fingerprint, kill_job, result_of,
+                                      start_job, summaries, train_worker_pids, wait_until)
+from tests.integration.jobs import run_job
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The reference: the same run, never interrupted."""
     tmp = tmp_path_factory.mktemp("faults")
-    code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"), *common(tmp)])
+    code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
+                                    *common(tmp)])
     assert code == 0, output[-4000:]
     return tmp, result
 
 
-def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight):
-    tmp, reference = straight
-    code, output, result = run_job(["--name", "killed", "--storage", str(tmp / "runs"), *common(tmp),
-                                    f"faults.kill_at_step={STEPS_PER_EPOCH + 5}",
-                                    f"faults.marker_path={tmp / 'kill.marker'}"])
+def _mid_epoch_checkpoint(run_dir, epoch: int, steps_done: int):
+    return next(run_dir / name for name, summary in summaries(run_dir).items()
+                if summary.get("epoch") == epoch and summary.get("steps_done") == steps_done)
+
+
+def _resume_from_copy(tmp, name: str, source, alter=None) -> dict:
+    """Run `name` whose storage holds only a copy of checkpoint `source` (altered by `alter`)."""
+    copy = tmp / "runs" / name / source.name
+    shutil.copytree(source, copy)
+    if alter is not None:
+        state = load_checkpoint(copy)
+        alter(state)
+        shutil.rmtree(copy)
+        save_checkpoint(copy, state, summary={"epoch": state["epoch"],
+                                              "steps_done": state["steps_done"]})
+    code, output, result = run_job(["--name", name, "--storage", str(tmp / "runs"), *common(tmp)])
     assert code == 0, output[-4000:]
-    assert "SIGKILL to worker rank 1 at step 13" in output
-    assert "(epoch 1, 3 steps done)" in output, output[-6000:]  # the mid-epoch checkpoint
+    assert f"resumed from {copy}" in output, output[-4000:]
+    return result
+
+
+def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight, tmp_path):
+    tmp, reference = straight
+    run_dir = tmp_path / "runs" / "killed"
+    job = start_job(["--name", "killed", "--storage", str(tmp_path / "runs"), *common(tmp)],
+                    tmp_path / "job.log")
+    try:
+        wait_until(lambda: any(0 < s.get("steps_done", 0) < STEPS_PER_EPOCH
+                               for s in summaries(run_dir).values()), job, 600,
+                   "the first mid-epoch checkpoint")
+        pids = train_worker_pids(job)
+        assert pids, "no Ray Train worker process found under the job"
+        os.kill(pids[-1], signal.SIGKILL)
+        code = job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+    output = (tmp_path / "job.log").read_text()
+    assert code == 0, output[-6000:]
+    assert "resumed from" in output, "the kill caused no restart: the test proved nothing"
+    resumed_line = next(line for line in output.splitlines() if "resumed from" in line)
+    assert "steps done" in resumed_line and f", {STEPS_PER_EPOCH} steps done" not in resumed_line, \
+        f"expected a mid-epoch resume, got: {resumed_line}"
+    assert fingerprint(result_of(output)["checkpoint"]) == fingerprint(reference["checkpoint"])
+
+
+def test_resuming_from_a_copied_mid_epoch_checkpoint_is_exact(straight):
+    """The positive control for the two negative ones below: an unaltered copy resumes exactly."""
+    tmp, reference = straight
+    source = _mid_epoch_checkpoint(tmp / "runs" / "straight", epoch=1, steps_done=3)
+    result = _resume_from_copy(tmp, "copy-exact", source)
     assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
+
+
+def test_negative_control_resuming_one_batch_off_changes_the_weights(straight):
+    tmp, reference = straight
+    source = _mid_epoch_checkpoint(tmp / "runs" / "straight", epoch=1, steps_done=3)
+
+    def one_batch_off(state):
+        state["steps_done"] += 1
+    result = _resume_from_copy(tmp, "copy-off-by-one", source, one_batch_off)
+    assert fingerprint(result["checkpoint"]) != fingerprint(reference["checkpoint"])
+
+
+def test_negative_control_resuming_without_optimizer_and_rng_state_changes_the_weights(straight):
+    tmp, reference = straight
+    source = _mid_epoch_checkpoint(tmp / "runs" / "straight", epoch=1, steps_done=3)
+
+    def forget_optimizer_and_rng(state):
+        state["optimizer"]["state"] = {}  # momentum buffers gone, as if never saved
+        torch.manual_seed(12345)
+        fresh = {**state["rng"][0], "torch": torch.get_rng_state()}
+        state["rng"] = [fresh for _ in state["rng"]]
+    result = _resume_from_copy(tmp, "copy-no-optimizer", source, forget_optimizer_and_rng)
+    assert fingerprint(result["checkpoint"]) != fingerprint(reference["checkpoint"])
 
 
 def test_fingerprint_tells_different_states_apart(straight):
     """Negative control: the reference run's own earlier checkpoint must not compare equal."""
     tmp, reference = straight
-    checkpoints = sorted(p for p in (tmp / "runs" / "straight").glob("checkpoint_2*"))
+    checkpoints = sorted((tmp / "runs" / "straight").glob("checkpoint_2*"))
     assert len(checkpoints) >= 2
     assert fingerprint(str(checkpoints[-2])) != fingerprint(reference["checkpoint"])
 
 
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(straight):
-    tmp, reference = straight
-    newest = Path(reference["checkpoint"])
+    tmp, _ = straight
+    run_dir = tmp / "runs" / "corrupt"
+    shutil.copytree(tmp / "runs" / "straight", run_dir)  # the shared reference stays intact
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()  # it names the original's folders
+    newest, previous = sorted(run_dir.glob("checkpoint_2*"))[-1:-3:-1]
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn upload
-    code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
+    code, output, result = run_job(["--name", "corrupt", "--storage", str(tmp / "runs"),
                                     *common(tmp, epochs=3)])
     assert code == 0, output[-4000:]
     assert f"skipping checkpoint {newest}" in output and "truncated" in output
-    assert "resumed from" in output and result["epochs"] == 3
+    assert f"resumed from {previous} (epoch 1, {STEPS_PER_EPOCH} steps done)" in output, \
+        output[-4000:]
+    assert result["epochs"] == 3
 
 
 def test_killed_driver_resubmitted_continues_the_run(tmp_path):
-    args = [sys.executable, "ray_jobs/train_full.py", "--name", "driver", "--storage",
-            str(tmp_path / "runs"), *common(tmp_path, epochs=3)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not list((tmp_path / "runs" / "driver").glob("checkpoint_2*/manifest.json")):
-        assert driver.poll() is None and time.time() < deadline, "no checkpoint before the kill"
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    driver.wait()
+    job = start_job(["--name", "driver", "--storage", str(tmp_path / "runs"),
+                     *common(tmp_path, epochs=3)], tmp_path / "first.log")
+    try:
+        wait_until(lambda: summaries(tmp_path / "runs" / "driver"), job, 600,
+                   "the first checkpoint", every_s=0.5)
+    finally:
+        kill_job(job)  # the driver and the local Ray it started
     code, output, result = run_job(["--name", "driver", "--storage", str(tmp_path / "runs"),
                                     *common(tmp_path, epochs=3)])
     assert code == 0, output[-4000:]
-    assert "resumed from" in output and "(resumed)" in output and result["epochs"] == 3, output[-6000:]
+    assert "resumed from" in output and "(resumed)" in output and result["epochs"] == 3, \
+        output[-6000:]
+
+
+def test_failed_train_controller_is_restarted_by_the_driver_to_identical_weights(straight,
+                                                                              tmp_path):
+    """The controller writes its snapshot to storage after each checkpoint; when that write
+    fails it raises ControllerError to the driver, which waits for storage and fits again."""
+    tmp, reference = straight
+    run_dir = tmp_path / "runs" / "controller"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    log_path = tmp_path / "job.log"
+    job = start_job(["--name", "controller", "--storage", str(tmp_path / "runs"), *common(tmp)],
+                    log_path)
+    try:
+        wait_until(snapshot.is_file, job, 600, "the controller's first snapshot")
+        snapshot.unlink()
+        snapshot.mkdir()  # the next snapshot write fails: "Is a directory"
+        wait_until(lambda: "Train controller failed" in log_path.read_text(), job, 600,
+                   "the driver to see the ControllerError")
+        snapshot.rmdir()  # storage is healthy again
+        code = job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+    output = log_path.read_text()
+    assert code == 0, output[-6000:]
+    assert "resumed from" in output, output[-6000:]
+    assert fingerprint(result_of(output)["checkpoint"]) == fingerprint(reference["checkpoint"])

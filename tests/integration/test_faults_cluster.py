@@ -1,9 +1,7 @@
 """A spot preemption notice followed by the loss of the node, on a two-node local cluster.
 
-Not here: the S3 server stopped mid-run. Our checkpoint uploads retry with back-off, but Ray
-2.60's Train controller also writes `checkpoint_manager_snapshot.json` after every report, and
-when that write fails the controller raised ControllerError and then hung (seen 2026-11-23), so
-that case is open (see docs/fault-tolerance.md)."""
+The S3 outage has its own test (`test_faults_s3.py`), and a failed Train controller (what a failed
+write of its snapshot to storage raises) the driver's restart test in `test_faults.py`."""
 import json
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rn50.config import load_config
-from tests.integration.test_faults import common
+from tests.integration.faults import common
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:

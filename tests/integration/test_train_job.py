@@ -1,5 +1,9 @@
 """The main job end to end, as a user runs it: a subprocess, real Ray, real S3, real MLflow."""
 import json
+import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -7,13 +11,26 @@ import pytest
 from mlflow import MlflowClient
 
 from rn50.config import load_config
+from tests.integration.faults import (kill_job, result_of, start_job, summaries, train_worker_pids,
+                                      wait_until)
 from tests.integration.jobs import run_job, small
 
 pytestmark = pytest.mark.integration
 
 
+def _files_containing(root: Path, secret: str) -> list[str]:
+    """Every file under `root` whose bytes contain `secret`."""
+    needle = secret.encode()
+    return [str(path) for path in root.rglob("*") if path.is_file() and not path.is_symlink()
+            and needle in path.read_bytes()]
+
+
 def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflow_server):
-    env = {**s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
+    # Ray's session (worker logs included) in a folder of the test's own, so it can be searched;
+    # short, because Ray's socket paths must fit in 107 characters.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**s3_server.env(), "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+           "RAY_TMPDIR": str(ray_tmp)}
     code, output, result = run_job(
         ["--recipe", "demo", "--name", "demo-s3", "--storage", f"s3://{s3_server.bucket}/runs",
          f"data.root={tmp_path / 'digits'}"], env)
@@ -49,21 +66,36 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     assert model(torch.zeros(4, 3, 32, 32)).shape == (4, 10)  # any batch size
     everything = json.dumps({**run.data.params, **run.data.tags}) + output
     assert s3_server.secret_key not in everything
+    worker_logs = list(ray_tmp.rglob("worker-*.out"))
+    assert worker_logs, f"no Ray worker logs under {ray_tmp}: the secret check below saw nothing"
+    assert not _files_containing(ray_tmp, s3_server.secret_key)
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    assert any(downloaded.rglob("*.png")) and not _files_containing(downloaded,
+                                                                    s3_server.secret_key)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_worker_failure_resumes_and_rerun_continues_the_same_mlflow_run(tmp_path):
     storage, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = ["--name", "faulty", "--storage", str(storage), f"tracking.uri={tracking}",
             *small(tmp_path, epochs=3)]
-    code, output, result = run_job(
-        [*base, "faults.raise_at_epoch=2", f"faults.marker_path={tmp_path / 'fault.marker'}"])
+    job = start_job(base, tmp_path / "job.log")
+    try:  # a worker killed from outside once epoch 1 is checkpointed
+        wait_until(lambda: any(s.get("epoch") == 1 and "val_top1" in s
+                               for s in summaries(storage / "faulty").values()), job, 600,
+                   "the end of epoch 1")
+        os.kill(train_worker_pids(job)[0], signal.SIGKILL)
+        code = job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+    output = (tmp_path / "job.log").read_text()
+    result = result_of(output)
     assert code == 0, output[-4000:]
-    assert "injected fault at the start of epoch 2" in output
-    assert "resumed from" in output and "(epoch 1, 8 steps done)" in output
-    assert result["epochs"] == 3
+    assert "resumed from" in output and result["epochs"] == 3, output[-4000:]
     client = MlflowClient(tracking)
     assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/top1")) \
-        == [0, 1, 2]
+        == [0, 1, 2]  # each epoch logged once, failure or not
 
     code, output, again = run_job([*base[:-len(small(tmp_path))], *small(tmp_path, epochs=4)])
     assert code == 0, output[-4000:]
@@ -83,6 +115,16 @@ def test_config_mistakes_fail_before_ray_starts(override, fragment):
     code, output, result = run_job([override], timeout=120)
     assert code == 2 and fragment in output and result is None
     assert "Started a local Ray instance" not in output
+
+
+def test_missing_bucket_fails_fast_with_its_exit_code_and_message(tmp_path, s3_server):
+    code, output, result = run_job(["--storage", "s3://no-such-bucket-rn50/runs",
+                                    f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"],
+                                   s3_server.env(), timeout=180)
+    assert code == 3 and result is None, output[-3000:]
+    assert "bucket 'no-such-bucket-rn50' does not exist" in output
+    assert "aws s3 mb s3://no-such-bucket-rn50" in output
+    assert "Started a local Ray instance" not in output  # refused before any cluster started
 
 
 def test_wrong_s3_key_fails_fast_with_a_clear_message(tmp_path, s3_server):

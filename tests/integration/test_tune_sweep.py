@@ -13,9 +13,9 @@ import pytest
 from mlflow import MlflowClient
 
 from rn50.config import load_config
+from tests.browser import launch
 from tests.integration.jobs import REPO
 
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,23 @@ def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):
     assert Path(result["checkpoint"], "manifest.json").is_file()
 
 
+def _children(client, parent_run_id: str):
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_the_best_config_is_the_child_run_with_the_best_metric(sweep, mlflow_server):
+    result, _, _ = sweep
+    client = MlflowClient(mlflow_server.tracking_uri)
+    best_of = {child.info.run_id: max(m.value for m in client.get_metric_history(
+        child.info.run_id, "val/top1")) for child in _children(client, result["mlflow_run_id"])}
+    winner = client.get_run(max(best_of, key=best_of.get))
+    assert best_of[winner.info.run_id] == pytest.approx(result["best_value"])
+    for key, value in result["best_config"].items():
+        assert float(winner.data.params[key]) == pytest.approx(value), key
+
+
 def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
     result, _, _ = sweep
     client = MlflowClient(mlflow_server.tracking_uri)
@@ -62,7 +79,10 @@ def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
     statuses = {c.data.tags["rn50.trial_status"] for c in children}
-    assert statuses <= {"completed", "stopped_by_asha"} and "completed" in statuses
+    assert statuses == {"completed", "stopped_by_asha"}, statuses
+    # The diverging learning rate (8.0) is what ASHA must have stopped at its first rung.
+    diverged = next(c for c in children if float(c.data.params["optim.lr"]) == 8.0)
+    assert diverged.data.tags["rn50.trial_status"] == "stopped_by_asha"
     for child in children:
         assert "optim.lr" in child.data.params
         history = client.get_metric_history(child.info.run_id, "val/top1")
@@ -71,7 +91,19 @@ def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
             assert child.info.status == "KILLED" and len(history) < 3
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (.ci/run installs it)")
+def test_the_lr_wd_plane_plots_exactly_the_child_runs(sweep, mlflow_server, tmp_path):
+    from PIL import Image
+
+    from rn50.distributed.sweep_report import PLOTTED_POINTS_KEY
+    result, _, _ = sweep
+    client = MlflowClient(mlflow_server.tracking_uri)
+    plane = client.download_artifacts(result["mlflow_run_id"], "lr_wd_plane.png", str(tmp_path))
+    drawn = sorted(map(tuple, json.loads(Image.open(plane).text[PLOTTED_POINTS_KEY])))
+    expected = sorted((float(c.data.params["optim.lr"]), float(c.data.params["optim.weight_decay"]))
+                      for c in _children(client, result["mlflow_run_id"]))
+    assert drawn == pytest.approx(expected) and len(drawn) == 4
+
+
 def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -81,9 +113,7 @@ def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"{mlflow_server.tracking_uri}/#/experiments/{parent.info.experiment_id}/runs")
         page.get_by_text("smoke", exact=True).first.wait_for(timeout=60_000)
@@ -100,7 +130,17 @@ def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
         browser.close()
 
 
-def test_a_sweep_whose_driver_dies_resumes_with_the_same_name(tmp_path):
+def _finished_trials(sweep_dir: Path, epochs: int = 3) -> dict[str, str]:
+    """Trial folder -> its result.json text, for trials Tune logged every epoch of."""
+    finished = {}
+    for results in sweep_dir.glob("*/result.json"):
+        text = results.read_text()
+        if len([line for line in text.splitlines() if line.strip()]) >= epochs:
+            finished[results.parent.name] = text
+    return finished
+
+
+def test_a_sweep_whose_driver_dies_resumes_without_rerunning_finished_trials(tmp_path):
     command = [sys.executable, "ray_jobs/tune_imagenette.py", "--space", "tune_spaces/smoke.yaml",
                "--name", "resumed", "--storage", str(tmp_path / "runs"),
                f"data.root={tmp_path / 'digits'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
@@ -108,15 +148,20 @@ def test_a_sweep_whose_driver_dies_resumes_with_the_same_name(tmp_path):
     env.pop("RAY_ADDRESS", None)
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not list((tmp_path / "runs" / "resumed" / "trials").glob("*/checkpoint_2*/manifest.json")):
-        assert first.poll() is None and time.time() < deadline, "no trial checkpoint before the kill"
+    deadline = time.time() + 900
+    while not _finished_trials(tmp_path / "runs" / "resumed"):
+        assert first.poll() is None and time.time() < deadline, "no finished trial before the kill"
         time.sleep(1)
+    time.sleep(3)  # let Tune write its experiment state after the trial ended
     os.killpg(first.pid, signal.SIGKILL)  # the sweep driver and the local Ray it started
     first.wait()
+    done_before = _finished_trials(tmp_path / "runs" / "resumed")
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     assert "resuming sweep 'resumed'" in output
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert sum(result["trials"].values()) == 4
+    after = _finished_trials(tmp_path / "runs" / "resumed")
+    for trial, text in done_before.items():  # finished trials were not trained again
+        assert after[trial] == text, f"{trial} was rerun after the resume"

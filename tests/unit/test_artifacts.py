@@ -4,9 +4,8 @@ import shutil
 import pytest
 import torch
 
-from rn50.serve.artifacts import (ArtifactError, class_names_for, download_checkpoint, find_checkpoint,
-                            load_model)
-from rn50.core.checkpoint import CheckpointError
+from rn50.core.checkpoint import CheckpointError, download, find_checkpoint
+from rn50.serve.artifacts import ArtifactError, class_names_for, load_model
 from rn50.config import load_config
 from tests.model_helpers import digits_config, write_checkpoint
 
@@ -26,14 +25,14 @@ def test_a_run_directory_resolves_to_its_newest_finished_checkpoint(run_dir):
     newest = run_dir / "checkpoint_2026-01-02_00-00-00.000000"
     assert find_checkpoint(str(run_dir)) == str(newest)
     assert find_checkpoint(str(newest) + "/") == str(newest)
-    assert download_checkpoint(str(run_dir)) == newest
+    assert download(str(run_dir)) == newest
 
 
 def test_a_directory_without_checkpoints_says_what_to_pass(tmp_path):
-    with pytest.raises(ArtifactError, match="does not exist.*MLflow model URI"):
+    with pytest.raises(CheckpointError, match="does not exist.*MLflow model URI"):
         find_checkpoint(str(tmp_path / "nothing"))
     (tmp_path / "empty" / "other").mkdir(parents=True)
-    with pytest.raises(ArtifactError, match="holds no finished checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no finished checkpoint"):
         find_checkpoint(str(tmp_path / "empty"))
 
 

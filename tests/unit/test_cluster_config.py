@@ -7,6 +7,7 @@ import copy
 import math
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,6 @@ def test_every_recipe_can_be_scheduled_on_spot_and_on_the_fallback(cluster, reci
 
 
 def test_setup_commands_install_exactly_the_pyproject_pins(cluster):
-    tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     expected = _pinned(project["dependencies"])
     installs = [shlex.split(c) for c in cluster["setup_commands"] if c.startswith("pip install")]

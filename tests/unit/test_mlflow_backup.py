@@ -70,3 +70,26 @@ def test_cli_reports_a_missing_database(tmp_path, capsys):
     code = mlflow_backup.main(["backup", "--db", str(tmp_path / "none.db"),
                                "--backup", str(tmp_path / "copy.db")])
     assert code == 1 and "no MLflow database" in capsys.readouterr().err
+
+
+def test_a_failing_backup_is_an_error_on_the_record_and_fails_the_health_check(
+        tmp_path, caplog, monkeypatch, capsys):
+    db = tmp_path / "mlflow.db"
+    _make_db(db, ["a"])
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the backup folder should be")  # every write fails
+    mlflow_backup.loop(db, str(blocked / "copy.db"), every_s=0, rounds=2)
+    failures = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failures) == 2 and "FAILED (2 in a row)" in failures[-1].getMessage()
+    assert mlflow_backup.main(["status", "--db", str(db)]) == 1
+    assert "last backup FAILED (2 in a row)" in capsys.readouterr().err
+    monkeypatch.setenv("RN50_MLFLOW_BACKUP_STATUS", str(mlflow_backup.status_path(db)))
+    assert "has failed 2 time(s) in a row" in mlflow_backup.failed_backup_note()
+    mlflow_backup.loop(db, str(tmp_path / "copy.db"), every_s=0, rounds=1)  # storage is back
+    assert mlflow_backup.main(["status", "--db", str(db)]) == 0
+    assert mlflow_backup.failed_backup_note() == ""
+
+
+def test_status_without_a_loop_is_unhealthy(tmp_path, capsys):
+    assert mlflow_backup.main(["status", "--db", str(tmp_path / "mlflow.db")]) == 1
+    assert "is the backup loop running?" in capsys.readouterr().err
