@@ -5,14 +5,10 @@ written last, listing every file's size and SHA-256. A folder without a manifest
 do not match it, was cut short (a worker died mid-write, an upload broke) and is never loaded.
 Loading uses `torch.load(weights_only=True)`, so a checkpoint cannot execute code. Every function
 takes a local path or an s3:// URI (or a pyarrow filesystem and path).
-
-    python -m rn50.checkpoint fingerprint CHECKPOINT   # SHA-256 of the model weights
-    python -m rn50.checkpoint verify CHECKPOINT        # files match the manifest?
-    python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified
+The command line over this API is `python -m rn50.checkpoint` (`rn50/checkpoint.py`).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -20,7 +16,6 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -30,7 +25,6 @@ from typing import Any, Callable
 import pyarrow.fs as pafs
 import torch
 
-from rn50.core.training_state import fingerprint_weights
 from rn50.io import storage
 
 STATE_FILE = "state.pt"
@@ -257,48 +251,3 @@ def download(uri: str, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(part, ignore_errors=True)
     return dest
-
-
-def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
-    """One row per `checkpoint_*` of a run: name, epoch, steps, size, val_top1, verified."""
-    rows = []
-    for name in sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n)):
-        row = {"checkpoint": name, "epoch": None, "steps_done": None, "size_mb": None,
-               "val_top1": None, "verified": "yes"}
-        try:
-            manifest = verify(storage.join(run_uri, name))
-        except CheckpointError as err:
-            row["verified"] = f"NO: {err}"
-        else:
-            summary = manifest.get("summary", {})
-            row.update(epoch=summary.get("epoch"), steps_done=summary.get("steps_done", "end"),
-                       val_top1=summary.get("val_top1"),
-                       size_mb=round(sum(f["size"] for f in manifest["files"].values()) / 2**20, 1))
-        rows.append(row)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: `fingerprint CKPT`, `verify CKPT`, `ls RUN` (local paths or s3:// URIs)."""
-    parser = argparse.ArgumentParser(prog="python -m rn50.checkpoint")
-    parser.add_argument("command", choices=["fingerprint", "verify", "ls"])
-    parser.add_argument("uri", help="a checkpoint (fingerprint, verify) or a run directory (ls)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "ls":
-            for row in list_checkpoints(args.uri):
-                top1 = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}"
-                print(f"{row['checkpoint']}  epoch={row['epoch']} steps={row['steps_done']} "
-                      f"size_mb={row['size_mb']} val_top1={top1} verified={row['verified']}")
-        elif args.command == "verify":
-            print(f"OK {args.uri} {json.dumps(verify(args.uri)['summary'])}")
-        else:
-            print(fingerprint_weights(load_state(args.uri)["model"]))
-    except (CheckpointError, storage.StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

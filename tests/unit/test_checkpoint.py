@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from rn50.core.checkpoint import CheckpointError, load_checkpoint, main, save_checkpoint, verify
+from rn50.checkpoint import main
+from rn50.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify
 from rn50.core.training_state import (TrainingState, capture_rng_state, fingerprint_weights,
                                       restore_rng_state)
 from rn50.config import ModelConfig
