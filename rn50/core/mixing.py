@@ -58,7 +58,7 @@ class BatchMixer:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
                  micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mixed images, float targets [B, num_classes] whose rows sum to 1), on the inputs' device."""
+        """(mixed images, float targets [B, num_classes] with rows summing to 1) on their device."""
         # v2's draws (the choice, Beta(alpha, alpha), the box) are all on the CPU generator, even
         # for CUDA images, so only the CPU generator needs seeding.
         with seeded_rng(torch.device("cpu"), self.seed, step, micro_batch, MIXING_STREAM):

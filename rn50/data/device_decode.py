@@ -5,9 +5,11 @@ the jitter factors) from the same per-(seed, epoch, index) generator and in the 
 CPU preset, so data order, augmentation and exact resume are unchanged; the training process
 decodes the batch with `torchvision.io.decode_jpeg(device=...)` and applies the drawn crop, flip
 and jitter there, then the per-image policies (`data.auto_augment`, `data.random_erasing_prob`) on
-the device tensor, their draws replayed from a seed drawn in the worker. What nvJPEG cannot take (PNG, CMYK or other non-RGB/grey JPEGs) is decoded and
-augmented on the CPU by the ordinary preset and joins the batch as a ready uint8 tensor. On a
-CPU-only worker the same path runs with torchvision's CPU decoder (correct, not faster).
+the device tensor, their draws replayed from a seed drawn in the worker (so they differ from the
+CPU preset's draws for the same image, but are as deterministic). What nvJPEG cannot take (PNG,
+CMYK or other non-RGB/grey JPEGs) is decoded and augmented on the CPU by the ordinary preset and
+joins the batch as a ready uint8 tensor. On a CPU-only worker the same path runs with
+torchvision's CPU decoder (correct, not faster).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 The CPU side decodes, crops, flips and applies the per-image regularizers (an AutoAugment-family
 policy on the PIL crop, RandomErasing on the uint8 tensor): presets return a uint8 CHW tensor, and
-`normalize`
-turns a uint8 batch into floats on the device, where it is nearly free. Decoding dominates the CPU
-cost, so `load_rgb` asks Pillow's JPEG decoder for a reduced-size image (`Image.draft`, DCT-domain
-downscaling by 1/2, 1/4 or 1/8) whenever the file is much larger than the crop needs.
+`normalize` turns a uint8 batch into floats on the device, where it is nearly free. Decoding
+dominates the CPU cost, so `load_rgb` asks Pillow's JPEG decoder for a reduced-size image
+(`Image.draft`, DCT-domain downscaling by 1/2, 1/4 or 1/8) whenever the file is much larger than
+the crop needs.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's reference erases the normalised tensor with 0, i.e. the mean colour; on the uint8
-# crop that is the mean in 0..255 (the flat part of the difference is a rounding of < 0.5/255).
+# crop that colour is round(255 x mean), within half a grey level of it.
 ERASE_VALUE_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 

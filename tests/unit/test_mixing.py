@@ -70,19 +70,16 @@ def test_both_on_chooses_mixup_or_cutmix_per_batch():
 def test_label_smoothing_composes_with_mixed_targets():
     """What the loop relies on: torch smooths probability targets as (1 - eps) p + eps / C, so
     smoothing after mixing (CrossEntropyLoss(label_smoothing)) = mixing smoothed one-hots."""
-    images, labels = _batch()
+    images, labels = _batch(size=CLASSES)[0], torch.arange(CLASSES)  # all labels distinct
     _, targets = BatchMixer(CLASSES, 0.2, 0.0, seed=0)(images, labels, 0, 0)
-    logits = torch.randn(8, CLASSES, generator=torch.Generator().manual_seed(1))
-    eps = 0.1
-    lam = targets[0, labels[0]].item() if labels[0] != labels[-1] else None
+    lam = targets[0, 0].item()  # sample 0's own weight (its partner, sample 4, is another class)
+    eps, logits = 0.1, torch.randn(CLASSES, CLASSES, generator=torch.Generator().manual_seed(1))
     smooth = nn.functional.one_hot(labels, CLASSES).float() * (1 - eps) + eps / CLASSES
-    if lam is not None:
-        manual = smooth * lam + smooth.roll(1, 0) * (1 - lam)
-        torch.testing.assert_close(nn.CrossEntropyLoss(label_smoothing=eps)(logits, targets),
-                                   nn.CrossEntropyLoss()(logits, manual))
-    torch.testing.assert_close(
-        nn.CrossEntropyLoss(label_smoothing=eps)(logits, targets),
-        nn.CrossEntropyLoss()(logits, targets * (1 - eps) + eps / CLASSES))
+    mixed_smooth = smooth * lam + smooth.roll(1, 0) * (1 - lam)
+    torch.testing.assert_close(nn.CrossEntropyLoss(label_smoothing=eps)(logits, targets),
+                               nn.CrossEntropyLoss()(logits, mixed_smooth))
+    assert not torch.isclose(nn.CrossEntropyLoss()(logits, targets),
+                             nn.CrossEntropyLoss()(logits, mixed_smooth))  # eps does something
 
 
 def test_no_mixer_without_alphas():
