@@ -81,8 +81,8 @@ def worker_loop(loop_config: dict) -> None:
 
     dist.barrier()
     mark[0] = time.perf_counter()
-    train_one_epoch(model, [batch] * total_steps, optimizer, scheduler, None,
-                    torch.device("cpu"), config, after_step=after_step)
+    train_one_epoch(state, [batch] * total_steps, torch.device("cpu"), config,
+                    after_step=after_step)
     if rank == 0:  # only rank 0 uploads: let its last upload land, then write the timings
         deadline = time.monotonic() + 120
         while len(uploads) < sum(s["saves"] for s in steps) and time.monotonic() < deadline:

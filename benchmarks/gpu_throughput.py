@@ -39,6 +39,7 @@ from rn50.config import Config, load_config  # noqa: E402
 from rn50.core.engine import build_optimizer, maybe_compile, train_one_epoch  # noqa: E402
 from rn50.core.model import build_model, place_model  # noqa: E402
 from rn50.core.schedule import build_scheduler  # noqa: E402
+from rn50.core.training_state import TrainingState  # noqa: E402
 
 NUM_CLASSES = 1000
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
@@ -80,8 +81,9 @@ def images_per_s(config: Config, batches, warmup: list, device: torch.device) ->
     model = maybe_compile(model, config.train.compile)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, 1000, 1, config.schedule)
-    train_one_epoch(model, warmup, optimizer, scheduler, None, device, config)
-    return train_one_epoch(model, batches, optimizer, scheduler, None, device, config).images_per_s
+    state = TrainingState(model, optimizer, scheduler)
+    train_one_epoch(state, warmup, device, config)
+    return train_one_epoch(state, batches, device, config).images_per_s
 
 
 def synthetic(px: int, batch_size: int, steps: int, device: torch.device) -> list:

@@ -45,6 +45,7 @@ from rn50.data.loaders import build_datasets, build_loader  # noqa: E402
 from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
 from rn50.core.model import build_model  # noqa: E402
 from rn50.core.schedule import build_scheduler  # noqa: E402
+from rn50.core.training_state import TrainingState  # noqa: E402
 
 NUM_WORKERS = 2
 THREADS_PER_WORKER = 1
@@ -85,12 +86,11 @@ def worker_body(config_dict: dict, warmup_steps: int, timed_steps: int) -> dict:
     epochs = math.ceil((warmup_steps + timed_steps) / steps_per_epoch) + 1
     scheduler = build_scheduler(optimizer, steps_per_epoch, epochs, config.schedule)
     batches = _endless_batches(train_set, config, rank, world_size)
-    train_one_epoch(model, itertools.islice(batches, warmup_steps), optimizer, scheduler, None,
-                    device, config)
+    state = TrainingState(model, optimizer, scheduler)
+    train_one_epoch(state, itertools.islice(batches, warmup_steps), device, config)
     dist.barrier()  # every rank starts the clock together
     start_s = time.perf_counter()
-    stats = train_one_epoch(model, itertools.islice(batches, timed_steps), optimizer, scheduler,
-                            None, device, config)
+    stats = train_one_epoch(state, itertools.islice(batches, timed_steps), device, config)
     elapsed = torch.tensor([time.perf_counter() - start_s], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     return {"images": stats.images, "in_worker_s": elapsed.item(), "loss": stats.loss,

@@ -26,8 +26,10 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def write_result(name: str, figures: dict, argv: list[str] | None = None) -> Path:
-    """Write `figures` as benchmarks/results/<name>.json with the command, machine and date."""
+def write_result(name: str, figures: dict, argv: list[str] | None = None,
+                 path: Path | str | None = None, context: dict | None = None) -> Path:
+    """Write `figures` (flat: name -> number) as benchmarks/results/<name>.json (or `path`) with
+    the command, machine and date; `context` adds what the figures were measured on."""
     argv = sys.argv if argv is None else argv
     script = Path(argv[0]).resolve()
     try:
@@ -35,9 +37,10 @@ def write_result(name: str, figures: dict, argv: list[str] | None = None) -> Pat
     except ValueError:
         shown = script
     record = {"command": " ".join(["python", str(shown), *argv[1:]]), "machine": machine(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "figures": figures}
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "figures": figures,
+              **(context or {})}
+    path = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[benchmarks] wrote {path.relative_to(RESULTS_DIR.parents[1])}", flush=True)
+    print(f"[benchmarks] wrote {path}", flush=True)
     return path

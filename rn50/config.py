@@ -7,6 +7,7 @@ which coerces it to the field's type and names the offending key when it cannot.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,16 @@ class DataConfig:
     """Random horizontal flip during training (off for digits, where it changes the class)."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength; 0 disables it."""
+    auto_augment: str = "none"
+    """Per-image policy after crop/flip/jitter (torchvision.transforms.v2, bilinear): `none`,
+    `trivialaugment_wide`, `randaugment` (2 ops, magnitude 9) or `autoaugment` (ImageNet policy)."""
+    random_erasing_prob: float = 0.0
+    """Probability that RandomErasing blanks one rectangle (2-33% of the area) of a training image
+    with the ImageNet mean colour, on the uint8 crop; 0 disables it."""
+    repeated_augmentations: int = 1
+    """Repeated augmentation (RASampler): each epoch draws len(dataset)/N images and shows each
+    N times with different augmentations, on different ranks; the epoch length is unchanged.
+    With parquet shards the N copies stay on one rank, within its row groups. 1 disables it."""
     loader_workers: int = 0
     """DataLoader worker processes per training worker (0 decodes in the training process)."""
     decode_on_device: bool = False
@@ -74,6 +85,9 @@ class ModelConfig:
     """Start each residual block's last BN gamma at 0 so blocks begin as identities."""
     channels_last: bool = True
     """Use channels_last memory format when training on a GPU (ignored on CPU)."""
+    stochastic_depth_prob: float = 0.0
+    """Stochastic depth: probability of dropping the deepest residual block's branch per sample
+    in training; block l of L drops with l/L times this (Huang et al. 2016). 0 disables it."""
 
 
 @dataclass
@@ -128,6 +142,11 @@ class TrainConfig:
     ResNet-50). Off by default until a GPU measurement shows it faster (benchmarks/README.md)."""
     ema_decay: float = 0.0
     """Per-step decay of an exponential moving average of the weights; 0 disables EMA."""
+    mixup_alpha: float = 0.0
+    """MixUp: Beta(alpha, alpha) concentration of the per-batch mixing weight; 0 disables it."""
+    cutmix_alpha: float = 0.0
+    """CutMix: Beta(alpha, alpha) concentration of the pasted box's area share; 0 disables it.
+    With MixUp also on, each batch gets one of the two, chosen with equal probability."""
     torch_threads: int = 1
     """torch intra-op threads per training worker (OMP_NUM_THREADS)."""
     log_every_steps: int = 50
@@ -282,6 +301,7 @@ def _parse_scalar(text: str) -> Any:
 _CHOICES = {
     "data.dataset": ("digits", "imagefolder", "parquet", "imagenette"),
     "data.imagenette_size_px": (160, 320, 0),
+    "data.auto_augment": ("none", "trivialaugment_wide", "randaugment", "autoaugment"),
     "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
     "train.amp_dtype": ("bfloat16", "float16"),
     "schedule.decay": ("step", "cosine", "linear"),
@@ -296,8 +316,10 @@ _NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_
                  "checkpoint.preemption_check_every_steps",
                  "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
                  "schedule.warmup_start_fraction", "schedule.final_lr_fraction",
-                 "checkpoint.max_failures", "train.seed")
-_FRACTIONS = ("optim.label_smoothing", "train.ema_decay", "data.min_crop_scale")
+                 "checkpoint.max_failures", "train.seed", "train.mixup_alpha",
+                 "train.cutmix_alpha")
+_FRACTIONS = ("optim.label_smoothing", "train.ema_decay", "data.min_crop_scale",
+              "data.random_erasing_prob", "model.stochastic_depth_prob")
 
 
 def validate(config: Config) -> None:
@@ -327,6 +349,18 @@ def validate(config: Config) -> None:
         raise ConfigError("progressive resizing needs 0 < 'data.progressive_min_px' <= "
                           "'data.train_crop_px' and 0 <= 'data.progressive_start_epoch' <= "
                           "'data.progressive_end_epoch'")
+    _validate_regularizers(config)
+
+
+def _validate_regularizers(config: Config) -> None:
+    """The checks the generic tables above cannot express for the issue-16 regularizers."""
+    for key in ("train.mixup_alpha", "train.cutmix_alpha"):
+        value = getattr(config.train, key.split(".")[1])
+        if not math.isfinite(value):  # NaN passes `>= 0`; Beta(inf, inf) cannot be sampled
+            raise ConfigError(f"'{key}' must be a finite number >= 0 (0 = off), got {value!r}")
+    if config.data.repeated_augmentations < 1:
+        raise ConfigError("'data.repeated_augmentations' must be >= 1 (1 = off), got "
+                          f"{config.data.repeated_augmentations!r}")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

@@ -16,7 +16,9 @@ from torch import nn
 
 from rn50.config import Config
 from rn50.data.device_decode import DeferredBatch
-from rn50.core.model import EMA, parameter_groups
+from rn50.core.mixing import DEPTH_STREAM, BatchMixer, build_mixer, seeded_rng
+from rn50.core.model import parameter_groups
+from rn50.core.training_state import TrainingState
 from rn50.data.transforms import normalize
 
 
@@ -67,9 +69,33 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  criterion: nn.Module, mixer: BatchMixer | None, global_step: int,
+                  device: torch.device, config: Config) -> torch.Tensor:
+    """The step's loss, with MixUp/CutMix targets and stochastic-depth masks drawn from
+    generators seeded by (train.seed, global_step, rank) (rn50.core.mixing)."""
+    targets = labels
+    if mixer is not None:
+        images, targets = mixer(images, labels, global_step, _rank())
+        if config.model.channels_last and device.type == "cuda":  # roll/clone may give NCHW
+            images = images.contiguous(memory_format=torch.channels_last)
+    depth_rng = seeded_rng(device, config.train.seed, global_step, _rank(), DEPTH_STREAM) \
+        if config.model.stochastic_depth_prob > 0 else contextlib.nullcontext()
+    with depth_rng, autocast_context(device, config.train.amp, config.train.amp_dtype):
+        return criterion(model(images), targets)
+
+
 @dataclass
 class EpochStats:
-    """What one training epoch measured, summed over all workers."""
+    """What one training epoch measured, summed over all workers.
+
+    `loss` is against the targets the model trained on: with MixUp/CutMix the mixed probabilities
+    (so not comparable with an unmixed run's). No train top-1 is reported, mixing or not.
+    """
     loss: float
     images: int
     seconds: float
@@ -81,20 +107,24 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler, ema: EMA | None, device: torch.device, config: Config,
-                    log: Callable[[str], None] = lambda message: None, start_step: int = 0,
-                    after_step: Callable[[int], None] | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> EpochStats:
-    """One pass of SGD over `batches` of (uint8 images, labels, skipped count).
+def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.device, config: Config,
+                    *, log: Callable[[str], None] = lambda message: None, start_step: int = 0,
+                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+    """One pass of SGD over `batches` of (uint8 images, labels, skipped count), updating the
+    model, optimizer, per-step schedule, EMA and loss scaler held in `state`.
 
     `start_step` is how many steps of this epoch were done before (a mid-epoch resume);
-    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints, fault tests);
-    `scaler` is the fp16 loss scaler (`build_grad_scaler`), a disabled one by default.
+    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints). The global
+    step that seeds mixing and stochastic depth is `scheduler.last_epoch` (LambdaLR counts
+    optimizer steps, and a checkpoint restores the count), so a resume needs nothing more.
     """
+    model, optimizer, scheduler, ema = state.model, state.optimizer, state.scheduler, state.ema
     model.train()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
+    scaler = state.scaler or torch.amp.GradScaler(device.type, enabled=False)
+    # With soft (mixed) targets torch smooths the probabilities: see rn50.core.mixing.
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    mixer = build_mixer(config)
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
@@ -107,10 +137,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
-        with autocast_context(device, config.train.amp, config.train.amp_dtype):
-            loss = criterion(model(images), labels)
+        loss = _forward_loss(model, images, labels, criterion, mixer, scheduler.last_epoch,
+                             device, config)
         optimizer.zero_grad(set_to_none=True)
-        # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -132,7 +161,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device,
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, *,
              channels_last: bool = False, amp: bool = False,
              amp_dtype: str = "bfloat16") -> dict[str, float]:
     """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""

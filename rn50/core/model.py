@@ -6,6 +6,12 @@ throws away three quarters of its input. It costs ~5% more compute for ~+1% top-
 
 BlurPool (Zhang 2019, as FFCV's fast ImageNet recipes use it) low-pass filters the input of every
 strided conv, so downsampling aliases less; same parameters, ~+0.5-1% top-1 in FFCV's ablation.
+
+Stochastic depth (Huang et al. 2016, `model.stochastic_depth_prob`) drops each Bottleneck's residual
+branch for a random subset of the samples in training (torchvision.ops.StochasticDepth, "row" mode),
+with the linear rule of the paper: block l of L drops with probability l/L x the setting, so the
+first blocks are nearly always kept and the last one is dropped with the full probability. Its
+masks are drawn from generators the training loop seeds per step (rn50.core.engine).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
+from torchvision.ops import StochasticDepth
 
 from rn50.config import ModelConfig
 
@@ -28,7 +35,31 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         _make_resnet_d(model)
     elif model_cfg.arch == "resnet50_blurpool":
         _add_blurpool(model)
+    if model_cfg.stochastic_depth_prob > 0:
+        _add_stochastic_depth(model, model_cfg.stochastic_depth_prob)
     return model
+
+
+class BatchNormThenDrop(nn.BatchNorm2d):
+    """A Bottleneck's last BatchNorm followed by StochasticDepth on its output: the residual branch,
+    just before `out += identity`. Same parameters and buffers as the BN it replaces, so the
+    state_dict (and any checkpoint) is unchanged; torchvision's Bottleneck.forward is kept as is."""
+
+    def __init__(self, bn: nn.BatchNorm2d, drop_prob: float):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.stochastic_depth = StochasticDepth(drop_prob, mode="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm, then zero the rows the draw drops and scale the kept ones by 1 / (1 - p)."""
+        return self.stochastic_depth(super().forward(x))
+
+
+def _add_stochastic_depth(model: nn.Module, drop_prob: float) -> None:
+    """Give block l (1-based) of the L Bottlenecks a drop probability of l / L x `drop_prob`."""
+    blocks = [module for module in model.modules() if isinstance(module, Bottleneck)]
+    for depth, block in enumerate(blocks, start=1):
+        block.bn3 = BatchNormThenDrop(block.bn3, drop_prob * depth / len(blocks))
 
 
 class BlurPoolConv2d(nn.Module):

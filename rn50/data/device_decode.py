@@ -4,9 +4,12 @@ Loader workers then only read bytes and draw each image's augmentation (the crop
 the jitter factors) from the same per-(seed, epoch, index) generator and in the same order as the
 CPU preset, so data order, augmentation and exact resume are unchanged; the training process
 decodes the batch with `torchvision.io.decode_jpeg(device=...)` and applies the drawn crop, flip
-and jitter there. What nvJPEG cannot take (PNG, CMYK or other non-RGB/grey JPEGs) is decoded and
-augmented on the CPU by the ordinary preset and joins the batch as a ready uint8 tensor. On a
-CPU-only worker the same path runs with torchvision's CPU decoder (correct, not faster).
+and jitter there, then the per-image policies (`data.auto_augment`, `data.random_erasing_prob`) on
+the device tensor, their draws replayed from a seed drawn in the worker (so they differ from the
+CPU preset's draws for the same image, but are as deterministic). What nvJPEG cannot take (PNG,
+CMYK or other non-RGB/grey JPEGs) is decoded and augmented on the CPU by the ordinary preset and
+joins the batch as a ready uint8 tensor. On a CPU-only worker the same path runs with
+torchvision's CPU decoder (correct, not faster).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from rn50.data.transforms import load_rgb, train_transform
+from rn50.data.transforms import load_rgb, tensor_policy, train_transform
 
 log = logging.getLogger(__name__)
 _JITTER_FUNCTIONS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -37,9 +40,11 @@ class EncodedImage:
     crop_px: int
     flip: bool
     jitter: tuple | None          # torchvision ColorJitter.get_params output, or None
+    policy: tuple[str, float] = ("none", 0.0)  # data.auto_augment, data.random_erasing_prob
+    policy_seed: int = 0          # the policies' draws are replayed from it at decode time
 
     def augment(self, image: torch.Tensor) -> torch.Tensor:
-        """Crop, resize, flip and jitter a decoded uint8 CHW image, on its device."""
+        """Crop, resize, flip, jitter and apply the policies to a decoded uint8 CHW image."""
         image = F.resized_crop(image, *self.box, [self.crop_px, self.crop_px],
                                interpolation=T.InterpolationMode.BILINEAR, antialias=True)
         if self.flip:
@@ -49,7 +54,14 @@ class EncodedImage:
             for function_index in order.tolist():
                 if factors[function_index] is not None:
                     image = _JITTER_FUNCTIONS[function_index](image, factors[function_index])
-        return image
+        policy = tensor_policy(*self.policy)
+        if policy is None:
+            return image
+        # The v2 policies draw on the CPU generator (and only apply on the image's device); seeding
+        # it here makes the draws the worker's, whatever process or order decodes the batch.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.policy_seed)
+            return policy(image)
 
 
 class DeviceDecodePreset:
@@ -64,6 +76,7 @@ class DeviceDecodePreset:
         self.scale, self.ratio = (data_cfg.min_crop_scale, 1.0), (3 / 4, 4 / 3)
         jitter = data_cfg.color_jitter
         self.jitter = T.ColorJitter(jitter, jitter, jitter) if jitter > 0 else None
+        self.policy = (data_cfg.auto_augment, data_cfg.random_erasing_prob)
 
     def set_crop_px(self, crop_px: int) -> None:
         """Change the output side (progressive resizing)."""
@@ -83,7 +96,10 @@ class DeviceDecodePreset:
         if self.jitter is not None:
             jitter = T.ColorJitter.get_params(self.jitter.brightness, self.jitter.contrast,
                                               self.jitter.saturation, self.jitter.hue)
-        return EncodedImage(bytes(data), box, self.crop_px, flip, jitter)
+        # One more draw only when a policy is on, so the plain path keeps the CPU preset's draws.
+        policy_seed = int(torch.randint(1 << 62, ())) \
+            if tensor_policy(*self.policy) is not None else 0
+        return EncodedImage(bytes(data), box, self.crop_px, flip, jitter, self.policy, policy_seed)
 
 
 class DeferredBatch:

@@ -7,7 +7,10 @@ rn50.small_datasets.
 
 Determinism: a training loader's order is a DistributedSampler permutation of (seed, epoch), and
 each sample's augmentation is drawn from torch's CPU generator re-seeded from (seed, epoch,
-dataset index) around that one `__getitem__` (the caller's RNG state is restored afterwards). So
+dataset index) around that one `__getitem__` (the caller's RNG state is restored afterwards). With
+repeated augmentation (`data.repeated_augmentations` = N) the samplers deal virtual indices
+`index + copy * len(dataset)`, copy < N, and the seed uses the virtual index, so the N copies of an
+image get N different augmentations (copy 0 keeps the plain index, hence the plain draws). So
 the images a rank sees for a given (seed, epoch, rank) are identical whatever `loader_workers` is,
 and a resumed run reproduces a run that never stopped, with nothing for the caller to seed.
 """
@@ -106,30 +109,63 @@ def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor | DeferredBatch, tor
     return torch.stack([image for image, _ in good]), labels, skipped
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed mixed from a sequence of ints, e.g. (seed, epoch, index)."""
     seed = 0x2545F491
     for value in values:
         seed = (seed * 0x9E3779B97F4A7C15 + int(value) + 1) % (1 << 63)
     return seed
 
 
-class _SeededAugmentation(Dataset):
-    """Draw each sample's augmentation from torch's CPU generator seeded by (seed, epoch, index)."""
+class SeededAugmentation(Dataset):
+    """Draw each sample's augmentation from torch's CPU generator seeded by (seed, epoch, index).
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    `index` may be virtual (`copy * len(dataset) + i`, repeated augmentation): sample i is read,
+    with draws seeded by the virtual index, so each copy is augmented differently.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, repeats: int = 1):
+        self.dataset, self.seed, self.epoch, self.repeats = dataset, seed, epoch, repeats
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) * self.repeats
 
     def __getitem__(self, index: int):
         generator = torch.default_generator  # CPU only: CUDA RNG state is never touched
         state = generator.get_state()
-        generator.manual_seed(_mix(self.seed, self.epoch, index))
+        generator.manual_seed(mix_seed(self.seed, self.epoch, index))
         try:
-            return self.dataset[index]
+            return self.dataset[index % len(self.dataset)]
         finally:
             generator.set_state(state)
+
+
+def _with_copies(indices: torch.Tensor, size: int, repeats: int) -> torch.Tensor:
+    """Each index followed by its other copies' virtual indices (index + copy * size)."""
+    return (indices[:, None] + torch.arange(repeats)[None, :] * size).flatten()
+
+
+class RepeatedAugmentationSampler(Sampler):
+    """torchvision's RASampler (references/classification/sampler.py), deterministic per epoch.
+
+    A seeded permutation of the data set, each index repeated `repeats` times in a row (as virtual
+    indices, see `SeededAugmentation`), dealt to ranks round-robin, so the copies of an image land
+    on different ranks when world_size >= repeats. Each rank keeps len(dataset) // world_size of
+    them, as DistributedSampler(drop_last=True) does: the epoch length is unchanged and an epoch
+    sees about len(dataset) / repeats distinct images.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, epoch: int, repeats: int):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+        per_rank = size // world_size
+        dealt = _with_copies(order, size, repeats)[rank:per_rank * world_size:world_size]
+        self.indices = dealt.tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class ShardedEvalSampler(DistributedSampler):
@@ -170,18 +206,28 @@ class RowGroupSampler(Sampler):
     another rank's. Ranks are cut to the same length (DDP needs equal step counts). The shards
     written by prepare_imagenet are globally shuffled, so this keeps the randomness of a full
     shuffle at the cost of one group's worth of correlation inside a batch.
+
+    With `repeats` > 1 (repeated augmentation) each row is followed by its other copies (virtual
+    indices, see `SeededAugmentation`) on the same rank: dealing copies to other ranks would make
+    them read each other's row groups. A rank then reads only the first ~1/repeats of its groups.
     """
 
-    def __init__(self, dataset: ParquetDataset, rank: int, world_size: int, seed: int, epoch: int):
+    def __init__(self, dataset: ParquetDataset, rank: int, world_size: int, seed: int, epoch: int,
+                 repeats: int = 1):
         groups = dataset.row_group_ranges()
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        order = torch.randperm(len(groups),
+                               generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
         per_rank = [order[r::world_size].tolist() for r in range(world_size)]
         self.length = min(sum(len(groups[g]) for g in dealt) for dealt in per_rank)
         self.indices = []
         for group in per_rank[rank]:
             rows = torch.randperm(len(groups[group]),
-                                  generator=torch.Generator().manual_seed(_mix(seed, epoch, group)))
-            self.indices += (rows + groups[group].start).tolist()
+                                  generator=torch.Generator().manual_seed(
+                                      mix_seed(seed, epoch, group)))
+            rows = _with_copies(rows + groups[group].start, len(dataset), repeats)
+            self.indices += rows.tolist()
+            if len(self.indices) >= self.length:
+                break  # the rank's remaining groups are not read this epoch
         self.indices = self.indices[:self.length]
 
     def __iter__(self):
@@ -191,26 +237,36 @@ class RowGroupSampler(Sampler):
         return self.length
 
 
+def _train_sampler(dataset: Dataset, rank: int, world_size: int, seed: int, epoch: int,
+                   repeats: int) -> Sampler:
+    """Parquet: row groups; repeated augmentation: RASampler semantics; else DistributedSampler."""
+    if isinstance(dataset, ParquetDataset):
+        return RowGroupSampler(dataset, rank, world_size, seed, epoch, repeats)
+    if repeats > 1:
+        return RepeatedAugmentationSampler(len(dataset), rank, world_size, seed, epoch, repeats)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
 def build_loader(dataset: Dataset, batch_size_per_worker: int, *, rank: int, world_size: int,
                  seed: int, epoch: int, train: bool, loader_workers: int = 0,
-                 skip_batches: int = 0) -> DataLoader:
+                 skip_batches: int = 0, repeated_augmentations: int = 1) -> DataLoader:
     """This rank's loader for one epoch: train shuffles by (seed, epoch) and drops the ragged tail
     (DistributedSampler, drop_last), starting after `skip_batches` batches; val is an unshuffled,
-    unpadded 1/world_size shard."""
-    if train and isinstance(dataset, ParquetDataset):
-        sampler = RowGroupSampler(dataset, rank, world_size, seed, epoch)
-    elif train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
+    unpadded 1/world_size shard. `repeated_augmentations` (train only, `data.repeated_augmentations`)
+    shows each image that many times per epoch, each copy augmented differently."""
     if train:
+        repeats = repeated_augmentations
+        sampler = _train_sampler(dataset, rank, world_size, seed, epoch, repeats)
         if skip_batches:
             sampler = _SkipSampler(sampler, skip_batches * batch_size_per_worker)
-        dataset = _SeededAugmentation(dataset, seed, epoch)
+        dataset = SeededAugmentation(dataset, seed, epoch, repeats)
     else:
         sampler = ShardedEvalSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(dataset, batch_size=batch_size_per_worker, sampler=sampler,
                       num_workers=loader_workers, collate_fn=collate_skip_corrupt, drop_last=train,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       worker_init_fn=_worker_init if loader_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(_mix(seed, epoch, rank)))
+                      generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank)))

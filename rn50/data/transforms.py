@@ -1,12 +1,15 @@
 """Image decoding and augmentation presets (torchvision-references style), uint8 end to end.
 
-The CPU side only decodes, crops and flips: presets return a uint8 CHW tensor, and `normalize`
-turns a uint8 batch into floats on the device, where it is nearly free. Decoding dominates the CPU
-cost, so `load_rgb` asks Pillow's JPEG decoder for a reduced-size image (`Image.draft`, DCT-domain
-downscaling by 1/2, 1/4 or 1/8) whenever the file is much larger than the crop needs.
+The CPU side decodes, crops, flips and applies the per-image regularizers (an AutoAugment-family
+policy on the PIL crop, RandomErasing on the uint8 tensor): presets return a uint8 CHW tensor, and
+`normalize` turns a uint8 batch into floats on the device, where it is nearly free. Decoding
+dominates the CPU cost, so `load_rgb` asks Pillow's JPEG decoder for a reduced-size image
+(`Image.draft`, DCT-domain downscaling by 1/2, 1/4 or 1/8) whenever the file is much larger than
+the crop needs.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Callable
@@ -14,9 +17,13 @@ from typing import Callable
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's reference erases the normalised tensor with 0, i.e. the mean colour; on the uint8
+# crop that colour is round(255 x mean), within half a grey level of it.
+ERASE_VALUE_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -49,8 +56,8 @@ def load_rgb(source: str | os.PathLike | bytes, min_side_px: int = 0) -> Image.I
 class Preset:
     """A PIL -> uint8 CHW tensor transform; `draft_px` tells loaders how small they may decode."""
 
-    def __init__(self, steps: list[Callable], draft_px: int):
-        self.transform = T.Compose([*steps, T.PILToTensor()])
+    def __init__(self, steps: list[Callable], draft_px: int, tensor_steps: tuple = ()):
+        self.transform = T.Compose([*steps, T.PILToTensor(), *tensor_steps])
         self.draft_px = draft_px
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -99,7 +106,37 @@ def train_transform(data_cfg) -> Preset:
     if data_cfg.color_jitter > 0:
         cj = data_cfg.color_jitter
         steps.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
-    return Preset(steps, draft_px=data_cfg.train_crop_px)
+    policy = auto_augment_policy(data_cfg.auto_augment)
+    if policy is not None:
+        steps.append(policy)  # on the PIL crop, as torchvision's references (PIL backend) do
+    return Preset(steps, draft_px=data_cfg.train_crop_px,
+                  tensor_steps=tuple(erasing_steps(data_cfg.random_erasing_prob)))
+
+
+def auto_augment_policy(name: str) -> v2.Transform | None:
+    """torchvision's v2 policy for `data.auto_augment`, set up as the classification references."""
+    bilinear = v2.InterpolationMode.BILINEAR
+    policies = {"trivialaugment_wide": lambda: v2.TrivialAugmentWide(interpolation=bilinear),
+                "randaugment": lambda: v2.RandAugment(interpolation=bilinear),
+                "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, bilinear)}
+    if name == "none":
+        return None
+    if name not in policies:
+        raise ValueError(f"unknown data.auto_augment {name!r}; known: none, {', '.join(policies)}")
+    return policies[name]()
+
+
+def erasing_steps(prob: float) -> list[v2.Transform]:
+    """[v2.RandomErasing(prob) filling with the mean colour] for a uint8 CHW image; [] at 0."""
+    return [v2.RandomErasing(p=prob, value=list(ERASE_VALUE_UINT8))] if prob > 0 else []
+
+
+@functools.lru_cache(maxsize=8)
+def tensor_policy(auto_augment: str, random_erasing_prob: float) -> v2.Compose | None:
+    """The per-image policies for a uint8 CHW tensor on any device (the device-decode path)."""
+    policy = auto_augment_policy(auto_augment)
+    steps = ([policy] if policy is not None else []) + erasing_steps(random_erasing_prob)
+    return v2.Compose(steps) if steps else None
 
 
 def val_transform(data_cfg) -> Preset:

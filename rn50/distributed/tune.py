@@ -75,10 +75,11 @@ def _tuner(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.T
         return ray.tune.Tuner.restore(restore_path, trainable, resume_errored=True,
                                       storage_filesystem=filesystem, param_space=param_space(spec))
     return ray.tune.Tuner(trainable, param_space=param_space(spec), run_config=run_config,
-                          tune_config=_tune_config(spec, sweep, concurrency))
+                          tune_config=tune_config(spec, sweep, concurrency))
 
 
-def _tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.TuneConfig:
+def tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.TuneConfig:
+    """The TuneConfig of a sweep: its metric and mode, ASHA (epochs as time), the searcher."""
     scheduler = None
     if spec.asha is not None:
         # One Tune iteration is one reported epoch, so grace and max_t are in epochs.

@@ -66,7 +66,8 @@ class _Worker:
         return build_loader(dataset, self.batch_per_worker, rank=self.rank,
                             world_size=self.world_size, seed=self.config.train.seed, epoch=epoch,
                             train=train, loader_workers=self.config.data.loader_workers,
-                            skip_batches=skip_batches)
+                            skip_batches=skip_batches,
+                            repeated_augmentations=self.config.data.repeated_augmentations)
 
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
@@ -99,9 +100,9 @@ def _set_up(config: Config) -> _Worker:
         model = _wrap_ddp(model, device)
     model = maybe_compile(model, config.train.compile)
     # Full batches per rank, as the samplers deal them (equal on every rank).
-    steps_per_epoch = len(build_loader(train_set, batch_per_worker, rank=rank,
-                                       world_size=world_size, seed=config.train.seed, epoch=0,
-                                       train=True))
+    steps_per_epoch = len(build_loader(
+        train_set, batch_per_worker, rank=rank, world_size=world_size, seed=config.train.seed,
+        epoch=0, train=True, repeated_augmentations=config.data.repeated_augmentations))
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
                          f"batch ({config.train.global_batch_size}); lower train.global_batch_size")
@@ -144,10 +145,9 @@ def _train(worker: _Worker, run: RunContext) -> None:
         set_train_crop_px(worker.train_set, crop_px)
         lr = state.optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(
-            state.model, worker.loader(worker.train_set, epoch, train=True, skip_batches=skip),
-            state.optimizer, state.scheduler, state.ema, worker.device, config,
-            log=lambda message: _log(rank, f"epoch {epoch} {message}"),
-            start_step=skip, after_step=after_step, scaler=state.scaler)
+            state, worker.loader(worker.train_set, epoch, train=True, skip_batches=skip),
+            worker.device, config, log=lambda message: _log(rank, f"epoch {epoch} {message}"),
+            start_step=skip, after_step=after_step)
         val = evaluate(state.model, worker.loader(worker.val_set, epoch, train=False),
                        worker.device, channels_last=config.model.channels_last,
                        amp=config.train.amp, amp_dtype=config.train.amp_dtype)

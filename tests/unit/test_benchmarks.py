@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
+from PIL import Image
 
 from benchmarks.ckpt_step_times import classify
 from benchmarks.ray_data_vs_loader import decode_batch
@@ -95,3 +97,42 @@ def test_every_cross_benchmark_import_resolves():
                 module = importlib.import_module(node.module)
                 for alias in node.names:
                     assert hasattr(module, alias.name), f"{script.name}: {node.module}.{alias.name}"
+
+
+def test_augmentation_benchmark_writes_its_grid_and_figures(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    generate_jpegs(images, count=4)
+    out, grid = tmp_path / "augmentations.json", tmp_path / "augmentations.png"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "augmentations.py"),
+                           "--images", str(images), "--repeats", "1", "--grid-images", "3",
+                           "--crop-px", "64", "--out", str(out), "--grid", str(grid)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 4 and figures["machine"]["cpus"] == os.cpu_count()
+    assert figures["command"].startswith("python benchmarks/augmentations.py --images")
+    rows = figures["per_image"]
+    assert set(rows) == {"none", "trivialaugment_wide", "randaugment", "autoaugment",
+                         "random_erasing", "all"} and rows["none"]["ratio_vs_none"] == 1.0
+    assert all(row["images_per_s"] > 0 and row["transform_only_images_per_s"] > 0
+               for row in rows.values())
+    assert figures["figures"]["mixup_ms_per_batch_64_cpu"] > 0
+    assert figures["figures"]["trivialaugment_wide_ratio_vs_none"] == \
+        rows["trivialaugment_wide"]["ratio_vs_none"]
+    with Image.open(grid) as picture:  # 8 rows (none ... all) of 3 tiles of 64 px
+        assert picture.size == (6 + 3 * (64 + 6), 8 * (16 + 64 + 14 + 6))
+
+
+def test_augmentation_grid_rows_show_each_augmentation(tmp_path):
+    from benchmarks.augmentations import GRID_ROWS, grid_rows
+    sources = [path.read_bytes() for path in generate_jpegs(tmp_path, count=3)]
+    rows = grid_rows(sources, ["a", "b", "c"], crop_px=48)
+    assert list(rows) == list(GRID_ROWS)
+    plain = rows["none"][0]
+    for name, (batch, captions) in rows.items():
+        assert batch.shape == (3, 3, 48, 48) and batch.dtype == torch.uint8 and len(captions) == 3
+        if name != "none":  # every augmentation changes what the model sees
+            assert not torch.equal(batch, plain), name
+    assert rows["none"][1] == ["a", "b", "c"]
+    assert all(" + " in caption for caption in rows["cutmix"][1])  # two labels, two weights

@@ -32,6 +32,15 @@ def test_overrides_coerce_types():
     ("optim.label_smoothing=1.5", "'optim.label_smoothing' must be in [0, 1)"),
     ("train.global_batch_size=63", "divisible by 'scaling.num_workers'"),
     ("lr=0.2", "must look like section.field=value"),
+    ("data.auto_augment=randaug", "'data.auto_augment' must be one of"),
+    ("data.random_erasing_prob=1.0", "'data.random_erasing_prob' must be in [0, 1)"),
+    ("data.random_erasing_prob=-0.1", "'data.random_erasing_prob' must be in [0, 1)"),
+    ("model.stochastic_depth_prob=1", "'model.stochastic_depth_prob' must be in [0, 1)"),
+    ("train.mixup_alpha=-0.2", "'train.mixup_alpha' must be >= 0"),
+    ("train.cutmix_alpha=.nan", "'train.cutmix_alpha' must be a finite number"),
+    ("train.mixup_alpha=.inf", "'train.mixup_alpha' must be a finite number"),
+    ("data.repeated_augmentations=0", "'data.repeated_augmentations' must be >= 1"),
+    ("data.repeated_augmentations=2.5", "'data.repeated_augmentations' expects int"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -99,3 +108,19 @@ def test_progressive_resizing_bounds_are_checked():
     with pytest.raises(ConfigError, match="progressive_start_epoch"):
         load_config("demo", ["data.progressive_min_px=16", "data.progressive_start_epoch=5",
                              "data.progressive_end_epoch=2"])
+
+
+def test_the_regularizers_are_off_by_default_and_in_the_demo():
+    off = {"data.auto_augment": "none", "data.random_erasing_prob": 0.0,
+           "data.repeated_augmentations": 1, "train.mixup_alpha": 0.0, "train.cutmix_alpha": 0.0,
+           "model.stochastic_depth_prob": 0.0}
+    for config in (Config(), load_config("demo")):
+        assert {key: config.flat()[key] for key in off} == off
+
+
+def test_the_regularizers_accept_their_documented_values():
+    config = load_config("demo", ["data.auto_augment=trivialaugment_wide",
+                                  "data.random_erasing_prob=0.25", "data.repeated_augmentations=4",
+                                  "train.mixup_alpha=0.2", "train.cutmix_alpha=1",
+                                  "model.stochastic_depth_prob=0.05"])
+    assert config.data.repeated_augmentations == 4 and config.train.cutmix_alpha == 1.0

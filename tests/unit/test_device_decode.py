@@ -14,6 +14,7 @@ from rn50.data.loaders import build_datasets, build_loader, collate_skip_corrupt
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
 from rn50.core.engine import build_optimizer, train_one_epoch
 from rn50.core.schedule import build_scheduler
+from rn50.core.training_state import TrainingState
 from rn50.data.transforms import load_rgb, train_transform
 
 
@@ -106,6 +107,7 @@ def test_loader_with_workers_is_deterministic_and_trains(tmp_path):
                           nn.Linear(8, 10))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, 3, 1, config.schedule)
-    stats = train_one_epoch(model, build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True), optimizer,
-                            scheduler, None, torch.device("cpu"), config)
+    loader = build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True)
+    stats = train_one_epoch(TrainingState(model, optimizer, scheduler), loader,
+                            torch.device("cpu"), config)
     assert stats.images == 96 and stats.skipped_images == 0 and np.isfinite(stats.loss)

@@ -41,7 +41,7 @@ def _train(model: nn.Module, config: Config, epochs: int) -> list[float]:
     scheduler = build_scheduler(optimizer, 8, epochs, config.schedule)
     losses = []
     for _ in range(epochs):
-        stats = train_one_epoch(model, _batches(), optimizer, scheduler, None,
+        stats = train_one_epoch(TrainingState(model, optimizer, scheduler), _batches(),
                                 torch.device("cpu"), config)
         assert stats.images == 8 * 16 and stats.skipped_images == 0
         losses.append(stats.loss)
@@ -78,8 +78,8 @@ def test_fp16_loss_scaler_trains_and_its_state_survives_a_checkpoint():
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, 8, 1, config.schedule)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    stats = train_one_epoch(model, _batches(), optimizer, scheduler, None, torch.device("cpu"),
-                            config, scaler=scaler)
+    stats = train_one_epoch(TrainingState(model, optimizer, scheduler, scaler=scaler), _batches(),
+                            torch.device("cpu"), config)
     assert stats.loss == stats.loss  # finite, not NaN
     assert scaler.get_scale() == 1024.0 * 2 ** 4  # 8 finite steps, growth every 2
     state = TrainingState(model, optimizer, scheduler, scaler=scaler).state_dict(

@@ -78,3 +78,40 @@ def test_unwrap_compiled_like_wrapper():
             super().__init__()
             self._orig_mod = model
     assert unwrap(Wrapper()) is model
+
+
+def _pair(arch: str = "resnet50", p: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same weights with and without stochastic depth (zero-init off: with it every residual
+    branch starts at 0, and dropping a zero would go unseen)."""
+    plain = build_model(ModelConfig(arch=arch, zero_init_residual=False), 10)
+    dropped = build_model(ModelConfig(arch=arch, zero_init_residual=False,
+                                      stochastic_depth_prob=p), 10)
+    dropped.load_state_dict(plain.state_dict())  # strict: the keys are the same
+    return plain, dropped
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet50d", "resnet50_blurpool"])
+def test_stochastic_depth_drops_each_block_with_the_linear_rule(arch):
+    from torchvision.ops import StochasticDepth
+    plain, dropped = _pair(arch, p=0.2)
+    drops = [m for m in dropped.modules() if isinstance(m, StochasticDepth)]
+    assert [d.mode for d in drops] == ["row"] * 16
+    assert [d.p for d in drops] == pytest.approx([0.2 * block / 16 for block in range(1, 17)])
+    assert list(dropped.state_dict()) == list(plain.state_dict())  # checkpoints stay loadable
+    plain.load_state_dict(dropped.state_dict())
+    assert not any(isinstance(m, StochasticDepth) for m in plain.modules())
+
+
+def test_stochastic_depth_is_the_identity_in_eval_and_drops_in_train():
+    plain, dropped = _pair()
+    images = torch.randn(4, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    torch.manual_seed(0)
+    assert torch.equal(dropped(images), plain(images))
+    plain.train(), dropped.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(dropped(images), plain(images))
+    torch.manual_seed(0)
+    first = dropped(images)
+    torch.manual_seed(0)
+    assert torch.equal(dropped(images), first)  # its draws come from the seeded generator
