@@ -2,7 +2,8 @@
 
     python -m rn50.checkpoint fingerprint CHECKPOINT   # SHA-256 of the model weights
     python -m rn50.checkpoint verify CHECKPOINT        # files match the manifest?
-    python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified
+    python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified,
+                                                       # the best (checkpoint.keep_best_by) marked
 
 The API underneath is `rn50.core.checkpoint`.
 """
@@ -10,20 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 from typing import Any
 
-from rn50.core.checkpoint import CHECKPOINT_DIR_NAME, CheckpointError, load_state, verify
+from rn50.core.checkpoint import (BEST_DIR, CHECKPOINT_DIR_NAME, CheckpointError, best_checkpoint,
+                                  load_state, verify)
 from rn50.core.training_state import fingerprint_weights
 from rn50.io import storage
 
 
 def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
-    """One row per `checkpoint_*` of a run: name, epoch, steps, size, val_top1, verified."""
+    """One row per checkpoint of a run (its `checkpoint_*` folders, then its best copy): name,
+    epoch, steps, size, val_top1, verified, best."""
+    best = best_checkpoint(run_uri)
+    names = sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n))
     rows = []
-    for name in sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n)):
+    for name in names + ([f"{BEST_DIR}/{posixpath.basename(best)}"] if best else []):
         row = {"checkpoint": name, "epoch": None, "steps_done": None, "size_mb": None,
-               "val_top1": None, "verified": "yes"}
+               "val_top1": None, "verified": "yes",
+               "best": bool(best) and posixpath.basename(name) == posixpath.basename(best)}
         try:
             manifest = verify(storage.join(run_uri, name))
         except CheckpointError as err:
@@ -48,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in list_checkpoints(args.uri):
                 top1 = "-" if row["val_top1"] is None else f"{row['val_top1']:.2f}"
                 print(f"{row['checkpoint']}  epoch={row['epoch']} steps={row['steps_done']} "
-                      f"size_mb={row['size_mb']} val_top1={top1} verified={row['verified']}")
+                      f"size_mb={row['size_mb']} val_top1={top1} verified={row['verified']}"
+                      + ("  <- best" if row["best"] else ""))
         elif args.command == "verify":
             print(f"OK {args.uri} {json.dumps(verify(args.uri)['summary'])}")
         else:

@@ -178,6 +178,10 @@ class CheckpointConfig:
     notice) and checkpoint at once if so; 0 = never ask."""
     keep_last: int = 2
     """How many recent checkpoints Ray keeps in storage."""
+    keep_best_by: str = "val_top1"
+    """Also keep the epoch-end checkpoint that is best by this validation metric, in the run's
+    `best/` folder, never pruned while it is the best: `val_top1` (the trained weights),
+    `val_top1_ema` (the EMA weights, evaluated each epoch; needs train.ema_decay > 0) or `none`."""
     max_failures: int = 3
     """How many worker-group failures a run survives by restarting from its latest checkpoint."""
 
@@ -305,6 +309,7 @@ _CHOICES = {
     "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
     "train.amp_dtype": ("bfloat16", "float16"),
     "schedule.decay": ("step", "cosine", "linear"),
+    "checkpoint.keep_best_by": ("val_top1", "val_top1_ema", "none"),
 }
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",
              "optim.lr", "optim.lr_reference_batch_size", "train.epochs",
@@ -361,6 +366,9 @@ def _validate_regularizers(config: Config) -> None:
     if config.data.repeated_augmentations < 1:
         raise ConfigError("'data.repeated_augmentations' must be >= 1 (1 = off), got "
                           f"{config.data.repeated_augmentations!r}")
+    if config.checkpoint.keep_best_by == "val_top1_ema" and config.train.ema_decay <= 0:
+        raise ConfigError("'checkpoint.keep_best_by=val_top1_ema' needs EMA weights: set "
+                          "'train.ema_decay' (e.g. 0.9999), or keep the best by 'val_top1'")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

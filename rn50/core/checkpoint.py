@@ -35,6 +35,9 @@ READ_ATTEMPTS = 4    # 2+4+8 s: a passing read error is retried, never taken for
 # Ray names checkpoint folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff> (sorting is chronological);
 # the same run folder also holds checkpoint_manager_snapshot.json, which is not one.
 CHECKPOINT_DIR_NAME = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
+# The best checkpoint by validation metric (checkpoint.keep_best_by) is copied into this folder of
+# the run; Ray neither sees nor prunes it, and resume never reads it.
+BEST_DIR = "best"
 
 log = logging.getLogger(__name__)
 Location = tuple[pafs.FileSystem, str]
@@ -198,12 +201,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("RN50_CACHE") or "~/.cache/rn50").expanduser()
 
 
-def find_checkpoint(uri: str) -> str:
-    """`uri` if it is a checkpoint folder, else the newest finished `checkpoint_*` inside it."""
+def keep_as_best(run: str | Location, checkpoint_path: str) -> str:
+    """Copy an uploaded checkpoint into the run's `best/` folder, then drop the previous best
+    (only once the new copy verifies, so there is always a best); return the copy's path."""
+    filesystem, run_dir = _locate(run)
+    best_dir = f"{run_dir}/{BEST_DIR}"
+    target = f"{best_dir}/{posixpath.basename(checkpoint_path.rstrip('/'))}"
+    def copy() -> None:
+        filesystem.create_dir(target, recursive=True)  # copy_files does not create it
+        pafs.copy_files(checkpoint_path, target, source_filesystem=filesystem,
+                        destination_filesystem=filesystem)
+    _with_retries(f"copying {checkpoint_path} to {best_dir}", copy, UPLOAD_ATTEMPTS)
+    verify((filesystem, target), hashes=False)
+    for info in filesystem.get_file_info(pafs.FileSelector(best_dir, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.path.rstrip("/") != target:
+            filesystem.delete_dir(info.path)
+    return target
+
+
+def best_checkpoint(run_uri: str) -> str | None:
+    """The run's best checkpoint (in `best/`, see `keep_as_best`), or None if it keeps none."""
+    best_dir = storage.join(run_uri.rstrip("/"), BEST_DIR)
+    names = [n for n in storage.list_dir(best_dir) if CHECKPOINT_DIR_NAME.match(n)]
+    return storage.join(best_dir, max(names)) if names else None
+
+
+def find_checkpoint(uri: str, latest: bool = False) -> str:
+    """`uri` if it is a checkpoint folder, else the run's best checkpoint (unless `latest`, or it
+    keeps none), else its newest finished `checkpoint_*`."""
     uri = uri.rstrip("/")
     names = storage.list_dir(uri)
     if MANIFEST_FILE in names:
         return uri
+    best = None if latest or BEST_DIR not in names else best_checkpoint(uri)
+    if best and storage.exists(storage.join(best, MANIFEST_FILE)):
+        return best
     for name in sorted((n for n in names if CHECKPOINT_DIR_NAME.match(n)), reverse=True):
         if storage.exists(storage.join(uri, name, MANIFEST_FILE)):
             return storage.join(uri, name)
@@ -213,9 +245,10 @@ def find_checkpoint(uri: str) -> str:
                           "an MLflow model URI (runs:/<run id>/model)")
 
 
-def download(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """A verified local checkpoint folder for `uri`; s3:// ones are copied to a cache once."""
-    uri = find_checkpoint(uri)
+def download(uri: str, cache_dir: str | Path | None = None, latest: bool = False) -> Path:
+    """A verified local checkpoint folder for `uri` (a run: its best, or newest if `latest`);
+    s3:// ones are copied to a cache once."""
+    uri = find_checkpoint(uri, latest)
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser()
         verify(path)

@@ -132,5 +132,16 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
     return {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
             "epochs": summary["epoch"] + 1, "checkpoint": _checkpoint_uri(result.checkpoint,
                                                                         storage_uri),
+            **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
             "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
             "wall_s": round(time.time() - start, 1)}
+
+
+def _best_of_run(storage_uri: str, name: str, metric: str) -> dict:
+    """The run's best checkpoint and its metric, for the RESULT line (nothing if it keeps none)."""
+    best = ckpt.best_checkpoint(storage.run_uri(storage_uri, name)) if metric != "none" else None
+    if best is None:
+        return {}
+    summary = ckpt.verify(best, hashes=False)["summary"]
+    return {"best_checkpoint": best, f"best_{metric}": summary.get(metric),
+            "best_epoch": summary.get("epoch")}

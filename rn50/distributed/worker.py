@@ -9,6 +9,7 @@ that launches it is `rn50/distributed/driver.py`; everything not Ray-specific li
 """
 from __future__ import annotations
 
+import copy
 import logging
 import posixpath
 import tempfile
@@ -26,7 +27,7 @@ from rn50.config import Config
 from rn50.core import checkpoint as ckpt
 from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                               train_one_epoch)
-from rn50.core.model import EMA, build_model, place_model
+from rn50.core.model import EMA, build_model, place_model, unwrap
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
 from rn50.data.loaders import build_datasets, build_loader, set_train_crop_px
@@ -60,6 +61,8 @@ class _Worker:
     state: TrainingState
     start_epoch: int = 0
     start_step: int = 0
+    best_value: float | None = None
+    """The best `checkpoint.keep_best_by` value so far (saved in checkpoints, so it resumes)."""
 
     def loader(self, dataset: Dataset, epoch: int, train: bool, skip_batches: int = 0):
         """This rank's loader of `dataset` for `epoch` (see `rn50.data.loaders.build_loader`)."""
@@ -72,7 +75,19 @@ class _Worker:
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
         return self.state.snapshot(self.rank, epoch, steps_done, self.config.to_dict(),
-                                   extra={"class_names": self.class_names})
+                                   extra={"class_names": self.class_names,
+                                          "best_value": self.best_value})
+
+    def improves_best(self, metrics: dict) -> bool:
+        """Whether this epoch's `checkpoint.keep_best_by` metric beats the best so far (and if
+        so, remember it)."""
+        metric = self.config.checkpoint.keep_best_by
+        if metric == "none" or metrics.get(metric) is None:
+            return False
+        if self.best_value is not None and metrics[metric] <= self.best_value:
+            return False
+        self.best_value = metrics[metric]
+        return True
 
 
 def train_loop_per_worker(run: RunContext) -> None:
@@ -118,6 +133,7 @@ def _set_up(config: Config) -> _Worker:
     if resumed is not None:
         worker.start_epoch, worker.start_step = worker.state.restore(
             resumed, worker.steps_per_epoch, rank=rank)
+        worker.best_value = resumed.get("best_value")
     return worker
 
 
@@ -155,15 +171,28 @@ def _train(worker: _Worker, run: RunContext) -> None:
                    "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
                    "train_crop_px": crop_px}
+        if config.checkpoint.keep_best_by == "val_top1_ema":
+            metrics["val_top1_ema"] = _evaluate_ema(worker, epoch)["top1"]
         _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if rank == 0:
             tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, _mlflow_names(metrics),
                                  step=epoch)
         last = epoch == config.train.epochs - 1
-        wants_checkpoint = last or (epoch + 1) % config.checkpoint.every_epochs == 0
+        best = worker.improves_best(metrics)  # the best is always checkpointed, to be kept
+        wants_checkpoint = best or last or (epoch + 1) % config.checkpoint.every_epochs == 0
         report(metrics, worker.snapshot(epoch, worker.steps_per_epoch) if wants_checkpoint
-               else None, rank)
+               else None, rank, keep_as_best=best)
         saves.saved()
+
+
+def _evaluate_ema(worker: _Worker, epoch: int) -> dict[str, float]:
+    """Validation metrics of the EMA weights (a copy of the model holding them)."""
+    averaged = copy.deepcopy(unwrap(worker.state.model))
+    averaged.load_state_dict(worker.state.ema.state_dict())
+    config = worker.config
+    return evaluate(averaged, worker.loader(worker.val_set, epoch, train=False), worker.device,
+                    channels_last=config.model.channels_last, amp=config.train.amp,
+                    amp_dtype=config.train.amp_dtype)
 
 
 def _pick_device() -> torch.device:
@@ -215,10 +244,11 @@ def _load_resume_state(rank: int) -> dict | None:
 
 
 def report(metrics: dict, state: dict | None, rank: int,
-           on_upload: UploadObserver | None = None) -> None:
+           on_upload: UploadObserver | None = None, keep_as_best: bool = False) -> None:
     """Every rank reports; rank 0 attaches its checkpoint, uploaded while training goes on.
 
-    `on_upload(start_s, end_s)` (perf_counter seconds) is told when each upload finished."""
+    `on_upload(start_s, end_s)` (perf_counter seconds) is told when each upload finished;
+    `keep_as_best` also copies the uploaded checkpoint into the run's `best/` folder."""
     if state is None or rank != 0:
         ray.train.report(metrics)
         return
@@ -229,10 +259,10 @@ def report(metrics: dict, state: dict | None, rank: int,
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=_verified_upload(ray.train.get_context().get_storage(),
-                                                           on_upload))
+                                                           on_upload, keep_as_best))
 
 
-def _verified_upload(storage_context, on_upload: UploadObserver | None):
+def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_best: bool):
     """Ray's own upload, retried and checked by `rn50.core.checkpoint.upload_with_retries`."""
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         start_s = time.perf_counter()
@@ -242,6 +272,9 @@ def _verified_upload(storage_context, on_upload: UploadObserver | None):
             persisted[:] = [storage_context.persist_current_checkpoint(checkpoint, dir_name)]
             return persisted[0].filesystem, persisted[0].path
         ckpt.upload_with_retries(persist, dir_name)
+        if keep_as_best:  # before Ray hears of it: Ray may prune the original later
+            ckpt.keep_as_best((storage_context.storage_filesystem,
+                               storage_context.experiment_fs_path), persisted[0].path)
         if on_upload is not None:
             on_upload(start_s, time.perf_counter())
         return persisted[0]

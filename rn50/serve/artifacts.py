@@ -94,8 +94,8 @@ def _config(raw: dict, overrides: list[str]) -> Config:
     return Config.from_dict(apply_overrides(raw, overrides))
 
 
-def _from_checkpoint(uri: str, ema: bool, overrides: list[str]) -> LoadedModel:
-    directory = download(uri)
+def _from_checkpoint(uri: str, ema: bool, overrides: list[str], latest: bool) -> LoadedModel:
+    directory = download(uri, latest=latest)
     state = load_checkpoint(directory)
     config = _config(state["config"], overrides)
     if ema and state.get("ema") is None:
@@ -177,12 +177,17 @@ def _from_mlflow(uri: str, tracking_uri: str, overrides: list[str]) -> LoadedMod
     return LoadedModel(classifier, config, arch, uri, "mlflow", run_id)
 
 
+LATEST_HELP = ("with a run directory, use its newest checkpoint instead of its best "
+               "(checkpoint.keep_best_by)")
+
+
 def load_model(uri: str, ema: bool = False, overrides: list[str] | None = None,
-               tracking_uri: str = "") -> LoadedModel:
-    """Load a checkpoint (local/s3://, EMA weights if asked) or an MLflow model for inference."""
+               tracking_uri: str = "", latest: bool = False) -> LoadedModel:
+    """Load a checkpoint (local/s3://; a run directory gives its best checkpoint, or its newest
+    with `latest`; EMA weights if asked) or an MLflow model for inference."""
     if uri.startswith(MLFLOW_PREFIXES):
         if ema:
             raise ArtifactError("EMA weights live only in checkpoints; pass a checkpoint "
                                 "directory instead of an MLflow model URI, or drop the EMA option")
         return _from_mlflow(uri, tracking_uri, overrides or [])
-    return _from_checkpoint(uri, ema, overrides or [])
+    return _from_checkpoint(uri, ema, overrides or [], latest)

@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from rn50.serve.artifacts import USER_ERRORS, load_model  # noqa: E402
+from rn50.serve.artifacts import LATEST_HELP, USER_ERRORS, load_model  # noqa: E402
 from rn50.serve.inference import MAX_UPLOAD_BYTES, build_app  # noqa: E402
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint or run directory (local or s3://) or MLflow model URI")
     parser.add_argument("--ema", action="store_true", help="serve the EMA weights")
+    parser.add_argument("--latest", action="store_true", help=LATEST_HELP)
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (0.0.0.0 for every interface)")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rn50.io.tracking import resolve_tracking_uri
     try:
-        loaded = load_model(args.checkpoint, args.ema,
+        loaded = load_model(args.checkpoint, args.ema, latest=args.latest,
                             tracking_uri=resolve_tracking_uri(args.tracking_uri))
         if args.export_space:
             from rn50.serve.export import export_space

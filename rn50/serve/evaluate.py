@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rn50.serve.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
+from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # noqa: F401
+                                  LoadedModel, class_names_for)
 from rn50.serve.artifacts import load_model
 from rn50.data.loaders import build_val_dataset
 from rn50.data.datasets import DataError
@@ -37,6 +38,7 @@ class EvalSpec:
     """Everything a shard task needs to rebuild the model and data (picklable, hashable)."""
     checkpoint: str
     ema: bool = False
+    latest: bool = False
     tta_flip: bool = False
     overrides: tuple[str, ...] = ()
     tracking_uri: str = ""
@@ -77,7 +79,8 @@ def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, confi
 @lru_cache(maxsize=2)
 def prepare(spec: EvalSpec) -> tuple[LoadedModel, Dataset]:
     """The model and validation set for `spec`, loaded once per process."""
-    loaded = load_model(spec.checkpoint, spec.ema, list(spec.overrides), spec.tracking_uri)
+    loaded = load_model(spec.checkpoint, spec.ema, list(spec.overrides), spec.tracking_uri,
+                        latest=spec.latest)
     if loaded.config is None:
         raise ArtifactError(f"{spec.checkpoint} comes with no recipe, so its validation set is "
                             "unknown: evaluate its checkpoint, or the run's logged model")
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint or run directory (local or s3://), or an MLflow model "
                              "URI (runs:/<run id>/model, models:/<name>/<version>)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--latest", action="store_true", help=LATEST_HELP)
     parser.add_argument("--tta-flip", action="store_true",
                         help="average the logits of each image and its mirror image")
     parser.add_argument("--workers", type=int, default=1,
@@ -258,7 +262,8 @@ def spec_from_args(args: argparse.Namespace, tracking_uri: str) -> EvalSpec:
     for name in ("workers", "batch_size", "gallery_size"):
         if getattr(args, name) < 1:
             raise ArtifactError(f"--{name.replace('_', '-')} must be at least 1")
-    return EvalSpec(checkpoint=args.checkpoint, ema=args.ema, tta_flip=args.tta_flip,
+    return EvalSpec(checkpoint=args.checkpoint, ema=args.ema, latest=args.latest,
+                    tta_flip=args.tta_flip,
                     overrides=tuple(args.overrides), tracking_uri=tracking_uri,
                     batch_size=args.batch_size, threads=max(1, int(args.cpus_per_worker)),
                     gallery_size=args.gallery_size)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from rn50.serve import inference
-from rn50.serve.artifacts import USER_ERRORS, ArtifactError, LoadedModel, load_model
+from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError, LoadedModel,
+                                  load_model)
 from rn50.serve.inference import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("torchvision", "onnx", "mlflow", "space")
@@ -161,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint/run dir or MLflow URI")
     parser.add_argument("--out", default="exports", help="output directory")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights")
+    parser.add_argument("--latest", action="store_true", help=LATEST_HELP)
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI for runs:/ URIs")
     args = parser.parse_args(argv)
     from rn50.io.tracking import resolve_tracking_uri
     try:
-        loaded = load_model(args.checkpoint, args.ema,
+        loaded = load_model(args.checkpoint, args.ema, latest=args.latest,
                             tracking_uri=resolve_tracking_uri(args.tracking_uri))
         for path in export(loaded, args.format, args.out):
             print(f"wrote {path}")

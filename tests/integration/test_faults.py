@@ -30,6 +30,23 @@ def straight(tmp_path_factory):
     return tmp, result
 
 
+# Every regularizer of the 75-80% recipes on at once: their draws must resume to the bit too.
+REGULARIZED = ["data.auto_augment=trivialaugment_wide", "data.random_erasing_prob=0.25",
+               "data.repeated_augmentations=2", "model.stochastic_depth_prob=0.1",
+               "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "optim.label_smoothing=0.1",
+               "train.ema_decay=0.99", "checkpoint.keep_best_by=val_top1_ema"]
+
+
+@pytest.fixture(scope="module")
+def straight_regularized(tmp_path_factory):
+    """The reference with every regularizer on, never interrupted."""
+    tmp = tmp_path_factory.mktemp("faults-regularized")
+    code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
+                                    *common(tmp), *REGULARIZED])
+    assert code == 0, output[-4000:]
+    return tmp, result
+
+
 def _mid_epoch_checkpoint(run_dir, epoch: int, steps_done: int):
     return next(run_dir / name for name, summary in summaries(run_dir).items()
                 if summary.get("epoch") == epoch and summary.get("steps_done") == steps_done)
@@ -51,14 +68,14 @@ def _resume_from_copy(tmp, name: str, source, alter=None) -> dict:
     return result
 
 
-def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight, tmp_path):
-    tmp, reference = straight
-    run_dir = tmp_path / "runs" / "killed"
-    job = start_job(["--name", "killed", "--storage", str(tmp_path / "runs"), *common(tmp)],
-                    tmp_path / "job.log")
+def _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, runs, extra: list[str]) -> str:
+    """Run `killed` with a worker SIGKILLed from outside once a mid-epoch checkpoint landed;
+    return the job's output."""
+    job = start_job(["--name", "killed", "--storage", str(runs), *common(tmp), *extra],
+                    runs.parent / "job.log")
     try:
         wait_until(lambda: any(0 < s.get("steps_done", 0) < STEPS_PER_EPOCH
-                               for s in summaries(run_dir).values()), job, 600,
+                               for s in summaries(runs / "killed").values()), job, 600,
                    "the first mid-epoch checkpoint")
         pids = train_worker_pids(job)
         assert pids, "no Ray Train worker process found under the job"
@@ -67,13 +84,29 @@ def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight, tmp_p
     finally:
         if job.poll() is None:
             kill_job(job)
-    output = (tmp_path / "job.log").read_text()
+    output = (runs.parent / "job.log").read_text()
     assert code == 0, output[-6000:]
     assert "resumed from" in output, "the kill caused no restart: the test proved nothing"
     resumed_line = next(line for line in output.splitlines() if "resumed from" in line)
     assert "steps done" in resumed_line and f", {STEPS_PER_EPOCH} steps done" not in resumed_line, \
         f"expected a mid-epoch resume, got: {resumed_line}"
+    return output
+
+
+def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight, tmp_path):
+    tmp, reference = straight
+    output = _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, tmp_path / "runs", [])
     assert fingerprint(result_of(output)["checkpoint"]) == fingerprint(reference["checkpoint"])
+
+
+def test_with_every_regularizer_on_a_killed_worker_still_resumes_to_identical_weights(
+        straight_regularized, tmp_path):
+    tmp, reference = straight_regularized
+    output = _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, tmp_path / "runs",
+                                                                 REGULARIZED)
+    result = result_of(output)
+    assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
+    assert fingerprint(result["best_checkpoint"]) == fingerprint(reference["best_checkpoint"])
 
 
 def test_resuming_from_a_copied_mid_epoch_checkpoint_is_exact(straight):

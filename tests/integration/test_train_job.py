@@ -52,6 +52,9 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
         assert run.data.tags.get(tag), tag
     history = client.get_metric_history(run.info.run_id, "val/top1")
     assert sorted(m.step for m in history) == list(range(8))
+    # The best epoch's checkpoint is kept apart and named in RESULT beside the last one.
+    assert result["best_val_top1"] == pytest.approx(max(m.value for m in history))
+    assert result["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/runs/demo-s3/best/")
     for metric in ("train/loss", "val/top5", "lr", "images_per_s"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 8, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,5 +1,6 @@
 """Checkpoint files: round trip, manifest integrity, fingerprint, CLI."""
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -261,3 +262,23 @@ def test_upload_is_retried_until_the_copy_verifies(tmp_path, monkeypatch):
     verify(dest)
     with pytest.raises(OSError):
         ckpt.upload_with_retries(lambda: (_ for _ in ()).throw(OSError("down")), "c", attempts=2)
+
+
+def test_the_best_checkpoint_is_kept_apart_found_first_and_marked(tmp_path, capsys):
+    from rn50.core.checkpoint import best_checkpoint, download, find_checkpoint, keep_as_best
+    run = tmp_path / "run"
+    first, second, third = _run_with_three_checkpoints(run)
+    assert best_checkpoint(str(run)) is None and find_checkpoint(str(run)) == str(third)
+    keep_as_best(str(run), str(first))
+    keep_as_best(str(run), str(second))  # a better one replaces it
+    kept = run / "best" / second.name
+    assert best_checkpoint(str(run)) == str(kept) and [p.name for p in (run / "best").iterdir()] \
+        == [second.name]
+    shutil.rmtree(second)  # Ray pruning the original (keep_last) does not touch the best copy
+    assert find_checkpoint(str(run)) == str(kept) and download(str(run)) == kept
+    assert find_checkpoint(str(run), latest=True) == str(third)
+    assert load_checkpoint(kept)["step"] == 2
+    assert main(["ls", str(run)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith(f"best/{second.name}") and lines[-1].endswith("<- best")
+    assert not any(line.endswith("<- best") for line in lines[:-1])
