@@ -167,25 +167,33 @@ def _load_from(filesystem: pafs.FileSystem, path: str) -> dict[str, Any]:
         return load_checkpoint(local)
 
 
-def load_newest_good(run: str | Location, also: tuple[str, ...] = ()
+def load_newest_good(run: str | Location, registered: str | None = None
                      ) -> tuple[str | None, dict | None]:
-    """(path, state) of the run's newest checkpoint whose files match its manifest.
+    """(path, state) of the run's newest checkpoint whose files match its manifest, or
+    (None, None) to start from the beginning.
 
     Storage, not only Ray's record, is the source: a checkpoint uploaded moments before a crash
     may never have reached the controller, and it is still the newest complete state. A broken
     checkpoint is named and skipped; a read error is retried, and raised if it persists (falling
-    back to an older checkpoint over a passing error would silently cost work)."""
+    back to an older checkpoint over a passing error would silently cost work). When nothing
+    verifies, a run whose checkpoints were all torn mid-upload (none `registered` with Ray, which
+    records one only after its upload verified) starts over; if the registered one is broken too,
+    storage lost completed work, and that is an error."""
     filesystem, _ = _locate(run)
-    candidates = checkpoints_newest_first(run, also)
+    candidates = checkpoints_newest_first(run, (registered,) if registered else ())
     for path in candidates:
         try:
             return path, _with_retries(f"reading checkpoint {path}",
                                        lambda path=path: _load_from(filesystem, path), READ_ATTEMPTS)
         except CheckpointError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
+    if registered:
+        raise CheckpointError(f"no checkpoint of this run verifies, not even {registered}, which "
+                              "had verified when it was uploaded: start a fresh run with a new "
+                              "--name, or restore the storage")
     if candidates:
-        raise CheckpointError(f"no checkpoint of this run verifies (newest: {candidates[0]}); "
-                              "start a fresh run with a new --name, or fix the storage")
+        log.warning("no checkpoint of this run is complete (all were cut short mid-upload): "
+                    "starting from the beginning")
     return None, None
 
 

@@ -227,8 +227,8 @@ def _load_resume_state(rank: int) -> dict | None:
     latest = ray.train.get_checkpoint()
     storage_context = ray.train.get_context().get_storage()
     run = (storage_context.storage_filesystem, storage_context.experiment_fs_path)
-    also = (latest.path,) if latest is not None else ()
-    chosen, state = ckpt.load_newest_good(run, also) if rank == 0 else (None, None)
+    registered = latest.path if latest is not None else None
+    chosen, state = ckpt.load_newest_good(run, registered) if rank == 0 else (None, None)
     if dist.is_initialized():
         shared = [chosen]
         dist.broadcast_object_list(shared, src=0)  # all ranks must agree, whatever storage shows

@@ -35,12 +35,16 @@ def fingerprint(checkpoint: str) -> str:
 
 
 def summaries(run_dir: Path) -> dict[str, dict]:
-    """checkpoint folder name -> its manifest summary, for every finished checkpoint of a run."""
+    """checkpoint folder name -> its manifest summary, for every complete checkpoint of a run
+    (an upload copies the manifest in any order: every file must be there at its size)."""
     found = {}
     for manifest in sorted(run_dir.glob("checkpoint_2*/manifest.json")):
         try:
-            found[manifest.parent.name] = json.loads(manifest.read_text())["summary"]
-        except (OSError, ValueError):
+            record = json.loads(manifest.read_text())
+            if all((manifest.parent / name).stat().st_size == entry["size"]
+                   for name, entry in record["files"].items()):
+                found[manifest.parent.name] = record["summary"]
+        except (OSError, ValueError, KeyError):
             continue  # being written right now
     return found
 

@@ -194,8 +194,13 @@ def test_resume_picks_the_newest_checkpoint_that_verifies(tmp_path, caplog):
     assert load_newest_good(str(tmp_path / "empty")) == (None, None)
     for path in (first, second):
         (path / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="no checkpoint of this run verifies"):
-        load_newest_good(str(tmp_path / "run"))
+    # All torn mid-upload and none ever registered with Ray: start over, with a warning.
+    assert load_newest_good(str(tmp_path / "run")) == (None, None)
+    assert "starting from the beginning" in caplog.text
+    # But a checkpoint Ray registered (it verified when uploaded) that no longer verifies is lost
+    # work: an error, not a silent restart.
+    with pytest.raises(CheckpointError, match="not even .*had verified when it was uploaded"):
+        load_newest_good(str(tmp_path / "run"), registered=str(second))
 
 
 def _flaky_filesystem(failures: int):
