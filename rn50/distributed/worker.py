@@ -33,6 +33,7 @@ from rn50.core.training_state import TrainingState
 from rn50.data.loaders import build_datasets, build_loader, set_train_crop_px
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.io import tracking
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _set_up(config: Config) -> _Worker:
 def _train(worker: _Worker, run: RunContext) -> None:
     """Epoch by epoch from where the run left off; a checkpoint whenever one is due."""
     config, rank, state = worker.config, worker.rank, worker.state
-    saves = _MidEpochSaves(config, worker.device)
+    saves = MidEpochSaves(config, worker.device)
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
 
@@ -279,45 +280,6 @@ def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_
             on_upload(start_s, time.perf_counter())
         return persisted[0]
     return upload
-
-
-class _MidEpochSaves:
-    """Decides when to checkpoint inside an epoch: every N steps and/or every M minutes.
-
-    Every rank must call `ray.train.report` the same number of times, so a time-based decision
-    is taken on rank 0 and broadcast."""
-
-    def __init__(self, config: Config, device: torch.device):
-        self.every_steps = config.checkpoint.every_steps
-        self.every_s = config.checkpoint.every_minutes * 60
-        self.device, self.last_save = device, time.monotonic()
-        self.preemption_every = config.checkpoint.preemption_check_every_steps
-        self.preemption_seen = False
-
-    def due(self, steps_done: int) -> bool:
-        """Whether to checkpoint after `steps_done` steps of the current epoch."""
-        due = bool(self.every_steps) and steps_done % self.every_steps == 0
-        if self.every_s:
-            flag = torch.tensor([time.monotonic() - self.last_save >= self.every_s],
-                                dtype=torch.int32, device=self.device)
-            if dist.is_initialized():
-                dist.broadcast(flag, src=0)
-            due = due or bool(flag.item())
-        return due
-
-    def preempted(self, steps_done: int) -> bool:
-        """True once, when Ray first reports that a node of this run is being preempted."""
-        if not self.preemption_every or steps_done % self.preemption_every or self.preemption_seen:
-            return False
-        info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
-        if info is not None:
-            logger.warning("preemption notice: %s; checkpointing now", info)
-            self.preemption_seen = True
-        return self.preemption_seen
-
-    def saved(self) -> None:
-        """Restart the clock after any checkpoint."""
-        self.last_save = time.monotonic()
 
 
 def _mlflow_names(metrics: dict) -> dict:
