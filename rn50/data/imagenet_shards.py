@@ -1,6 +1,7 @@
 """Shuffled parquet shards of JPEG bytes + labels, in the layout `rn50.datasets.ParquetDataset`
 reads: `OUT/{train,val}/{split}-00000-of-01252.parquet`, columns `image` {bytes, path} and
-`label`, the class names (wnids) in the Hugging Face schema metadata, and `OUT/manifest.json`.
+`label`, the source's class labels (wnids, or Hugging Face's label names) in the Hugging Face
+schema metadata, and `OUT/manifest.json` with the readable names (`tench`) and the wnids beside.
 
 Each shard is written whole by one task (`write_shard`) and verified by a sidecar
 `OUT/_progress/<shard>.json` holding the plan hash and the file's SHA-256: a rerun skips every
@@ -19,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rn50.data.class_names import readable_classes
 from rn50.data.imagenet_sources import Record, filesystem, read_record
 
 JPEG_QUALITY = 90
@@ -140,13 +142,16 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
 
 
 def write_manifest(out: str, entries: list[dict], classes: list[str], options: dict) -> dict:
-    """`OUT/manifest.json`: per split the shards (rows, bytes, SHA-256), totals and classes."""
+    """`OUT/manifest.json`: per split the shards (rows, bytes, SHA-256), totals, and the classes:
+    readable names (`classes`), ImageNet wnids (`class_wnids`, or null) and the shards' labels."""
     splits: dict = {}
     for entry in sorted(entries, key=lambda e: (e["split"], e["name"])):
         split = splits.setdefault(entry["split"], {"images": 0, "shards": []})
         split["images"] += entry["rows"]
         split["shards"].append({k: entry[k] for k in ("name", "rows", "bytes", "sha256")})
-    manifest = {"format": "rn50-imagenet-parquet/1", "classes": classes, "splits": splits,
+    names, wnids = readable_classes(classes)
+    manifest = {"format": "rn50-imagenet-parquet/2", "classes": names, "class_wnids": wnids,
+                "class_labels": classes, "splits": splits,
                 "options": {k: v for k, v in options.items() if k != "source"},
                 "source": options["source"]}
     fs, root = filesystem(out)

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
-from rn50.data.small_datasets import IMAGENETTE_SYNSETS, prepare_digits, prepare_imagenette
+from rn50.data.class_names import readable_classes, readable_names
+from rn50.data.small_datasets import prepare_digits, prepare_imagenette
 from rn50.data.transforms import train_transform, val_transform
 
 
@@ -37,6 +38,9 @@ def _fixed_subset(dataset: Dataset, limit: int) -> Dataset:
 
 def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
     """Train and val datasets (uint8 tensors out) and the class names for `data_cfg`.
+
+    The names are readable: ImageNet wnids (folders, shards from the ILSVRC tars) become
+    torchvision's names (`n01440764` -> `tench`); `dataset_classes(train)` gives the wnids too.
 
     `max_val_samples` also takes a fixed shuffled subset (a plain prefix of a class-sorted folder
     would be a single class). Digits are written at 32 px regardless of the crop (the source is
@@ -58,12 +62,19 @@ def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
         val = ImageFolderDataset(root, "val", val_tf, classes=train.classes)
     else:
         raise DataError(f"unknown data.dataset {kind!r}")
-    names = [IMAGENETTE_SYNSETS.get(c, c) for c in train.classes]
+    names = readable_names(train.classes)
     if len(names) != data_cfg.num_classes:
         raise DataError(f"the data set has {len(names)} classes but data.num_classes is "
                         f"{data_cfg.num_classes}; set data.num_classes={len(names)}")
     return (_fixed_subset(train, data_cfg.max_train_samples),
             _fixed_subset(val, data_cfg.max_val_samples), names)
+
+
+def dataset_classes(dataset: Dataset) -> tuple[list[str], list[str] | None]:
+    """(readable class names, ImageNet wnids or None) of a dataset built here."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return readable_classes(dataset.classes)
 
 
 def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:

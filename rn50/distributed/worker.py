@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rn50.core import checkpoint as ckpt
 from rn50.io import tracking
 from rn50.config import Config
-from rn50.data.loaders import build_datasets, build_loader, set_train_crop_px
+from rn50.data.loaders import build_datasets, build_loader, dataset_classes, set_train_crop_px
 from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                          train_one_epoch)
 from rn50.core.model import EMA, build_model, place_model
@@ -263,9 +263,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         tracking.set_tags(tracking_uri, run_id, {"device": device.type, "world_size": world_size})
 
+    classes = {"class_names": class_names, "class_wnids": dataset_classes(train_set)[1]}
+
     def snapshot(epoch: int, steps_done: int) -> dict | None:
         return ckpt.rank0_training_state(rank, model, optimizer, scheduler, ema, epoch, steps_done,
-                                         config.to_dict(), {"class_names": class_names}, scaler)
+                                         config.to_dict(), classes, scaler)
 
     saves = _MidEpochSaves(config, device)
     for epoch in range(start_epoch, config.train.epochs):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rn50.serve.artifacts import USER_ERRORS, ArtifactError, LoadedModel, class_names_for  # noqa: F401
 from rn50.serve.artifacts import load_model
-from rn50.data.loaders import _fixed_subset
+from rn50.data.loaders import _fixed_subset, dataset_classes
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
@@ -92,7 +92,7 @@ def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, confi
     except (DataError, OSError) as err:
         log.warning("no misclassification gallery: validation data unavailable here (%s)", err)
         return ""
-    names = class_names or class_names_for(config)
+    names = class_names or dataset_classes(dataset)[0]  # readable, from the data's own labels
     return log_gallery(tracking_uri, run_id, model.cpu().eval(), dataset, names,
                        max_samples=max_samples)
 

@@ -36,7 +36,8 @@ def test_tars_on_s3_become_shuffled_verified_shards(tmp_path, s3_env):
 
     manifest = json.loads(client.get_object(Bucket=bucket, Key="imagenet-parquet/manifest.json")
                           ["Body"].read())
-    assert manifest["classes"] == WNIDS
+    assert manifest["classes"] == ["tench", "English springer", "chain saw", "parachute"]
+    assert manifest["class_wnids"] == manifest["class_labels"] == WNIDS
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 3]
     for split, size in (("train", 24), ("val", 8)):
         dataset = ParquetDataset(out, split)  # straight from S3, as training reads it
