@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.ilsvrc_tars import write_train_tar
+
 # Sorted, as the ILSVRC class tars are; ImageNet calls them tench, English springer, chain saw
 # and parachute (tests check the names the pipeline gives them).
 WNIDS = ["n01440764", "n02102040", "n03000684", "n03888257"]
@@ -50,25 +52,15 @@ def make_ilsvrc(root: Path, per_class: int = 6, val_per_class: int = 2, seed: in
     return labels
 
 
-def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
 def make_tars(root: Path, out: Path) -> None:
     """The folder tree of `make_ilsvrc` as ILSVRC2012_img_{train,val}.tar (+ the CSV) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
-        for wnid in WNIDS:
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as archive:
-                for path in sorted((root / "train" / wnid).iterdir()):
-                    _add_bytes(archive, path.name, path.read_bytes())
-            _add_bytes(outer, f"{wnid}.tar", inner.getvalue())
+    classes = {wnid: [(p.name, p.read_bytes()) for p in sorted((root / "train" / wnid).iterdir())]
+               for wnid in WNIDS}
+    write_train_tar(out / "ILSVRC2012_img_train.tar", classes)
     with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as archive:
         for path in sorted((root / "val").iterdir()):
-            _add_bytes(archive, path.name, path.read_bytes())
+            archive.add(path, arcname=path.name)
     (out / "LOC_val_solution.csv").write_bytes((root / "LOC_val_solution.csv").read_bytes())
 
 

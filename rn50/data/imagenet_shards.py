@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from rn50.data.class_names import readable_classes
-from rn50.data.imagenet_sources import Record, filesystem, read_record
+from rn50.data.imagenet_sources import Record, filesystem, read_records
 
 JPEG_QUALITY = 90
 ROW_GROUP_ROWS = 128  # ParquetDataset reads whole row groups: keep them a few MB
@@ -120,9 +120,8 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
         return {**done, "skipped": True}
     records = [Record(**r) for r in json.loads(item["records"])]
     source_fs, _ = filesystem(options["source"])
-    handles: dict = {}
-    images = [{"bytes": shrink(read_record(source_fs, r, handles), options["max_px"]),
-               "path": r.name} for r in records]
+    images = [{"bytes": shrink(data, options["max_px"]), "path": r.name}
+              for r, data in zip(records, read_records(source_fs, records))]
     table = pa.table({"image": images, "label": [r.label for r in records]},
                      schema=_schema(classes))
     for directory in (split_dir, progress_dir):
@@ -130,12 +129,15 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
     # A local file appears under its final name only when complete; an S3 object only exists
     # once its upload completes. Either way a reader never sees half a shard.
     temporary = out_path + ".partial" if isinstance(fs, pafs.LocalFileSystem) else out_path
-    pq.write_table(table, temporary, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+    buffer = pa.BufferOutputStream()  # hashed in memory: no read-back of the upload
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    data = buffer.getvalue()
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data)
     if temporary != out_path:
         fs.move(temporary, out_path)
     entry = {"name": item["name"], "split": item["split"], "rows": len(records),
-             "bytes": fs.get_file_info(out_path).size, "sha256": _sha256(fs, out_path),
-             "plan": plan}
+             "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest(), "plan": plan}
     with fs.open_output_stream(sidecar) as stream:
         stream.write(json.dumps(entry).encode())
     return {**entry, "skipped": False}
