@@ -19,8 +19,8 @@ from typing import Callable
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rn50.data.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
-                           find_parquet_shards, hf_label_names, image_bytes)
+from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,
+                              find_parquet_shards, hf_label_names, image_bytes)
 from rn50.data.tar_listing import TarListingError, group_ranges, members_of_range, tar_members
 from rn50.io.storage import explain_error, resolve_storage
 
@@ -121,6 +121,7 @@ def _is_image(name: str) -> bool:
 
 def list_folders(root: str, split: str, classes: list[str] | None = None):
     """Records of a local ILSVRC folder split (class folders, or flat val + Kaggle CSV)."""
+    from rn50.data.datasets import ImageFolderDataset  # torch: only the folder path needs it
     dataset = ImageFolderDataset(root, split, classes=classes)
     records = [Record(path, 0, -1, label, PurePosixPath(path).name)
                for path, label in dataset.samples]
