@@ -29,6 +29,8 @@ def _decode(source, label: int, transform: Callable | None, draft_px: int, what:
     try:
         if getattr(transform, "decodes_on_device", False):  # rn50.data.device_decode: bytes + plan
             return transform.plan(source), label
+        if hasattr(transform, "decode"):  # a Preset: decodes as it likes (crop first for JPEGs)
+            return transform.decode(source, draft_px), label
         image = load_rgb(source, draft_px)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         log.warning("skipping undecodable image %s: %s", what, err)
