@@ -222,6 +222,10 @@ def source_files(source: str, split: str) -> tuple[str, list[str]]:
         try:
             return "parquet", find_parquet_shards(fs, base, split)
         except DataError as no_parquet:
+            bucket = base.split("/")[0]
+            if "://" in source and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DataError(f"bucket '{bucket}' of {source} does not exist (or these "
+                                "credentials cannot see it): fix --source") from None
             if "://" in source:
                 raise DataError(f"no {PurePosixPath(tar_path).name} and {no_parquet} (image "
                                 "folders must be local; tars and parquet shards may be local "
