@@ -2,8 +2,9 @@
 
 - **baseline**: what a user writes: ImageFolder's `pil_loader` + torchvision's RandomResizedCrop,
   flip, ToTensor, Normalize, through a DataLoader.
-- **ours**: the project's ImageFolder path on the same files: `rn50.datasets._decode` (Pillow
-  `draft` decoding) + the uint8 `rn50.transforms.train_transform`, normalised per batch.
+- **ours**: the project's ImageFolder path on the same files: `rn50.data.datasets._decode`, i.e.
+  `train_transform(...).decode` (crop drawn first, libjpeg-turbo decode at the DCT scale the crop
+  allows, crop + resize in one step; rn50.data.turbo_decode), uint8 out, normalised per batch.
 - **shards**: the project's ImageNet path: the files as `prepare_imagenet` writes them (parquet
   shards, shorter side re-encoded to <= `SHARD_MAX_PX`), read by `rn50.datasets.ParquetDataset`.
 """
@@ -59,7 +60,7 @@ class BaselineDataset(Dataset):
 
 
 class OursDataset(Dataset):
-    """The project's path: `rn50.datasets._decode` (load_rgb with draft + the uint8 preset)."""
+    """The project's path: `rn50.data.datasets._decode` (the preset's crop-first decode)."""
 
     def __init__(self, paths: list[Path], data_cfg: DataConfig):
         self.paths, self.preset = paths, train_transform(data_cfg)

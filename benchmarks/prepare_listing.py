@@ -3,7 +3,8 @@ per core end to end (listing + conversion), on a synthetic ILSVRC-shaped tar set
 projection to full ImageNet on the `cpu.spot` nodes of cluster.yaml.
 
     python benchmarks/prepare_listing.py                      # 100 classes x 100 sample JPEGs
-    python benchmarks/prepare_listing.py --images small       # 100 x 100 small generated JPEGs
+    python benchmarks/prepare_listing.py --images small \
+        --result benchmarks/results/prepare_listing_small.json     # 100 x 100 small JPEGs
     python benchmarks/prepare_listing.py --classes 10 --per-class 20 --no-write   # smoke check
 
 The tars are written with benchmarks/ilsvrc_tars.py from the 1,000 real ImageNet JPEGs beside
@@ -12,8 +13,10 @@ ones, uploaded to a SeaweedFS S3 server (rn50.io.local_servers.S3Server), and pr
 rn50.distributed.prepare on a local Ray with --cpus CPUs, exactly as ray_jobs/prepare_imagenet.py
 does. Requests are the server's own counts (SeaweedFS_s3_request_total), so requests made by Ray
 tasks in other processes count too. Phases: cold listing (train, val), warm listing (from
-OUT/_plan.json), conversion. Writes benchmarks/results/prepare_listing.json (unless --no-write)
-and prints it.
+OUT/_plan.json), conversion. Writes benchmarks/results/prepare_listing.json (or --result; not
+with --no-write) and prints it. Listing costs ~2-3 requests per class tar (its header in the
+outer tar, then one open + one read per task), so requests per image fall with images per class:
+ImageNet's ~1,281 per class is projected in the JSON's `projection`.
 """
 from __future__ import annotations
 
@@ -153,7 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPUs of the local Ray (the figures are per CPU)")
     parser.add_argument("--max-px", type=int, default=256)
     parser.add_argument("--images-per-shard", type=int, default=1024)
-    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULT}")
+    parser.add_argument("--result", default=str(RESULT), help="where to write the JSON")
+    parser.add_argument("--no-write", action="store_true", help="do not write the JSON")
     return parser.parse_args(argv)
 
 
@@ -185,8 +189,8 @@ def main(argv=None) -> dict:
         "tars": {**shape, "jpegs": pool_source, "max_px": args.max_px},
         "figures": measured, "phases": phases, "projection": project(measured, phases, shape)}
     if not args.no_write:
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result
 
