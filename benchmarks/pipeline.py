@@ -2,8 +2,9 @@
 
 - **baseline**: what a user writes: ImageFolder's `pil_loader` + torchvision's RandomResizedCrop,
   flip, ToTensor, Normalize, through a DataLoader.
-- **ours**: the project's ImageFolder path on the same files: `rn50.datasets._decode` (Pillow
-  `draft` decoding) + the uint8 `rn50.transforms.train_transform`, normalised per batch.
+- **ours**: the project's ImageFolder path on the same files: `rn50.data.datasets.decode_sample`, i.e.
+  `train_transform(...).decode` (crop drawn first, libjpeg-turbo decode at the DCT scale the crop
+  allows, crop + resize in one step; rn50.data.turbo_decode), uint8 out, normalised per batch.
 - **shards**: the project's ImageNet path: the files as `prepare_imagenet` writes them (parquet
   shards, shorter side re-encoded to <= `SHARD_MAX_PX`), read by `rn50.datasets.ParquetDataset`.
 """
@@ -23,7 +24,7 @@ from torchvision.datasets.folder import pil_loader
 
 from rn50.config import DataConfig
 from rn50.data.loaders import collate_skip_corrupt
-from rn50.data.datasets import ParquetDataset, _decode
+from rn50.data.datasets import ParquetDataset, decode_sample
 from rn50.data.imagenet_shards import ROW_GROUP_ROWS, shrink
 from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, train_transform
 
@@ -59,7 +60,7 @@ class BaselineDataset(Dataset):
 
 
 class OursDataset(Dataset):
-    """The project's path: `rn50.datasets._decode` (load_rgb with draft + the uint8 preset)."""
+    """The project's path: `rn50.data.datasets.decode_sample` (the preset's crop-first decode)."""
 
     def __init__(self, paths: list[Path], data_cfg: DataConfig):
         self.paths, self.preset = paths, train_transform(data_cfg)
@@ -69,7 +70,7 @@ class OursDataset(Dataset):
 
     def __getitem__(self, index: int):
         path = str(self.paths[index])
-        return _decode(path, 0, self.preset, self.preset.draft_px, path)
+        return decode_sample(path, 0, self.preset, self.preset.draft_px, path)
 
 
 def write_prepared_shard(paths: list[Path], out_dir: Path, num_shards: int = 1) -> tuple[Path, float]:

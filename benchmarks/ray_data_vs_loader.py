@@ -6,7 +6,7 @@
 
 Both sides read the same 16 parquet shards (`prepare_imagenet`'s format: shorter side re-encoded to
 <= 256 px, 128-row row groups; the JPEGs repeated to the row count, so per-pass start-up weighs
-about what it would in a bigger epoch), decode and augment with the same code (`rn50.datasets._decode`
+about what it would in a bigger epoch), decode and augment with the same code (`rn50.datasets.decode_sample`
 with `rn50.transforms.train_transform` at `--crop-px`), use two decoding processes (the 2 cores
 here) and hand batches of 64 uint8 images to the consuming process, which normalises them:
 
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.results import write_result  # noqa: E402
 from rn50.data.loaders import build_loader  # noqa: E402
-from rn50.data.datasets import ParquetDataset, _decode, image_bytes  # noqa: E402
+from rn50.data.datasets import ParquetDataset, decode_sample, image_bytes  # noqa: E402
 from rn50.data.transforms import normalize, train_transform  # noqa: E402
 
 BATCH_SIZE, DECODE_PROCESSES = 64, 2
@@ -49,7 +49,7 @@ def decode_batch(batch: pa.Table, crop_px: int) -> dict[str, np.ndarray]:
     """Ray Data's map function: a pyarrow batch of shard rows -> uint8 images and labels."""
     from benchmarks.pipeline import data_config
     preset = train_transform(data_config(crop_px))
-    decoded = [_decode(data, label, preset, preset.draft_px, "row")
+    decoded = [decode_sample(data, label, preset, preset.draft_px, "row")
                for data, label in zip(image_bytes(batch), batch.column("label").to_pylist())]
     decoded = [item for item in decoded if item is not None]
     return {"image": np.stack([image.numpy() for image, _ in decoded]),

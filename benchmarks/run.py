@@ -27,37 +27,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 from torchvision.datasets.folder import pil_loader  # noqa: E402
 
 from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs  # noqa: E402
+from benchmarks.results import write_result  # noqa: E402
 from benchmarks.pipeline import (BATCH_SIZE, PIPELINES, SHARD_MAX_PX,  # noqa: E402
                                  baseline_transform, data_config, measure_both_sizes,
                                  write_prepared_shard)
 from rn50.config import DataConfig  # noqa: E402
 from rn50.data.imagenet_shards import shrink  # noqa: E402
-from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, train_transform  # noqa: E402
+from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform  # noqa: E402
 
 GRID_IMAGES = 8
+RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
 
 
-def is_drafted(path: Path, crop_px: int) -> bool:
-    """Whether load_rgb decodes the file at reduced size (its rule: JPEG, shorter side >= 2x)."""
-    with Image.open(path) as image:  # reads the header only
-        return image.format == "JPEG" and min(image.size) >= 2 * crop_px
+def is_turbo(path: Path) -> bool:
+    """Whether the train preset decodes the file with libjpeg-turbo (else Pillow: not a JPEG,
+    or a CMYK/YCCK one)."""
+    try:
+        return simplejpeg.decode_jpeg_header(path.read_bytes())[2] in ("YCbCr", "Gray")
+    except ValueError:
+        return False
 
 
-def grid_files(paths: list[Path], crop_px: int) -> list[tuple[Path, bool]]:
-    """~GRID_IMAGES evenly spaced files, half of them draft-decoded ones where there are any."""
-    # Draft-decoded files are where ours could differ from the baseline, so show some of them.
-    drafted = [p for p in paths if is_drafted(p, crop_px)]
-    plain = sorted(set(paths) - set(drafted))
-    chosen = [(p, True) for p in drafted[::max(1, len(drafted) // (GRID_IMAGES // 2))]]
-    chosen = chosen[:GRID_IMAGES // 2]
-    wanted = GRID_IMAGES - len(chosen)
-    return chosen + [(p, False) for p in plain[::max(1, len(plain) // wanted)][:wanted]]
+def grid_files(paths: list[Path]) -> list[Path]:
+    """GRID_IMAGES evenly spaced files."""
+    return paths[::max(1, len(paths) // GRID_IMAGES)][:GRID_IMAGES]
 
 
 def crop_triple(path: Path, data_cfg: DataConfig, seed: int) -> list[Image.Image]:
@@ -67,30 +67,25 @@ def crop_triple(path: Path, data_cfg: DataConfig, seed: int) -> list[Image.Image
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     crops = [(baseline * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)]
     preset = train_transform(data_cfg)
-    for source in (path, shrink(path.read_bytes(), SHARD_MAX_PX)):
+    for source in (path.read_bytes(), shrink(path.read_bytes(), SHARD_MAX_PX)):
         torch.manual_seed(seed)
-        crops.append(preset(load_rgb(source, min_side_px=preset.draft_px)))
+        crops.append(preset.decode(source))
     return [T.functional.to_pil_image(crop) for crop in crops]
 
 
 def write_crop_grid(paths: list[Path], crop_px: int, out_path: Path) -> float | None:
-    """PNG of baseline | ours | shards crops; returns mean |pixel diff| (0..255) baseline vs ours
-    over the files decoded at full size (the ones that must match pixel for pixel)."""
-    chosen, cfg = grid_files(paths, crop_px), data_config(crop_px)
+    """PNG of baseline | ours | shards crops; returns mean |pixel diff| (0..255) baseline vs ours:
+    both draw the same crop box over the original image, so only decoding and resampling differ."""
+    chosen, cfg = grid_files(paths), data_config(crop_px)
     gap_px, label_px, columns = 8, 16, len(PIPELINES)
     cell_w_px, cell_h_px = columns * (crop_px + gap_px) + gap_px, crop_px + label_px + gap_px
     grid = Image.new("RGB", (2 * cell_w_px, (len(chosen) + 1) // 2 * cell_h_px), "white")
     draw, diffs = ImageDraw.Draw(grid), []
-    for index, (path, drafted) in enumerate(chosen):
+    for index, path in enumerate(chosen):
         crops = crop_triple(path, cfg, seed=index)
-        # Drafted files and shard images are decoded smaller: the same random draws give the same
-        # crop scale at another offset (torch.randint over a smaller range), so only full-size
-        # decodes can be compared pixel for pixel.
-        if not drafted:
-            diffs.append(np.abs(np.asarray(crops[0], np.int16) -
-                                np.asarray(crops[1], np.int16)).mean())
-        labels = [f"baseline {path.name[:22]}", "ours (draft)" if drafted else "ours",
-                  f"shards (<= {SHARD_MAX_PX} px)"]
+        # Shard images are decoded from fewer pixels: the same draw, another pixel grid.
+        diffs.append(np.abs(np.asarray(crops[0], np.int16) - np.asarray(crops[1], np.int16)).mean())
+        labels = [f"baseline {path.name[:22]}", "ours", f"shards (<= {SHARD_MAX_PX} px)"]
         x_px, y_px = (index % 2) * cell_w_px + gap_px, (index // 2) * cell_h_px
         for column, (crop, label) in enumerate(zip(crops, labels)):
             left_px = x_px + column * (crop_px + gap_px)
@@ -101,14 +96,14 @@ def write_crop_grid(paths: list[Path], crop_px: int, out_path: Path) -> float | 
     return round(float(np.mean(diffs)), 3) if diffs else None
 
 
-def print_table(results: dict[int, dict], drafted: dict[int, float]) -> None:
+def print_table(results: dict[int, dict], turbo: float) -> None:
     """The human-readable table: one row per pipeline and crop size."""
     print(f"{'pipeline':<10}{'px':>5}{'images':>8}{'seconds':>9}{'images/s/core':>15}"
-          f"{'ratio':>7}{'spread_s':>10}  decoded with draft")
+          f"{'ratio':>7}{'spread_s':>10}  decoded by libjpeg-turbo")
     for crop_px, by_pipeline in results.items():
         base_per_s = by_pipeline["baseline"]["images_per_s"]
         for name, row in by_pipeline.items():
-            draft = f"{drafted[crop_px]:.0%} of files" if name == "ours" else "-"
+            draft = f"{turbo:.0%} of files" if name != "baseline" else "-"
             print(f"{name:<10}{crop_px:>5}{row['images']:>8}{row['seconds']:>9.2f}"
                   f"{row['images_per_s']:>15.1f}{row['images_per_s'] / base_per_s:>7.2f}"
                   f"{row['spread_s']:>10.2f}  {draft}")
@@ -175,6 +170,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ray-data", action="store_true",
                         help="also time Ray Data vs the DataLoader (benchmarks/ray_data_vs_loader.py)")
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "out" / "crops.png"))
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"also write the figures, command, machine and date to {RESULTS}")
     return parser.parse_args()
 
 
@@ -193,14 +190,14 @@ def main() -> None:
           f"shard prepared (shorter side <= {SHARD_MAX_PX} px) at "
           f"{len(paths) / prepare_s:.0f} images/s, one-off")
     results, other_cores = measure_both_sizes(paths, shard_root, repeats)
-    drafted = {crop_px: sum(is_drafted(p, crop_px) for p in paths) / len(paths)
-               for crop_px in results}
+    turbo = sum(is_turbo(p) for p in paths) / len(paths)
     crop_diff = write_crop_grid(paths, 224, Path(args.grid))
-    print_table(results, drafted)
+    print_table(results, turbo)
     print(f"other processes used {other_cores:.2f} of {os.cpu_count()} cores during the timing")
     if any(len({row["images"] for row in r.values()}) > 1 for r in results.values()):
         print("WARNING: the pipelines yielded different image counts (undecodable files?)")
-    print(f"crop grid: {args.grid} (full-size-decoded pairs: mean |diff| {crop_diff}/255)")
+    print(f"crop grid: {args.grid} (baseline vs ours, same crop boxes: mean |diff| "
+          f"{crop_diff}/255)")
     stall_s = checkpoint_stall_s() if args.ckpt_stall else None
     ray_figures = {"ray_overhead_ratio": None}
     if args.ray_overhead:  # opt-in: minutes of 2-worker training and a local Ray
@@ -218,13 +215,23 @@ def main() -> None:
                                               ray_figures["ray_overhead_ratio"]),
                                              ("ckpt_stall_s", stall_s), *optional.items())
                     if value is None]
-    print(json.dumps({
+    figures = {
         **pipeline_figures(results), "shard_prepare_images_per_s": round(len(paths) / prepare_s, 1),
-        "images": len(paths), "repeats": repeats, "crop_mean_abs_diff_plain_224": crop_diff,
+        "images": len(paths), "repeats": repeats, "crop_mean_abs_diff_224": crop_diff,
+        "turbo_decoded_fraction": round(turbo, 3),
         "load_avg_before": round(load_before, 2), "other_processes_cores": round(other_cores, 2),
         **ray_figures, "ckpt_stall_s": None if stall_s is None else round(stall_s, 3),
         **{k: v if not isinstance(v, float) else round(v, 3) for k, v in optional.items()},
-        "not_measured": not_measured}))
+        "not_measured": not_measured}
+    if args.write_results:
+        write_results(figures, source)
+    print(json.dumps(figures))
+
+
+def write_results(figures: dict, source: str) -> None:
+    """RESULTS: the figures with the command, the machine, the date and the images' source."""
+    write_result("pipeline", {k: v for k, v in figures.items() if isinstance(v, (int, float))},
+                 path=RESULTS, context={"images_from": source, "all_figures": figures})
 
 
 if __name__ == "__main__":

@@ -7,21 +7,22 @@
 LOC_val_solution.csv (local or s3://; the tars are read in place, never unpacked), Hugging Face
 `ILSVRC/imagenet-1k` parquet shards (data/{train,validation}-*.parquet, local or s3://), or a local
 ILSVRC folder tree (train/<wnid>/*.JPEG, val/ as class folders or flat + LOC_val_solution.csv;
-on a multi-node cluster it must be on a filesystem every node mounts). Shards already written and
-still matching their plan and checksum are skipped, so rerunning after a crash finishes the rest.
-Ends with `RESULT {...}`; `OUT/manifest.json` lists every shard with its rows and SHA-256.
+on a multi-node cluster it must be on a filesystem every node mounts). The train tar's class tars
+are listed in parallel (Ray tasks, a few large reads each) and the listing is kept in
+`OUT/_plan.json`, reused while the source files keep their size and mtime. Shards already written
+and still matching their plan and checksum are skipped, so rerunning after a crash finishes the
+rest. Ends with `RESULT {...}`; `OUT/manifest.json` lists every shard with its rows and SHA-256,
+and the classes by readable name (`tench`) with their wnids. The work is
+`rn50.distributed.prepare`.
 """
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from rn50.data.datasets import DataError  # noqa: E402
-from rn50.data.imagenet_shards import plan_shards, write_manifest, write_shard  # noqa: E402
-from rn50.data.imagenet_sources import list_source  # noqa: E402
 from rn50.io.storage import StorageError, preflight  # noqa: E402
 
 
@@ -37,50 +38,20 @@ def _arguments(argv):
     return parser.parse_args(argv)
 
 
-def _plan(args) -> tuple[list[dict], list[str]]:
-    """Shard work items for every split; val uses the train classes."""
-    items, classes = [], None
-    for split in args.splits.split(","):
-        started = time.time()
-        records, classes = list_source(args.source, split, classes)
-        print(f"[prepare] {split}: {len(records)} images in {len(classes)} classes "
-              f"(listed in {time.time() - started:.0f} s)", flush=True)
-        items += plan_shards(records, split, args.images_per_shard, args.seed)
-    return items, classes
-
-
-def _convert(items: list[dict], out: str, classes: list[str], options: dict) -> list[dict]:
-    """One Ray Data task per shard, reporting progress as shards finish."""
-    import ray
-    import ray.data
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local Ray
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        write_shard, fn_kwargs={"out": out, "classes": classes, "options": options},
-        num_cpus=1, max_retries=3)  # a lost spot node only redoes its unfinished shards
-    entries, started = [], time.time()
-    for entry in dataset.iter_rows():
-        entries.append(entry)
-        if len(entries) % max(1, len(items) // 20) == 0 or len(entries) == len(items):
-            print(f"[prepare] {len(entries)}/{len(items)} shards "
-                  f"({sum(e['skipped'] for e in entries)} already done), "
-                  f"{time.time() - started:.0f} s", flush=True)
-    return entries
-
-
 def main(argv=None) -> int:
     args = _arguments(argv)
     options = {"source": args.source.rstrip("/"), "max_px": args.max_px,
                "images_per_shard": args.images_per_shard, "seed": args.seed}
     try:
         preflight(args.out)  # a wrong bucket or key fails now, not after the listing
-        items, classes = _plan(args)
-        entries = _convert(items, args.out, classes, options)
-        manifest = write_manifest(args.out, entries, classes, options)
+        from rn50.distributed.prepare import prepare  # imports Ray: after the cheap checks
+        manifest, entries = prepare(args.source, args.out, args.splits.split(","), options,
+                                    log=lambda line: print(line, flush=True))
     except (DataError, StorageError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # A listing task's error arrives wrapped by Ray: print what the task said.
+        print(f"error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
         return 2
-    summary = {"out": args.out, "classes": len(classes),
+    summary = {"out": args.out, "classes": len(manifest["classes"]),
                "images": {s: v["images"] for s, v in manifest["splits"].items()},
                "shards": len(entries), "written": sum(not e["skipped"] for e in entries),
                "skipped": sum(bool(e["skipped"]) for e in entries)}

@@ -7,7 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+from benchmarks.ilsvrc_tars import write_train_tar
+
+# Sorted, as the ILSVRC class tars are; ImageNet calls them tench, English springer, chain saw
+# and parachute (tests check the names the pipeline gives them).
+WNIDS = ["n01440764", "n02102040", "n03000684", "n03888257"]
 
 
 def _jpeg(rng, width: int, height: int) -> bytes:
@@ -48,39 +52,34 @@ def make_ilsvrc(root: Path, per_class: int = 6, val_per_class: int = 2, seed: in
     return labels
 
 
-def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
 def make_tars(root: Path, out: Path) -> None:
     """The folder tree of `make_ilsvrc` as ILSVRC2012_img_{train,val}.tar (+ the CSV) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
-        for wnid in WNIDS:
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as archive:
-                for path in sorted((root / "train" / wnid).iterdir()):
-                    _add_bytes(archive, path.name, path.read_bytes())
-            _add_bytes(outer, f"{wnid}.tar", inner.getvalue())
+    classes = {wnid: [(p.name, p.read_bytes()) for p in sorted((root / "train" / wnid).iterdir())]
+               for wnid in WNIDS}
+    write_train_tar(out / "ILSVRC2012_img_train.tar", classes)
     with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as archive:
         for path in sorted((root / "val").iterdir()):
-            _add_bytes(archive, path.name, path.read_bytes())
+            archive.add(path, arcname=path.name)
     (out / "LOC_val_solution.csv").write_bytes((root / "LOC_val_solution.csv").read_bytes())
 
 
 def make_hf_parquet(root: Path, labels: dict, out: Path, files_per_split: int = 2,
-                    row_group_rows: int = 4) -> None:
+                    row_group_rows: int = 4, label_names: list[str] | None = None,
+                    label_wnids: list[str] | None = None) -> None:
     """The images of `make_ilsvrc` as Hugging Face `ILSVRC/imagenet-1k` parquet: `out/data/
     {train,validation}-0000i-of-0000N.parquet`, `image` {bytes, path} + `label`, ClassLabel names
-    in the schema metadata, train rows in class order as in the tars (a shuffle has to mix them)."""
+    in the schema metadata, train rows in class order as in the tars (a shuffle has to mix them).
+    By default the ClassLabels are WNIDS; the real data set lists all 1000 classes by name
+    ("tench, Tinca tinca", ...): pass those as `label_names` and their wnids as `label_wnids`
+    (each row's label is then its wnid's index in `label_wnids`)."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    label_wnids = label_wnids or WNIDS
     features = {"image": {"_type": "Image"},
-                "label": {"names": WNIDS, "_type": "ClassLabel"}}
+                "label": {"names": label_names or label_wnids, "_type": "ClassLabel"}}
     metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     (out / "data").mkdir(parents=True, exist_ok=True)
     for split, folder in (("train", "train"), ("validation", "val")):
@@ -89,7 +88,7 @@ def make_hf_parquet(root: Path, labels: dict, out: Path, files_per_split: int = 
         for index in range(files_per_split):
             chunk = paths[index * per_file:(index + 1) * per_file]
             table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in chunk],
-                              "label": [WNIDS.index(labels[p.name]) for p in chunk]})
+                              "label": [label_wnids.index(labels[p.name]) for p in chunk]})
             pq.write_table(table.replace_schema_metadata(metadata),
                            out / "data" / f"{split}-{index:05d}-of-{files_per_split:05d}.parquet",
                            row_group_size=row_group_rows)

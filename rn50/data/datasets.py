@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -20,22 +19,19 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,  # noqa: F401
+                              find_parquet_shards, hf_label_names, image_bytes)
 from rn50.data.transforms import load_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-VAL_SOLUTION_CSV = "LOC_val_solution.csv"
-
-
-class DataError(RuntimeError):
-    """The data set is missing, malformed or cannot be fetched; the message says what to do."""
-
-
-def _decode(source, label: int, transform: Callable | None, draft_px: int, what: str):
+def decode_sample(source, label: int, transform: Callable | None, draft_px: int, what: str):
+    """(uint8 image, label) of one encoded sample through `transform`; None when corrupt."""
     try:
         if getattr(transform, "decodes_on_device", False):  # rn50.data.device_decode: bytes + plan
             return transform.plan(source), label
+        if hasattr(transform, "decode"):  # a Preset: decodes as it likes (crop first for JPEGs)
+            return transform.decode(source, draft_px), label
         image = load_rgb(source, draft_px)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
         log.warning("skipping undecodable image %s: %s", what, err)
@@ -128,7 +124,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return _decode(path, label, self.transform, self.draft_px, path)
+        return decode_sample(path, label, self.transform, self.draft_px, path)
 
 
 def _filesystem_and_path(root: str, filesystem: pafs.FileSystem | None):
@@ -140,25 +136,6 @@ def _filesystem_and_path(root: str, filesystem: pafs.FileSystem | None):
         except Exception as err:
             raise DataError(f"cannot open '{root}': {err}") from err
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
-
-
-_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid")}
-
-
-def find_parquet_shards(fs: pafs.FileSystem, base: str, split: str) -> list[str]:
-    """HF `data/<split>-00000-of-000NN.parquet`, or `<split>/*.parquet`, or `<split>-*.parquet`."""
-    def listing(directory: str) -> list[str]:
-        selector = pafs.FileSelector(directory, allow_not_found=True)
-        return sorted(i.path for i in fs.get_file_info(selector)
-                      if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    for name in _SPLIT_NAMES.get(split, (split,)):
-        for directory, prefix in ((f"{base}/data", f"{name}-"), (f"{base}/{name}", ""),
-                                  (base, f"{name}-")):
-            found = [p for p in listing(directory) if p.rsplit("/", 1)[-1].startswith(prefix)]
-            if found:
-                return found
-    raise DataError(f"no parquet shards for split '{split}' under '{base}' (looked for "
-                    f"data/{split}-*.parquet and {split}/*.parquet)")
 
 
 class ParquetDataset(Dataset):
@@ -238,23 +215,4 @@ class ParquetDataset(Dataset):
         what = f"{self.files[self._groups[entry][0]]} row {row}"
         if images[row] is None:
             return None
-        return _decode(images[row], int(labels[row]), self.transform, self.draft_px, what)
-
-
-def image_bytes(table) -> list[bytes | None]:
-    """The encoded images of a parquet table's `image` column (plain binary, or HF's Image
-    feature: struct<bytes, path>)."""
-    images = table.column("image").combine_chunks()
-    if hasattr(images, "field"):
-        images = images.field("bytes")
-    return images.to_pylist()
-
-
-def hf_label_names(metadata: dict | None) -> list[str] | None:
-    """ClassLabel names stored by HF `datasets` in the arrow schema metadata, if present."""
-    try:
-        features = json.loads(metadata[b"huggingface"])["info"]["features"]
-        return list(features["label"]["names"]) or None
-    except (TypeError, KeyError, ValueError):
-        return None
-
+        return decode_sample(images[row], int(labels[row]), self.transform, self.draft_px, what)

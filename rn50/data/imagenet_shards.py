@@ -1,6 +1,7 @@
 """Shuffled parquet shards of JPEG bytes + labels, in the layout `rn50.datasets.ParquetDataset`
 reads: `OUT/{train,val}/{split}-00000-of-01252.parquet`, columns `image` {bytes, path} and
-`label`, the class names (wnids) in the Hugging Face schema metadata, and `OUT/manifest.json`.
+`label`, the source's class labels (wnids, or Hugging Face's label names) in the Hugging Face
+schema metadata, and `OUT/manifest.json` with the readable names (`tench`) and the wnids beside.
 
 Each shard is written whole by one task (`write_shard`) and verified by a sidecar
 `OUT/_progress/<shard>.json` holding the plan hash and the file's SHA-256: a rerun skips every
@@ -19,7 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rn50.data.imagenet_sources import Record, filesystem, read_record
+from rn50.data.class_names import readable_classes
+from rn50.data.imagenet_sources import Record, filesystem, read_records
 
 JPEG_QUALITY = 90
 ROW_GROUP_ROWS = 128  # ParquetDataset reads whole row groups: keep them a few MB
@@ -118,9 +120,8 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
         return {**done, "skipped": True}
     records = [Record(**r) for r in json.loads(item["records"])]
     source_fs, _ = filesystem(options["source"])
-    handles: dict = {}
-    images = [{"bytes": shrink(read_record(source_fs, r, handles), options["max_px"]),
-               "path": r.name} for r in records]
+    images = [{"bytes": shrink(data, options["max_px"]), "path": r.name}
+              for r, data in zip(records, read_records(source_fs, records))]
     table = pa.table({"image": images, "label": [r.label for r in records]},
                      schema=_schema(classes))
     for directory in (split_dir, progress_dir):
@@ -128,25 +129,31 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
     # A local file appears under its final name only when complete; an S3 object only exists
     # once its upload completes. Either way a reader never sees half a shard.
     temporary = out_path + ".partial" if isinstance(fs, pafs.LocalFileSystem) else out_path
-    pq.write_table(table, temporary, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+    buffer = pa.BufferOutputStream()  # hashed in memory: no read-back of the upload
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    data = buffer.getvalue()
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data)
     if temporary != out_path:
         fs.move(temporary, out_path)
     entry = {"name": item["name"], "split": item["split"], "rows": len(records),
-             "bytes": fs.get_file_info(out_path).size, "sha256": _sha256(fs, out_path),
-             "plan": plan}
+             "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest(), "plan": plan}
     with fs.open_output_stream(sidecar) as stream:
         stream.write(json.dumps(entry).encode())
     return {**entry, "skipped": False}
 
 
 def write_manifest(out: str, entries: list[dict], classes: list[str], options: dict) -> dict:
-    """`OUT/manifest.json`: per split the shards (rows, bytes, SHA-256), totals and classes."""
+    """`OUT/manifest.json`: per split the shards (rows, bytes, SHA-256), totals, and the classes:
+    readable names (`classes`), ImageNet wnids (`class_wnids`, or null) and the shards' labels."""
     splits: dict = {}
     for entry in sorted(entries, key=lambda e: (e["split"], e["name"])):
         split = splits.setdefault(entry["split"], {"images": 0, "shards": []})
         split["images"] += entry["rows"]
         split["shards"].append({k: entry[k] for k in ("name", "rows", "bytes", "sha256")})
-    manifest = {"format": "rn50-imagenet-parquet/1", "classes": classes, "splits": splits,
+    names, wnids = readable_classes(classes)
+    manifest = {"format": "rn50-imagenet-parquet/2", "classes": names, "class_wnids": wnids,
+                "class_labels": classes, "splits": splits,
                 "options": {k: v for k, v in options.items() if k != "source"},
                 "source": options["source"]}
     fs, root = filesystem(out)

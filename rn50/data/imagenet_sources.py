@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import csv
 import io
-import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Callable
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rn50.data.datasets import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError, ImageFolderDataset,
-                           find_parquet_shards, hf_label_names, image_bytes)
-from rn50.io.storage import resolve_storage
+from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,
+                              find_parquet_shards, hf_label_names, image_bytes)
+from rn50.data.tar_listing import TarListingError, group_ranges, members_of_range, tar_members
+from rn50.io.storage import explain_error, resolve_storage
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
+TASK_BYTES = 1 << 26  # class tars listed per task: at least 64 MB (one ImageNet class tar)
+READ_THREADS = 8      # concurrent image reads per shard task
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,23 @@ def read_record(fs: pafs.FileSystem, record: Record, handles: dict) -> bytes:
     if record.source not in handles:
         handles[record.source] = fs.open_input_file(record.source)
     return handles[record.source].read_at(record.size, record.offset)
+
+
+def read_records(fs: pafs.FileSystem, records: list[Record],
+                 threads: int = READ_THREADS) -> list[bytes]:
+    """The image bytes of `records`, in order; byte ranges are read `threads` at a time."""
+    handles: dict = {}
+    if any(r.row >= 0 for r in records) or threads <= 1:  # row groups: read once, in order
+        return [read_record(fs, r, handles) for r in records]
+    for source in {r.source for r in records if r.size >= 0}:
+        handles[source] = fs.open_input_file(source)  # read_at is safe from several threads
+    # On S3 each image is a request of ~30 ms: overlapping them keeps the task on the CPU.
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda r: read_record(fs, r, handles), records))
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def _parquet_row_group(fs: pafs.FileSystem, record: Record, handles: dict) -> list[bytes]:
@@ -99,71 +121,72 @@ def _is_image(name: str) -> bool:
 
 def list_folders(root: str, split: str, classes: list[str] | None = None):
     """Records of a local ILSVRC folder split (class folders, or flat val + Kaggle CSV)."""
+    from rn50.data.datasets import ImageFolderDataset  # torch: only the folder path needs it
     dataset = ImageFolderDataset(root, split, classes=classes)
     records = [Record(path, 0, -1, label, PurePosixPath(path).name)
                for path, label in dataset.samples]
     return records, dataset.classes
 
 
-class _Window(io.RawIOBase):
-    """A read-only view of bytes [start, start + size) of a random-access file."""
-
-    def __init__(self, handle, start: int, size: int):
-        self.handle, self.start, self.size, self.pos = handle, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        count = max(0, min(len(buffer), self.size - self.pos))
-        data = self.handle.read_at(count, self.start + self.pos) if count else b""
-        buffer[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def _members(handle, start: int, size: int):
-    """(name, absolute data offset, size) of the regular files in the tar at [start, +size)."""
-    window = io.BufferedReader(_Window(handle, start, size), buffer_size=1 << 16)
-    with tarfile.open(fileobj=window, mode="r:") as archive:  # seeks over data: reads headers only
-        for member in archive:
-            if member.isfile():
-                yield member.name, start + member.offset_data, member.size
-
-
-def list_train_tar(uri: str):
-    """Records of ILSVRC2012_img_train.tar: one class tar (`n01440764.tar`) per class inside."""
+def list_class_tars(uri: str, tars: list[tuple[str, int, int, int]]) -> list[Record]:
+    """Records of class tars (name, start, size, label) lying back to back in the train tar at
+    `uri`, read with one large read (a listing task: see `list_train_tar`)."""
     fs, path = filesystem(uri)
-    with fs.open_input_file(path) as handle:
-        inner = sorted(m for m in _members(handle, 0, handle.size()) if m[0].endswith(".tar"))
-        if not inner:
-            raise DataError(f"{uri} holds no class tars (n01440764.tar, ...): is it {TRAIN_TAR}?")
-        classes = [PurePosixPath(name).stem for name, _, _ in inner]
-        records = []
-        for label, (_, start, size) in enumerate(inner):
-            records += [Record(path, offset, length, label, PurePosixPath(name).name)
-                        for name, offset, length in _members(handle, start, size)
-                        if _is_image(name)]
-    return records, classes
+    with _opened(fs, path, uri) as handle:
+        listed = members_of_range(handle, [(n, s, z) for n, s, z, _ in tars], uri)
+    return [Record(path, offset, length, label, PurePosixPath(name).name)
+            for (_, _, _, label), members in zip(tars, listed)
+            for name, offset, length in members if _is_image(name)]
+
+
+def list_train_tar(uri: str, map_fn: Callable = map):
+    """Records of ILSVRC2012_img_train.tar: one class tar (`n01440764.tar`) per class inside.
+
+    The outer tar's 1,000 headers are read here; the class tars are listed by
+    `list_class_tars` in runs of >= TASK_BYTES, through `map_fn(function, *argument lists)`
+    (`map` here; Ray tasks in `rn50.distributed.prepare`)."""
+    fs, path = filesystem(uri)
+    with _opened(fs, path, uri) as handle:
+        inner = sorted(m for m in tar_members(handle, 0, handle.size(), uri)
+                       if m[0].endswith(".tar"))
+    if not inner:
+        raise DataError(f"{uri} holds no class tars (n01440764.tar, ...): is it {TRAIN_TAR}? "
+                        "Upload the ILSVRC2012 train tar as it was downloaded")
+    classes = [PurePosixPath(name).stem for name, _, _ in inner]
+    groups = [[(*inner[i], i) for i in group] for group in group_ranges(inner, TASK_BYTES)]
+    parts = map_fn(list_class_tars, [uri] * len(groups), groups)
+    return [record for part in parts for record in part], classes
+
+
+@contextmanager
+def _opened(fs: pafs.FileSystem, path: str, uri: str):
+    """`fs.open_input_file(path)`, with read failures turned into a DataError saying what to do."""
+    try:
+        with fs.open_input_file(path) as handle:
+            yield handle
+    except TarListingError as err:
+        raise DataError(f"{err}: re-upload {uri} (its size must match the original)") from None
+    except FileNotFoundError:
+        raise DataError(f"{uri} does not exist: check --source") from None
+    except OSError as err:
+        raise DataError(f"cannot read {uri}: {explain_error(err, uri)}") from None
 
 
 def _val_labels(uri: str) -> dict[str, str]:
     """ImageId -> wnid from Kaggle's LOC_val_solution.csv (local or S3)."""
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        rows = csv.DictReader(io.StringIO(stream.read().decode()))
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    try:
+        with fs.open_input_stream(path) as stream:
+            rows = csv.DictReader(io.StringIO(stream.read().decode()))
+            return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    except FileNotFoundError:
+        raise DataError(f"{uri} does not exist: the val tar is labelled by Kaggle's "
+                        f"{VAL_SOLUTION_CSV}; upload it beside {VAL_TAR}") from None
+    except (KeyError, IndexError, UnicodeDecodeError) as err:
+        raise DataError(f"{uri} is not Kaggle's {VAL_SOLUTION_CSV} (columns ImageId, "
+                        f"PredictionString; {err!r})") from None
+    except OSError as err:
+        raise DataError(f"cannot read {uri}: {explain_error(err, uri)}") from None
 
 
 def list_val_tar(uri: str, solution_uri: str, classes: list[str]):
@@ -171,36 +194,59 @@ def list_val_tar(uri: str, solution_uri: str, classes: list[str]):
     wnids, index = _val_labels(solution_uri), {name: i for i, name in enumerate(classes)}
     fs, path = filesystem(uri)
     records = []
-    with fs.open_input_file(path) as handle:
-        for name, offset, size in _members(handle, 0, handle.size()):
+    with _opened(fs, path, uri) as handle:
+        for name, offset, size in tar_members(handle, 0, handle.size(), uri):
             if not _is_image(name):
                 continue
             wnid = wnids.get(PurePosixPath(name).stem)
+            if wnid is None:
+                raise DataError(f"{name} in {uri} has no row in {solution_uri}: the CSV must be "
+                                "the one for ILSVRC2012's val images")
             if wnid not in index:
-                raise DataError(f"{name} in {uri} has no known label in {solution_uri} "
-                                f"(got {wnid!r})")
+                raise DataError(f"{name} in {uri} is of class {wnid}, which the train tar does "
+                                f"not have ({len(classes)} classes): the train tar is missing a "
+                                "class tar, or the tars come from different data sets")
             records.append(Record(path, offset, size, index[wnid], PurePosixPath(name).name))
     return records
 
 
-def list_source(source: str, split: str, classes: list[str] | None = None):
-    """(records, classes) of one split of `source`: a folder root, a directory of tars, or
-    HF-style parquet shards."""
+def source_files(source: str, split: str) -> tuple[str, list[str]]:
+    """(kind, paths): `tars`, `parquet` or `folders`, and the files a listing of `split` reads
+    (none for folders, whose listing is its own check), on `filesystem(source)`."""
     fs, path = filesystem(source)
-    tar_name = TRAIN_TAR if split == "train" else VAL_TAR
-    tar_path = f"{path.rstrip('/')}/{tar_name}"
-    if fs.get_file_info(tar_path).type != pafs.FileType.File:
+    base = path.rstrip("/")
+    tar_path = f"{base}/{TRAIN_TAR if split == 'train' else VAL_TAR}"
+    try:
+        if fs.get_file_info(tar_path).type == pafs.FileType.File:
+            return "tars", [tar_path] + ([] if split == "train" else [f"{base}/{VAL_SOLUTION_CSV}"])
         try:
-            find_parquet_shards(fs, path.rstrip("/"), split)
+            return "parquet", find_parquet_shards(fs, base, split)
         except DataError as no_parquet:
+            bucket = base.split("/")[0]
+            if "://" in source and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DataError(f"bucket '{bucket}' of {source} does not exist (or these "
+                                "credentials cannot see it): fix --source") from None
             if "://" in source:
-                raise DataError(f"no {tar_name} and {no_parquet} (image folders must be local; "
-                                "tars and parquet shards may be local or on S3)") from None
-            return list_folders(path, split, classes)
+                raise DataError(f"no {PurePosixPath(tar_path).name} and {no_parquet} (image "
+                                "folders must be local; tars and parquet shards may be local "
+                                "or on S3)") from None
+            return "folders", []
+    except OSError as err:
+        raise DataError(f"cannot list {source}: {explain_error(err, source)}") from None
+
+
+def list_source(source: str, split: str, classes: list[str] | None = None,
+                map_fn: Callable = map):
+    """(records, classes) of one split of `source`: a folder root, a directory of tars, or
+    HF-style parquet shards. `map_fn` runs the train tar's listing tasks (see list_train_tar)."""
+    kind, _ = source_files(source, split)
+    if kind == "folders":
+        return list_folders(filesystem(source)[1], split, classes)
+    if kind == "parquet":
         return list_parquet(source, split, classes)
     base = source.rstrip("/")
     if split == "train":
-        return list_train_tar(f"{base}/{TRAIN_TAR}")
+        return list_train_tar(f"{base}/{TRAIN_TAR}", map_fn)
     if classes is None:
         raise DataError("the val tar is labelled with the train tar's classes: list train first")
     return list_val_tar(f"{base}/{VAL_TAR}", f"{base}/{VAL_SOLUTION_CSV}", classes), classes

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
-from rn50.data.small_datasets import IMAGENETTE_SYNSETS, prepare_digits, prepare_imagenette
+from rn50.data.class_names import readable_classes, readable_names
+from rn50.data.small_datasets import prepare_digits, prepare_imagenette
 from rn50.data.transforms import train_transform, val_transform
 
 
@@ -71,6 +72,8 @@ def build_val_dataset(data_cfg, classes: list[str] | None = None) -> Dataset:
 def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
     """Train and val datasets (uint8 tensors out) and the class names for `data_cfg`.
 
+    The names are readable: ImageNet wnids (folders, shards from the ILSVRC tars) become
+    torchvision's names (`n01440764` -> `tench`); `dataset_classes(train)` gives the wnids too.
     Digits are written at 32 px regardless of the crop (the source is 8 px), so one cache serves
     every recipe."""
     train_tf = DeviceDecodePreset(data_cfg) if data_cfg.decode_on_device else \
@@ -79,13 +82,20 @@ def build_datasets(data_cfg) -> tuple[Dataset, Dataset, list[str]]:
         train = ParquetDataset(data_cfg.root, "train", train_tf, num_classes=data_cfg.num_classes)
     else:
         train = ImageFolderDataset(_prepared_root(data_cfg), "train", train_tf)
-    names = [IMAGENETTE_SYNSETS.get(c, c) for c in train.classes]
+    names = readable_names(train.classes)
     if len(names) != data_cfg.num_classes:
         raise DataError(f"the data set has {len(names)} classes but data.num_classes is "
                         f"{data_cfg.num_classes}; set data.num_classes={len(names)}")
     val = build_val_dataset(data_cfg, classes=None if data_cfg.dataset == "parquet"
                             else train.classes)
     return _fixed_subset(train, data_cfg.max_train_samples), val, names
+
+
+def dataset_classes(dataset: Dataset) -> tuple[list[str], list[str] | None]:
+    """(readable class names, ImageNet wnids or None) of a dataset built here."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return readable_classes(dataset.classes)
 
 
 def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:

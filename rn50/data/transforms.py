@@ -3,7 +3,9 @@
 The CPU side decodes, crops, flips and applies the per-image regularizers (an AutoAugment-family
 policy on the PIL crop, RandomErasing on the uint8 tensor): presets return a uint8 CHW tensor, and
 `normalize` turns a uint8 batch into floats on the device, where it is nearly free. Decoding
-dominates the CPU cost, so `load_rgb` asks Pillow's JPEG decoder for a reduced-size image
+dominates the CPU cost: training JPEGs are decoded by libjpeg-turbo with the crop drawn first
+(`Preset.decode`, rn50.data.turbo_decode); everything else by Pillow, where `load_rgb` asks for a
+reduced-size image
 (`Image.draft`, DCT-domain downscaling by 1/2, 1/4 or 1/8) whenever the file is much larger than
 the crop needs.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,8 +22,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from rn50.data.turbo_decode import decode_crop
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_TENSOR_STEPS = (T.RandomHorizontalFlip, T.ColorJitter)  # work on PIL images and tensors alike
 # torchvision's reference erases the normalised tensor with 0, i.e. the mean colour; on the uint8
 # crop that colour is round(255 x mean), within half a grey level of it.
 ERASE_VALUE_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
@@ -54,14 +60,36 @@ def load_rgb(source: str | os.PathLike | bytes, min_side_px: int = 0) -> Image.I
 
 
 class Preset:
-    """A PIL -> uint8 CHW tensor transform; `draft_px` tells loaders how small they may decode."""
+    """A PIL -> uint8 CHW tensor transform; `draft_px` tells loaders how small they may decode.
+
+    `decode(source)` decodes and transforms in one go: a preset that starts with
+    RandomResizedCrop followed only by flip / colour jitter decodes JPEGs with libjpeg-turbo,
+    crop first (rn50.data.turbo_decode); everything else (a PIL policy, a non-JPEG) goes through
+    Pillow and `__call__`. `tensor_steps` (RandomErasing) run last on the uint8 tensor either way."""
 
     def __init__(self, steps: list[Callable], draft_px: int, tensor_steps: tuple = ()):
         self.transform = T.Compose([*steps, T.PILToTensor(), *tensor_steps])
         self.draft_px = draft_px
+        fast = steps and isinstance(steps[0], T.RandomResizedCrop) and \
+            all(isinstance(s, _TENSOR_STEPS) for s in steps[1:])
+        self.crop_first = steps[0] if fast else None
+        self.after_crop = [*steps[1:], *tensor_steps]  # flip, jitter, erasing: tensors too
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(to_rgb(image))
+
+    def decode(self, source: str | os.PathLike | bytes, draft_px: int | None = None) -> torch.Tensor:
+        """The transformed uint8 CHW tensor of an image file or its bytes (raises if corrupt)."""
+        if self.crop_first is not None:
+            data = source if isinstance(source, (bytes, bytearray, memoryview)) else \
+                Path(source).read_bytes()
+            out = decode_crop(bytes(data), self.crop_first)
+            if out is not None:
+                for step in self.after_crop:  # the same draws, in the same order, as __call__
+                    out = step(out)
+                return out
+            source = data
+        return self(load_rgb(source, self.draft_px if draft_px is None else draft_px))
 
     def __repr__(self) -> str:
         return f"Preset(draft_px={self.draft_px}, {self.transform!r})"
@@ -93,9 +121,9 @@ def train_crop_px_at(data_cfg, epoch: int) -> int:
 def train_transform(data_cfg) -> Preset:
     """RandomResizedCrop(train_crop_px, scale=(min_crop_scale, 1)) [+ flip] [+ jitter] -> uint8.
 
-    Draft decoding keeps the shorter side >= train_crop_px: a full-image crop is never upsampled,
-    small crops may be decoded from up to 2x fewer pixels than at full size (the ~7% throughput
-    gain measured on ImageNet JPEGs at 224 px; the crop geometry distribution is unchanged).
+    Through `Preset.decode`, JPEGs take the crop-first libjpeg-turbo path (crop box drawn over
+    the original image, decoded at the DCT scale the box allows); others, and direct calls on a
+    PIL image, are decoded by Pillow (draft: shorter side >= train_crop_px) and cropped after.
     """
     steps: list[Callable] = [T.RandomResizedCrop(data_cfg.train_crop_px,
                                                  scale=(data_cfg.min_crop_scale, 1.0),

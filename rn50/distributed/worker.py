@@ -30,7 +30,8 @@ from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, mayb
 from rn50.core.model import EMA, build_model, place_model, unwrap
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
-from rn50.data.loaders import build_datasets, build_loader, set_train_crop_px
+from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
+                               set_train_crop_px)
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.save_schedule import MidEpochSaves
@@ -77,6 +78,7 @@ class _Worker:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
         return self.state.snapshot(self.rank, epoch, steps_done, self.config.to_dict(),
                                    extra={"class_names": self.class_names,
+                                          "class_wnids": dataset_classes(self.train_set)[1],
                                           "best_value": self.best_value})
 
     def improves_best(self, metrics: dict) -> bool:

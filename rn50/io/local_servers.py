@@ -113,6 +113,8 @@ class S3Server:
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
                 f"-s3.config={self.directory / 'identities.json'}", "-s3.autoCreateBucket=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # Prometheus metrics, loopback only: request_counts() reads the S3 request totals.
+                f"-metricsPort={p['metrics']}", "-metricsIp=127.0.0.1",
                 # A restart must not sit out the default 10 s election / volume pre-stop waits.
                 "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
                 # Volumes of 256 MB, as many as the disk holds: the default cap of 8 fills after
@@ -135,7 +137,7 @@ class S3Server:
             return
         if not self.ports:
             names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-                     "s3", "s3_grpc"]
+                     "s3", "s3_grpc", "metrics"]
             self.ports = dict(zip(names, free_ports(len(names))))
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         self._write_identities()
@@ -180,6 +182,20 @@ class S3Server:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def request_counts(self) -> dict[str, int]:
+        """S3 requests this server has answered on the bucket so far, by type (GET, HEAD, PUT,
+        ...): the difference of two calls counts what ran in between, in any process."""
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and \
+                    f'bucket="{self.bucket}"' in line:
+                kind = line.split('type="', 1)[1].split('"', 1)[0]
+                counts[kind] = counts.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return counts
 
 
 @dataclass

@@ -152,6 +152,13 @@ def _s3_error(exc: BaseException, storage: str) -> StorageError:
                         "endpoint, credentials and bucket")
 
 
+def explain_error(exc: BaseException, uri: str) -> str:
+    """What a failed read of `uri` means and what to do, for messages of other layers."""
+    if uri.startswith("s3://"):
+        return str(_s3_error(exc, uri))
+    return f"{exc}: check the path and its permissions"
+
+
 def _preflight_local(path: str) -> None:
     try:
         Path(path).mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from rn50.io import storage
 from rn50.core.checkpoint import CheckpointError, download, load_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
 from rn50.data.datasets import DataError
+from rn50.data.class_names import imagenet_names, imagenet_wnids, readable_classes
 from rn50.data.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
 from rn50.serve.inference import Classifier
 from rn50.core.model import build_model
@@ -30,7 +30,6 @@ from rn50.core.model import build_model
 log = logging.getLogger(__name__)
 
 MLFLOW_PREFIXES = ("runs:/", "models:/")
-_SYNSET = re.compile(r"^n\d{8}$")
 
 
 class ArtifactError(RuntimeError):
@@ -57,37 +56,41 @@ class LoadedModel:
         return self.classifier.model
 
 
-def imagenet_names() -> list[str]:
-    """ImageNet-1k's 1000 human-readable names, in synset order (from torchvision's metadata)."""
-    from torchvision.models import ResNet50_Weights
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def _names_from_data(data_cfg) -> list[str] | None:
+def _labels_from_data(data_cfg) -> list[str] | None:
+    """The class labels (wnids, folder names, digits) the data config's classes have."""
     if data_cfg.dataset == "digits":
         return list(DIGITS_CLASSES)
     if data_cfg.dataset == "imagenette":
-        return [IMAGENETTE_SYNSETS[s] for s in sorted(IMAGENETTE_SYNSETS)]
+        return sorted(IMAGENETTE_SYNSETS)
     train = Path(os.path.expanduser(data_cfg.root)) / "train"
     if data_cfg.dataset == "imagefolder" and train.is_dir():
-        folders = sorted(e.name for e in os.scandir(train) if e.is_dir() and e.name[0] != ".")
-        if len(folders) == 1000 and all(_SYNSET.match(f) for f in folders):
-            return imagenet_names()
-        return [IMAGENETTE_SYNSETS.get(f, f) for f in folders]
+        return sorted(e.name for e in os.scandir(train) if e.is_dir() and e.name[0] != ".")
     return None
 
 
+def class_labels_for(config: Config,
+                     state: dict[str, Any] | None = None) -> tuple[list[str], list[str] | None]:
+    """(readable class names, ImageNet wnids or None): the checkpoint's own, else derived from
+    the data config, else ImageNet-1k's for 1000 classes, else "0".."N-1".
+
+    Checkpoints written before names were readable hold wnids as `class_names`: they are
+    mapped to names here, so every consumer (demo, gallery, exports) shows names."""
+    count, state = config.data.num_classes, state or {}
+    labels = state.get("class_names") or _labels_from_data(config.data)
+    if labels is None and count == 1000:
+        labels = imagenet_wnids()
+    if not labels or len(labels) != count:
+        if labels:
+            log.warning("found %d class names for %d classes; using indices", len(labels), count)
+        return [str(i) for i in range(count)], None
+    names, wnids = readable_classes(list(labels))
+    saved = state.get("class_wnids")
+    return names, list(saved) if saved and len(saved) == count else wnids
+
+
 def class_names_for(config: Config, state: dict[str, Any] | None = None) -> list[str]:
-    """Class names: the checkpoint's own, else derived from the data config, else "0".."N-1"."""
-    count = config.data.num_classes
-    names = (state or {}).get("class_names") or _names_from_data(config.data)
-    if names is None and count == 1000:
-        names = imagenet_names()
-    if not names or len(names) != count:
-        if names:
-            log.warning("found %d class names for %d classes; using indices", len(names), count)
-        names = [str(i) for i in range(count)]
-    return list(names)
+    """The readable class names of `class_labels_for`."""
+    return class_labels_for(config, state)[0]
 
 
 def _config(raw: dict, overrides: list[str]) -> Config:
@@ -103,8 +106,9 @@ def _from_checkpoint(uri: str, ema: bool, overrides: list[str], latest: bool) ->
                             "train.ema_decay=0): drop the EMA option")
     model = build_model(config.model, config.data.num_classes)
     model.load_state_dict(state["ema"] if ema else state["model"])
-    classifier = Classifier(model.eval(), class_names_for(config, state),
-                            config.data.val_resize_px, config.data.val_crop_px)
+    names, wnids = class_labels_for(config, state)
+    classifier = Classifier(model.eval(), names, config.data.val_resize_px,
+                            config.data.val_crop_px, wnids)
     return LoadedModel(classifier, config, config.model.arch, str(directory),
                        "ema" if ema else "model")
 
@@ -168,12 +172,13 @@ def _from_mlflow(uri: str, tracking_uri: str, overrides: list[str]) -> LoadedMod
     config = _run_recipe(client, run_id, overrides) if run_id else None
     model, arch = _eager_copy(mlflow.pytorch.load_model(uri, map_location="cpu"), config)
     if config is not None:
-        classifier = Classifier(model, class_names_for(config), config.data.val_resize_px,
-                                config.data.val_crop_px)
+        names, wnids = class_labels_for(config)
+        classifier = Classifier(model, names, config.data.val_resize_px,
+                                config.data.val_crop_px, wnids)
+    elif model.fc.out_features == 1000:
+        classifier = Classifier(model, imagenet_names(), 256, 224, imagenet_wnids())
     else:
-        count = model.fc.out_features
-        classifier = Classifier(model, imagenet_names() if count == 1000 else
-                                [str(i) for i in range(count)], 256, 224)
+        classifier = Classifier(model, [str(i) for i in range(model.fc.out_features)], 256, 224)
     return LoadedModel(classifier, config, arch, uri, "mlflow", run_id)
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # noqa: F401
                                   LoadedModel, class_names_for)
 from rn50.serve.artifacts import load_model
-from rn50.data.loaders import build_val_dataset
+from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
@@ -71,7 +71,7 @@ def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, confi
     except (DataError, OSError) as err:
         log.warning("no misclassification gallery: validation data unavailable here (%s)", err)
         return ""
-    names = class_names or class_names_for(config)
+    names = class_names or dataset_classes(dataset)[0]  # readable, from the data's own labels
     return log_gallery(tracking_uri, run_id, model.cpu().eval(), dataset, names,
                        max_samples=max_samples)
 

@@ -7,8 +7,9 @@
     python -m rn50.export all         --checkpoint URI --out exports/
 
 URI is whatever `rn50.artifacts.load_model` takes (checkpoint or run dir, local or s3://, or an
-MLflow model URI); `--ema` exports the EMA weights. Every export carries the class names: in a
-JSON sidecar, the ONNX metadata, the MLflow model's artifacts, the Space's model.json.
+MLflow model URI); `--ema` exports the EMA weights. Every export carries the readable class names
+(and, for ImageNet classes, their wnids as `class_wnids`): in a JSON sidecar, the ONNX metadata,
+the MLflow model's artifacts, the Space's model.json.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def model_card(loaded: LoadedModel) -> dict:
     """What a consumer needs besides the weights: classes, input size and normalization."""
     classifier = loaded.classifier
     return {"arch": loaded.arch, "num_classes": len(classifier.class_names),
-            "class_names": classifier.class_names, "resize_px": classifier.resize_px,
+            "class_names": classifier.class_names, "class_wnids": classifier.class_wnids,
+            "resize_px": classifier.resize_px,
             "crop_px": classifier.crop_px, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "input": "float32 [N, 3, crop_px, crop_px]: RGB / 255, minus mean, divided by std",
             "source": loaded.source, "weights": loaded.weights}

@@ -35,11 +35,13 @@ class UploadError(ValueError):
 
 @dataclass
 class Classifier:
-    """A model taking normalized float NCHW input, with its class names and val preprocessing."""
+    """A model taking normalized float NCHW input, with its class names and val preprocessing;
+    `class_wnids` holds each class's ImageNet WordNet id when the classes are ImageNet's."""
     model: nn.Module
     class_names: list[str]
     resize_px: int
     crop_px: int
+    class_wnids: list[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -203,7 +205,8 @@ def load_space_classifier(folder: str | os.PathLike) -> Classifier:
     meta = json.loads((folder / "model.json").read_text())
     model = resnet50(weights=None, num_classes=len(meta["class_names"]))
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
-    return Classifier(model.eval(), meta["class_names"], meta["resize_px"], meta["crop_px"])
+    return Classifier(model.eval(), meta["class_names"], meta["resize_px"], meta["crop_px"],
+                      meta.get("class_wnids"))
 
 
 def main() -> None:

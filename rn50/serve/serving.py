@@ -34,7 +34,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         model = build_model(ModelConfig(arch=meta["arch"]), len(names))
         model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu",
                                          weights_only=True))
-        self.classifier = Classifier(model.eval(), names, meta["resize_px"], meta["crop_px"])
+        self.classifier = Classifier(model.eval(), names, meta["resize_px"], meta["crop_px"],
+                                     meta.get("class_wnids"))
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         """Top-1 label, index and probability, plus the top-5 labels and probabilities."""

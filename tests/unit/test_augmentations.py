@@ -112,7 +112,7 @@ def test_loader_images_are_the_same_with_and_without_workers():
 # ---------------------------------------------------------------- device-decode path
 
 
-def _decode(planned: EncodedImage) -> torch.Tensor:
+def decode_sample(planned: EncodedImage) -> torch.Tensor:
     return DeferredBatch([planned]).decode(torch.tensor([0]), torch.device("cpu"))[0][0]
 
 
@@ -125,15 +125,15 @@ def test_device_path_applies_the_policies_with_replayable_draws():
     again = preset.plan(_jpeg(0))
     assert isinstance(planned, EncodedImage) and planned.policy_seed == again.policy_seed
     state = torch.get_rng_state()
-    decoded = _decode(planned)
+    decoded = decode_sample(planned)
     assert torch.equal(torch.get_rng_state(), state)  # decoding draws from its own seed
-    assert torch.equal(decoded, _decode(again)) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, decode_sample(again)) and decoded.dtype == torch.uint8
     torch.manual_seed(4)
     plain = DeviceDecodePreset(_cfg()).plan(_jpeg(0))
     assert plain.box == planned.box and plain.flip == planned.flip  # same crop, then the policy
     mean = torch.tensor(ERASE_VALUE_UINT8, dtype=torch.uint8).view(3, 1, 1)
     assert (decoded == mean).all(dim=0).any()  # the erased box reached the device path
-    assert not torch.equal(decoded, _decode(plain))
+    assert not torch.equal(decoded, decode_sample(plain))
 
 
 def test_device_path_without_policies_makes_no_extra_draw():
