@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import from its own layer and the ones before it:
 
-    config      rn50.config, rn50.search_space        typed config, recipes, sweep files
+    config      rn50.config(_sections), .search_space typed config, recipes, sweep files
     io          rn50.io.*                             storage (local/S3), MLflow tracking, backups
     data        rn50.data.*                           datasets, transforms, loaders, ImageNet shards
     core        rn50.core.*                           model, schedule, loop, checkpoint state + store
@@ -35,7 +35,7 @@ def layer_of(module: str) -> str | None:
     """The layer an rn50 module belongs to (None for modules outside rn50)."""
     if module in ALIASES:
         return "aliases"
-    if module in ("rn50", "rn50.config", "rn50.search_space"):
+    if module in ("rn50", "rn50.config", "rn50.config_sections", "rn50.search_space"):
         return "config"
     parts = module.split(".")
     if parts[0] == "rn50" and len(parts) > 1 and parts[1] in LAYERS:

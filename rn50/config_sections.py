@@ -1,0 +1,183 @@
+"""The sections of an experiment config: typed dataclasses, one docstring per field.
+
+Units are in the names (`_px`, `_s`, `_epochs`, `_prob`); every field's meaning is its docstring.
+`rn50.config` assembles them into `Config`, coerces and validates what users type, and loads
+recipes; import the sections from there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """Source: `digits` (scikit-learn's bundled digits, written as JPEGs), `imagefolder`
+    (train/ and val/ class folders, incl. ILSVRC layout), `parquet` (HF-style shards of JPEG bytes
+    + label) or `imagenette` (downloaded from its public URL and cached)."""
+    root: str = "~/.cache/rn50/digits"
+    """Directory (or s3:// URI for parquet) holding the data set; `~` is expanded."""
+    num_classes: int = 10
+    """Number of output classes of the classifier head."""
+    train_crop_px: int = 32
+    """Side of the square RandomResizedCrop used for training, in pixels."""
+    val_resize_px: int = 32
+    """Shorter side the validation image is resized to before the center crop, in pixels."""
+    val_crop_px: int = 32
+    """Side of the square validation center crop, in pixels."""
+    min_crop_scale: float = 0.08
+    """Smallest fraction of the image area RandomResizedCrop may keep."""
+    hflip: bool = True
+    """Random horizontal flip during training (off for digits, where it changes the class)."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength; 0 disables it."""
+    auto_augment: str = "none"
+    """Per-image policy after crop/flip/jitter (torchvision.transforms.v2, bilinear): `none`,
+    `trivialaugment_wide`, `randaugment` (2 ops, magnitude 9) or `autoaugment` (ImageNet policy)."""
+    random_erasing_prob: float = 0.0
+    """Probability that RandomErasing blanks one rectangle (2-33% of the area) of a training image
+    with the ImageNet mean colour, on the uint8 crop; 0 disables it."""
+    repeated_augmentations: int = 1
+    """Repeated augmentation (RASampler): each epoch draws len(dataset)/N images and shows each
+    N times with different augmentations, on different ranks; the epoch length is unchanged.
+    With parquet shards the N copies stay on one rank, within its row groups. 1 disables it."""
+    loader_workers: int = 0
+    """DataLoader worker processes per training worker (0 decodes in the training process)."""
+    decode_on_device: bool = False
+    """Decode training JPEGs on the training device (nvJPEG via torchvision.io.decode_jpeg) instead
+    of in loader workers, which then only read bytes and draw the augmentation (same draws, exact
+    resume); frees CPU on GPU nodes that are input-bound. On CPU workers it decodes in the training
+    process. Validation images are always decoded on the CPU."""
+    max_train_samples: int = 0
+    """Use only the first N training samples (after a fixed shuffle); 0 uses all."""
+    max_val_samples: int = 0
+    """Use only the first N validation samples; 0 uses all."""
+    imagenette_size_px: int = 160
+    """Which Imagenette archive to download: 160, 320 or 0 for full size."""
+    progressive_min_px: int = 0
+    """Progressive resizing (FFCV): the train crop side up to `progressive_start_epoch`, growing
+    linearly (in steps of 32 px) to `train_crop_px` at `progressive_end_epoch`; 0 disables it."""
+    progressive_start_epoch: int = 0
+    """Last epoch (0-based) trained at `progressive_min_px`."""
+    progressive_end_epoch: int = 0
+    """First epoch (0-based) trained at the full `train_crop_px`."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    """`resnet50` (torchvision v1.5), `resnet50d` (deep stem + avg-pool downsample) or
+    `resnet50_blurpool` (a blur before every strided conv, as FFCV trains it)."""
+    zero_init_residual: bool = True
+    """Start each residual block's last BN gamma at 0 so blocks begin as identities."""
+    channels_last: bool = True
+    """Use channels_last memory format when training on a GPU (ignored on CPU)."""
+    stochastic_depth_prob: float = 0.0
+    """Stochastic depth: probability of dropping the deepest residual block's branch per sample
+    in training; block l of L drops with l/L times this (Huang et al. 2016). 0 disables it."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    """Peak learning rate for a global batch of `lr_reference_batch_size` images."""
+    lr_reference_batch_size: int = 256
+    """Batch size `lr` refers to; the peak LR scales linearly with global_batch_size / this."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Use Nesterov momentum."""
+    weight_decay: float = 1e-4
+    """L2 weight decay applied by SGD."""
+    no_bn_bias_decay: bool = False
+    """Exclude BatchNorm parameters and biases from weight decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy target, in [0, 1)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 5.0
+    """Linear warmup from `warmup_start_fraction` × peak LR to the peak, in epochs."""
+    warmup_start_fraction: float = 0.1
+    """LR at step 0 as a fraction of the peak LR."""
+    decay: str = "step"
+    """After warmup: `step` (×step_gamma at each milestone), `cosine` or `linear` to final_lr_fraction."""
+    step_milestones_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """Epochs at which `step` decay multiplies the LR by step_gamma."""
+    step_gamma: float = 0.1
+    """Multiplier applied at each step milestone."""
+    final_lr_fraction: float = 0.0
+    """LR at the end of cosine/linear decay as a fraction of the peak LR."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    """Number of passes over the training set."""
+    global_batch_size: int = 256
+    """Images per optimizer step summed over all workers."""
+    seed: int = 0
+    """Seed for weights, data order and augmentation."""
+    amp: bool = True
+    """Mixed-precision autocast when training on a GPU (ignored on CPU, which trains in fp32)."""
+    amp_dtype: str = "bfloat16"
+    """Autocast dtype: `bfloat16` (A100, H100, A10G, L4) or `float16` with a dynamic loss scaler
+    (T4 and V100, which have no fast bf16); the scaler's state is checkpointed."""
+    compile: bool = False
+    """Wrap the model in `torch.compile` (works on CPU too, after a compile of ~1 min for
+    ResNet-50). Off by default until a GPU measurement shows it faster (benchmarks/README.md)."""
+    ema_decay: float = 0.0
+    """Per-step decay of an exponential moving average of the weights; 0 disables EMA."""
+    mixup_alpha: float = 0.0
+    """MixUp: Beta(alpha, alpha) concentration of the per-batch mixing weight; 0 disables it."""
+    cutmix_alpha: float = 0.0
+    """CutMix: Beta(alpha, alpha) concentration of the pasted box's area share; 0 disables it.
+    With MixUp also on, each batch gets one of the two, chosen with equal probability."""
+    torch_threads: int = 1
+    """torch intra-op threads per training worker (OMP_NUM_THREADS)."""
+    log_every_steps: int = 50
+    """Print a progress line every N steps on rank 0."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    """Ray Train workers (one process each, one GPU each when use_gpu)."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per training worker."""
+    use_gpu: bool = False
+    """Reserve one GPU per worker; the device is still chosen from what torch sees."""
+    accelerator_type: str = ""
+    """Ray accelerator type the workers must run on (e.g. `A10G`); empty for any."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Save a checkpoint every N epochs (and always after the last one)."""
+    every_steps: int = 0
+    """Also save one every N optimizer steps within an epoch (exact mid-epoch resume); 0 = off."""
+    every_minutes: float = 0.0
+    """Also save one when this many minutes have passed since the last save; 0 = off."""
+    preemption_check_every_steps: int = 10
+    """Ask Ray every N steps whether a node of the run is being preempted (a spot reclaim
+    notice) and checkpoint at once if so; 0 = never ask."""
+    keep_last: int = 2
+    """How many recent checkpoints Ray keeps in storage."""
+    keep_best_by: str = "val_top1"
+    """Also keep the epoch-end checkpoint that is best by this validation metric, in the run's
+    `best/` folder, never pruned while it is the best: `val_top1` (the trained weights),
+    `val_top1_ema` (the EMA weights, evaluated each epoch; needs train.ema_decay > 0) or `none`."""
+    max_failures: int = 3
+    """How many worker-group failures a run survives by restarting from its latest checkpoint."""
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "rn50"
+    """MLflow experiment name."""
+    uri: str = ""
+    """MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."""
+    log_model: bool = True
+    """Log the final model to MLflow at the end of the run."""
