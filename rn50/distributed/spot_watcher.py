@@ -209,17 +209,18 @@ class Watcher:
 
 
 class NodeIdentity:
-    """This machine's Ray node id, looked up once (or given)."""
+    """This machine's Ray node id: given, or looked up at every call (Ray may have been restarted
+    on this machine since the watcher started, under a new node id)."""
 
     def __init__(self, imds: Imds, address: str, node_id: str = ""):
         self.imds, self.address, self.node_id = imds, address, node_id
 
     def __call__(self) -> str:
-        if not self.node_id:
-            instance_id = self.imds.text("/latest/meta-data/instance-id")
-            ip = self.imds.text("/latest/meta-data/local-ipv4")
-            self.node_id = find_node_id(gcs_nodes(self.address), instance_id, ip)
-        return self.node_id
+        if self.node_id:
+            return self.node_id
+        instance_id = self.imds.text("/latest/meta-data/instance-id")
+        ip = self.imds.text("/latest/meta-data/local-ipv4")
+        return find_node_id(gcs_nodes(self.address), instance_id, ip)
 
 
 def watch(watcher: Watcher, poll_s: float, stop: threading.Event) -> None:
@@ -230,20 +231,25 @@ def watch(watcher: Watcher, poll_s: float, stop: threading.Event) -> None:
         stop.wait(poll_s)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line (cluster.yaml's worker start commands use it; a unit test parses them)."""
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--address", required=True, help="the GCS, HEAD_IP:6379")
+    cli.add_argument("--imds-url", default=os.environ.get(IMDS_URL_ENV, DEFAULT_IMDS_URL),
+                     help=f"metadata service base URL (${IMDS_URL_ENV}, default {DEFAULT_IMDS_URL})")
+    cli.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls")
+    cli.add_argument("--node-id", default="", help="this node's Ray id (default: looked up)")
+    cli.add_argument("--drain-on-rebalance", action="store_true",
+                     help="drain on a rebalance recommendation too, with a 120 s deadline")
+    return cli
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: watch until this node is drained."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", required=True, help="the GCS, HEAD_IP:6379")
-    parser.add_argument("--imds-url", default=os.environ.get(IMDS_URL_ENV, DEFAULT_IMDS_URL),
-                        help=f"metadata service base URL (${IMDS_URL_ENV}, default "
-                             f"{DEFAULT_IMDS_URL})")
-    parser.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls")
-    parser.add_argument("--node-id", default="", help="this node's Ray id (default: looked up)")
-    parser.add_argument("--drain-on-rebalance", action="store_true",
-                        help="drain on a rebalance recommendation too, with a 120 s deadline")
-    args = parser.parse_args(argv)
+    """Watch until this node is drained."""
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.poll_s <= 0:
-        parser.error(f"--poll-s must be > 0, got {args.poll_s}")
+        cli.error(f"--poll-s must be > 0, got {args.poll_s}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     imds = Imds(args.imds_url)
     identity = NodeIdentity(imds, args.address, args.node_id)
