@@ -129,10 +129,10 @@ def gcs_nodes(address: str) -> list[dict]:
     """Every node the GCS at `address` knows, as plain dicts (no `ray.init`, no driver)."""
     import ray._raylet
     from ray.core.generated import gcs_pb2
-    infos = ray._raylet.GcsClient(address=address).get_all_node_info(timeout=10).values()
-    return [{"node_id": info.node_id.hex(), "instance_id": info.instance_id,
+    infos = ray._raylet.GcsClient(address=address).get_all_node_info(timeout=10)
+    return [{"node_id": node_id.hex(), "instance_id": info.instance_id,
              "ip": info.node_manager_address, "alive": info.state == gcs_pb2.GcsNodeInfo.ALIVE}
-            for info in infos]
+            for node_id, info in infos.items()]
 
 
 def ray_drain(address: str) -> DrainFn:
