@@ -221,7 +221,7 @@ def test_every_worker_starts_the_spot_watcher_after_ray_once(cluster):
     assert command.startswith('kill -0 "$(cat /tmp/rn50-spot-watcher.pid') and "nohup" in command
     assert "echo $! > /tmp/rn50-spot-watcher.pid" in command
     assert ">> /tmp/ray/session_latest/logs/" in command, "logs where `ray logs` finds them"
-    assert "RAY_AUTH_MODE=token" in command, "ray drain-node must send the cluster's token"
+    assert "RAY_AUTH_MODE=token" in command, "the drain must send the cluster's token"
     words = shlex.split(command.split("-m rn50.distributed.spot_watcher", 1)[1].split(">>")[0])
     args = spot_watcher.parser().parse_args(words)
     assert args.address == "$RAY_HEAD_IP:6379" and args.imds_url == spot_watcher.DEFAULT_IMDS_URL
