@@ -45,7 +45,8 @@ class Imds:
     """An IMDSv2 client: one session token, fetched again when IMDS answers 401."""
 
     def __init__(self, base_url: str, timeout_s: float = 2.0, token_ttl_s: int = 21600):
-        self.base_url, self.timeout_s, self.token_ttl_s = base_url.rstrip("/"), timeout_s, token_ttl_s
+        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        self.token_ttl_s = token_ttl_s
         self._token = ""
 
     def _request(self, method: str, path: str, headers: dict) -> tuple[int, str]:
@@ -59,8 +60,8 @@ class Imds:
             raise ImdsError(f"{method} {self.base_url}{path}: {err}") from err
 
     def _fetch_token(self) -> str:
-        status, body = self._request("PUT", "/latest/api/token",
-                                     {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)})
+        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)}
+        status, body = self._request("PUT", "/latest/api/token", ttl)
         if status != 200 or not body.strip():
             raise ImdsError(f"IMDS refused a session token (HTTP {status}): {body[:200]!r}")
         return body.strip()
@@ -235,7 +236,8 @@ def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--address", required=True, help="the GCS, HEAD_IP:6379")
     cli.add_argument("--imds-url", default=os.environ.get(IMDS_URL_ENV, DEFAULT_IMDS_URL),
-                     help=f"metadata service base URL (${IMDS_URL_ENV}, default {DEFAULT_IMDS_URL})")
+                     help=f"metadata service base URL (${IMDS_URL_ENV}, default "
+                          f"{DEFAULT_IMDS_URL})")
     cli.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls")
     cli.add_argument("--node-id", default="", help="this node's Ray id (default: looked up)")
     cli.add_argument("--drain-on-rebalance", action="store_true",

@@ -271,5 +271,6 @@ def _record(delay_s, at_notice, in_checkpoint, deadline_s, check_every) -> None:
         "notice_to_verified_checkpoint_s": round(delay_s, 1),
         "steps_done_at_notice_at_least": at_notice, "steps_in_checkpoint": in_checkpoint,
         "drain_deadline_s": deadline_s, "preemption_check_every_steps": check_every,
-        "watcher_poll_s": 1, "preemption_poll_s": 1},
+        "watcher_poll_s": 1, "preemption_poll_s": 1, "environment": "RN50_RECORD_RESULTS=1",
+        "setup": "2 fake A100 nodes (1 CPU each) on the 2-core machine, local storage"},
         argv=["-m", "pytest", "tests/integration/test_local_cluster.py", "-k", "spot_notice"])

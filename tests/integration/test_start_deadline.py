@@ -95,17 +95,21 @@ def _assert_clear_failure(output: str) -> None:
     assert "2 workers x {CPU: 1}" in output and "scaling.start_timeout_s" in output, output[-3000:]
 
 
-def test_a_run_that_cannot_get_its_cpus_ends_in_time_naming_them_and_their_holder(tmp_path,
-                                                                                   two_cpus):
+def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tmp_path,
+                                                                               two_cpus):
     blocker = _blocker()
-    job = _run_job(tmp_path, two_cpus, "starved")
-    seconds = _wait(job, START_TIMEOUT_S + OVERHEAD_S)
-    output = (tmp_path / "starved.log").read_text(errors="replace")
-    assert job.returncode == 4, output[-3000:]
-    _assert_clear_failure(output)
-    assert "actor Blocker" in output and "free" in output, output[-3000:]
-    assert "RESULT" not in output
-    print(f"starved run ended with exit 4 after {seconds:.0f} s")
+    jobs = {"starved": _run_job(tmp_path, two_cpus, "starved"),
+            "sweep": _sweep_job(tmp_path, two_cpus)}
+    for name, job in jobs.items():
+        seconds = _wait(job, START_TIMEOUT_S + OVERHEAD_S)
+        output = (tmp_path / f"{name}.log").read_text(errors="replace")
+        assert job.returncode == 4, output[-3000:]
+        _assert_clear_failure(output)
+        # Who holds the CPUs: the other job's actor, named with its job's entrypoint.
+        assert "actor Blocker" in output and "pytest" in output and "free" in output, output[-3000:]
+        assert "RESULT" not in output
+        print(f"{name} ended with exit 4 after {seconds:.0f} s")
+    assert "no trial of the sweep could get its resources" in (tmp_path / "sweep.log").read_text()
     _no_reservation_left()
     del blocker
 

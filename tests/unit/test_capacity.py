@@ -1,7 +1,8 @@
 """fit_run's start plans without a cluster: spot first then on-demand, each start bounded by its
 own time, the timeout handed to Ray Train through the driver's environment, and a run whose last
 start times out ending with ResourcesUnavailableError. The trainer is a stand-in whose fit()
-raises what Ray Train's controller raises (ControllerError around WorkerGroupStartupTimeoutError)."""
+raises what Ray Train's controller raises (ControllerError around
+WorkerGroupStartupTimeoutError)."""
 import os
 
 import pytest
@@ -36,8 +37,8 @@ class Starts:
 def tags(monkeypatch):
     recorded = []
     monkeypatch.setattr(driver.tracking, "set_tags", lambda uri, run_id, t: recorded.append(t))
-    monkeypatch.setattr(capacity, "shortfall_message",
-                        lambda scaling, plan, waited_s: f"nothing for {plan.market} in {waited_s:.0f} s")
+    monkeypatch.setattr(capacity, "shortfall_message", lambda scaling, plan, waited_s:
+                        f"nothing for {plan.market} in {waited_s:.0f} s")
     monkeypatch.delenv(capacity.START_TIMEOUT_ENV, raising=False)
     return recorded
 
