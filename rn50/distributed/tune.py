@@ -40,8 +40,9 @@ def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
     if scaling.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // scaling.num_workers))
     if fits < 1:
-        raise ResourcesUnavailableError(f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
-                           f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
+        raise ResourcesUnavailableError(
+            f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
+            f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
     return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
 
 
