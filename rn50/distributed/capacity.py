@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import ray
 from ray.train.v2._internal.exceptions import (  # what the controller raises; no public alias
-    InsufficientClusterResourcesError, WorkerGroupStartupTimeoutError)
+    InsufficientClusterResourcesError, WorkerGroupStartupFailedError,
+    WorkerGroupStartupTimeoutError)
 
 from rn50.config import ScalingConfig
 
@@ -75,6 +76,11 @@ def ray_train_env(start_timeout_s: float, preemption_poll_s: float):
 def is_start_timeout(controller_failure: BaseException) -> bool:
     """Whether a controller failure is a worker group that did not get its resources in time."""
     return isinstance(controller_failure, WorkerGroupStartupTimeoutError)
+
+
+def is_start_failure(controller_failure: BaseException) -> bool:
+    """Whether a worker died while the worker group was starting (e.g. its node went away)."""
+    return isinstance(controller_failure, WorkerGroupStartupFailedError)
 
 
 def is_never_enough(controller_failure: BaseException) -> bool:

@@ -26,6 +26,10 @@ from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
+# Ray's controller would start a worker group whose worker died while starting again without
+# limit. Usually that worker's node went away (a reclaim during a restart) and a few tries cover
+# it; a broken image fails the same way every time and must end the run.
+START_FAILURE_RETRIES = 3
 
 
 def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
@@ -90,7 +94,7 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
     config = run.config
     plans = capacity.start_plans(config.scaling)
     _tag_market(run, plans[0], "")
-    failures = 0
+    failures = start_failures = 0
     while True:
         plan = plans[0]
         started = time.monotonic()
@@ -107,6 +111,11 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
                     _fall_back(run, plans[0], message)
                     continue
                 raise capacity.ResourcesUnavailableError(message) from err
+            if capacity.is_start_failure(cause) and start_failures < START_FAILURE_RETRIES:
+                start_failures += 1
+                logger.warning("the worker group failed to start (%s); starting it again",
+                               str(cause).splitlines()[0])
+                continue
             failures += 1
             if failures > config.checkpoint.max_failures:
                 raise

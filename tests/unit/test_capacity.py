@@ -7,7 +7,8 @@ import os
 
 import pytest
 import ray.train
-from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.exceptions import (WorkerGroupStartupFailedError,
+                                               WorkerGroupStartupTimeoutError)
 
 from rn50.config import ConfigError, load_config
 from rn50.distributed import capacity, driver
@@ -15,10 +16,10 @@ from rn50.distributed.contexts import RunContext
 
 
 class Starts:
-    """build_trainer's stand-in: records each start; fit() times out `timeouts` times."""
+    """build_trainer's stand-in: records each start; fit() raises `error` `timeouts` times."""
 
-    def __init__(self, timeouts: int):
-        self.timeouts, self.calls = timeouts, []
+    def __init__(self, timeouts: int, error=lambda: WorkerGroupStartupTimeoutError(2)):
+        self.timeouts, self.calls, self.error = timeouts, [], error
 
     def __call__(self, run, name, storage_uri, callbacks=None, label_selector=None):
         starts = self
@@ -28,7 +29,7 @@ class Starts:
                 starts.calls.append((label_selector, os.environ[capacity.START_TIMEOUT_ENV],
                                      os.environ[capacity.PREEMPTION_POLL_ENV]))
                 if len(starts.calls) <= starts.timeouts:
-                    raise ray.train.ControllerError(WorkerGroupStartupTimeoutError(2))
+                    raise ray.train.ControllerError(starts.error())
                 return "result"
         return Trainer()
 
@@ -77,6 +78,21 @@ def test_when_on_demand_times_out_too_the_run_ends_naming_it(monkeypatch, tags):
     with pytest.raises(capacity.ResourcesUnavailableError, match="nothing for on-demand"):
         driver.fit_run(_run("scaling.prefer_spot=true"), "r", "/tmp/unused")
     assert len(starts.calls) == 2
+
+
+@pytest.mark.parametrize("failures, succeeds", [(driver.START_FAILURE_RETRIES, True),
+                                                (driver.START_FAILURE_RETRIES + 1, False)])
+def test_a_worker_dying_while_the_group_starts_is_retried_a_few_times_not_forever(
+        monkeypatch, tags, failures, succeeds):
+    starts = Starts(timeouts=failures, error=lambda: WorkerGroupStartupFailedError("died"))
+    monkeypatch.setattr(driver, "build_trainer", starts)
+    run = _run("checkpoint.max_failures=0")  # not charged to max_failures
+    if succeeds:
+        assert driver.fit_run(run, "r", "/tmp/unused") == "result"
+    else:
+        with pytest.raises(ray.train.ControllerError, match="died"):
+            driver.fit_run(run, "r", "/tmp/unused")
+    assert len(starts.calls) == min(failures + 1, driver.START_FAILURE_RETRIES + 1)
 
 
 def test_the_trainer_bounds_controller_retries_and_carries_the_preemption_settings(tmp_path):
