@@ -226,8 +226,11 @@ class NodeIdentity:
 def watch(watcher: Watcher, poll_s: float, stop: threading.Event) -> None:
     """Poll every `poll_s` seconds until the node is drained or `stop` is set."""
     while not stop.is_set():
-        if watcher.poll_once():
-            return
+        try:
+            if watcher.poll_once():
+                return
+        except Exception:  # noqa: BLE001 - nothing restarts a dead watcher: log, poll again
+            logger.exception("unexpected error in the spot watcher; polling on")
         stop.wait(poll_s)
 
 

@@ -153,3 +153,23 @@ def test_a_bad_poll_interval_is_refused():
     with pytest.raises(SystemExit) as exit_info:
         sw.main(["--address", "127.0.0.1:6379", "--poll-s", "0"])
     assert exit_info.value.code == 2
+
+
+def test_an_unexpected_error_is_logged_and_the_watcher_polls_on(imds, caplog):
+    class Flaky(sw.Imds):
+        calls = 0
+
+        def get(self, path):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise KeyError("a bug")
+            return super().get(path)
+    drains = Drains()
+    imds.post_notice(in_s=100)
+    thread = threading.Thread(target=sw.watch, daemon=True, args=(
+        sw.Watcher(Flaky(imds.url), drains, lambda: NODE), 0.01, threading.Event()))
+    with caplog.at_level(logging.ERROR, logger="rn50.spot_watcher"):
+        thread.start()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and len(drains.calls) == 1
+    assert "unexpected error in the spot watcher" in caplog.text
