@@ -28,12 +28,16 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = args.name or f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from rn50.distributed.capacity import ResourcesUnavailableError
     from rn50.distributed.driver import run_training  # imports Ray; only needed once the config is valid
     try:
         summary = run_training(config, name, args.storage)
     except StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except ResourcesUnavailableError as err:  # the cluster could not give the workers their nodes
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     print("RESULT " + json.dumps(summary), flush=True)
     return 0
 

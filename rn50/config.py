@@ -185,6 +185,7 @@ def validate(config: Config) -> None:
                           "'data.train_crop_px' and 0 <= 'data.progressive_start_epoch' <= "
                           "'data.progressive_end_epoch'")
     _validate_regularizers(config)
+    _validate_capacity(config)
 
 
 def _validate_regularizers(config: Config) -> None:
@@ -199,6 +200,21 @@ def _validate_regularizers(config: Config) -> None:
     if config.checkpoint.keep_best_by == "val_top1_ema" and config.train.ema_decay <= 0:
         raise ConfigError("'checkpoint.keep_best_by=val_top1_ema' needs EMA weights: set "
                           "'train.ema_decay' (e.g. 0.9999), or keep the best by 'val_top1'")
+
+def _validate_capacity(config: Config) -> None:
+    """The start-timeout, spot and preemption fields."""
+    scaling, checkpoint = config.scaling, config.checkpoint
+    for key, value in (("scaling.start_timeout_s", scaling.start_timeout_s),
+                       ("scaling.spot_wait_s", scaling.spot_wait_s),
+                       ("checkpoint.preemption_poll_s", checkpoint.preemption_poll_s)):
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be > 0 seconds, got {value!r}")
+    if checkpoint.preemption_grace_s < 0:
+        raise ConfigError("'checkpoint.preemption_grace_s' must be >= 0, got "
+                          f"{checkpoint.preemption_grace_s!r}")
+    if checkpoint.max_preemption_failures < -1:
+        raise ConfigError("'checkpoint.max_preemption_failures' must be >= 0, or -1 for "
+                          f"unlimited, got {checkpoint.max_preemption_failures!r}")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

@@ -150,6 +150,18 @@ class ScalingConfig:
     """Reserve one GPU per worker; the device is still chosen from what torch sees."""
     accelerator_type: str = ""
     """Ray accelerator type the workers must run on (e.g. `A10G`); empty for any."""
+    start_timeout_s: float = 600.0
+    """How long one start of the worker group (the first, or after a failure or a preemption)
+    may wait for its resources, in seconds, before the run ends with exit code 4 and a message
+    naming what is missing. Ray removes the attempt's placement group when it times out. On an
+    autoscaling cluster it must cover a node's launch and setup (~10 minutes on AWS)."""
+    prefer_spot: bool = False
+    """Ask first for nodes labelled `rn50/market=spot` (cluster.yaml's spot types), then, when
+    none start within `spot_wait_s`, for nodes labelled `rn50/market=on-demand`. Off: any node
+    that fits, labelled or not."""
+    spot_wait_s: float = 900.0
+    """How long a start waits for spot nodes before falling back to on-demand ones, in seconds
+    (with `prefer_spot`); it must cover a spot node's launch and setup."""
 
 
 @dataclass
@@ -171,6 +183,18 @@ class CheckpointConfig:
     `val_top1_ema` (the EMA weights, evaluated each epoch; needs train.ema_decay > 0) or `none`."""
     max_failures: int = 3
     """How many worker-group failures a run survives by restarting from its latest checkpoint."""
+    max_preemption_failures: int = -1
+    """How many preemptions (a drained node, e.g. a spot reclaim) a run survives, counted apart
+    from `max_failures`; -1 = unlimited (Ray's `FailureConfig.max_preemption_failures`)."""
+    preemption_poll_s: float = 5.0
+    """How often Ray Train looks for draining nodes of the run, in seconds (Ray's
+    RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S); part of the notice-to-checkpoint delay."""
+    relax_collectives_on_preemption: bool = False
+    """Let the ranks on healthy nodes finish Ray Train's report/preemption barriers without the
+    ranks of a node being preempted (Ray's flag; ignored when rank 0's node is preempted)."""
+    preemption_grace_s: float = 0.0
+    """How long the surviving workers keep running past a drain's deadline before Ray Train
+    restarts the run, in seconds (Ray's `FailureConfig.preemption_grace_s`)."""
 
 
 @dataclass

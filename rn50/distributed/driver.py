@@ -2,7 +2,9 @@
 
 `run_training` checks storage before anything starts, opens (or finds again) the MLflow run,
 builds the `TorchTrainer` around `rn50.train.train_loop_per_worker`, and turns Ray's result into
-the `RESULT` summary. Running it again with the same name and storage resumes the run.
+the `RESULT` summary. Running it again with the same name and storage resumes the run. `fit_run`
+is the one place that calls `fit()` (sweep trials too): it falls back from spot to on-demand nodes
+and ends a run that cannot get its resources with `ResourcesUnavailableError`.
 """
 from __future__ import annotations
 
@@ -18,11 +20,16 @@ from rn50.core import checkpoint as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.core.model import build_model
+from rn50.distributed import capacity
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
+# Ray's controller would start a worker group whose worker died while starting again without
+# limit. Usually that worker's node went away (a reclaim during a restart) and a few tries cover
+# it; a broken image fails the same way every time and must end the run.
+START_FAILURE_RETRIES = 3
 
 
 def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
@@ -42,10 +49,12 @@ def _final_model(result_checkpoint, config: Config):
     return model.eval(), manifest["summary"]
 
 
-def build_trainer(run: RunContext, name: str, storage_uri: str,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one run: scaling, storage, failure handling and checkpoint retention."""
+def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None,
+                  label_selector: dict[str, str] | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run: scaling (on nodes matching `label_selector`), storage,
+    failure handling and checkpoint retention."""
     config = run.config
+    checkpoint = config.checkpoint
     filesystem, storage_path = storage.resolve_storage(storage_uri)
     threads = str(config.train.torch_threads)
     return TorchTrainer(
@@ -57,30 +66,77 @@ def build_trainer(run: RunContext, name: str, storage_uri: str,
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-            accelerator_type=config.scaling.accelerator_type or None),
+            accelerator_type=config.scaling.accelerator_type or None,
+            label_selector=label_selector),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(
+                max_failures=checkpoint.max_failures,
+                # Preemptions (drained nodes) have their own budget, so a week of spot reclaims
+                # does not use up the one for real failures.
+                max_preemption_failures=checkpoint.max_preemption_failures,
+                relax_collectives_on_preemption=checkpoint.relax_collectives_on_preemption,
+                preemption_grace_s=checkpoint.preemption_grace_s,
+                # A worker group that cannot start is handed to fit_run at once: left to the
+                # controller (default -1) it retries forever, and the counter never resets.
+                controller_failure_limit=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoint.keep_last),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
                                              "MKL_NUM_THREADS": threads}}))
 
 
-def fit_surviving_storage_outages(run: RunContext, name: str, storage_uri: str):
-    """`TorchTrainer.fit()`, started again from the newest checkpoint if the Train controller
-    dies (it writes its state to storage after every report, so a storage outage kills it)."""
-    max_failures = run.config.checkpoint.max_failures
-    for attempt in range(max_failures + 1):
+def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None):
+    """`TorchTrainer.fit()` until the run ends. Started again (resuming) from the newest checkpoint
+    if the Train controller dies (it writes its state to storage after every report, so a storage
+    outage kills it); on on-demand nodes when spot ones do not start in time; ended with
+    `ResourcesUnavailableError` when a start that has no fallback times out."""
+    config = run.config
+    plans = capacity.start_plans(config.scaling)
+    _tag_market(run, plans[0], "")
+    failures = start_failures = 0
+    while True:
+        plan = plans[0]
+        started = time.monotonic()
         try:
-            return build_trainer(run, name, storage_uri).fit()
+            with capacity.ray_train_env(plan.wait_s, config.checkpoint.preemption_poll_s):
+                return build_trainer(run, name, storage_uri, callbacks, plan.label_selector).fit()
         except ray.train.ControllerError as err:
-            if attempt == max_failures:
+            cause = err.controller_failure
+            if capacity.is_start_timeout(cause) or capacity.is_never_enough(cause):
+                message = capacity.shortfall_message(config.scaling, plan,
+                                                     min(plan.wait_s, time.monotonic() - started))
+                if len(plans) > 1 and capacity.is_start_timeout(cause):
+                    plans.pop(0)
+                    _fall_back(run, plans[0], message)
+                    continue
+                raise capacity.ResourcesUnavailableError(message) from err
+            if capacity.is_start_failure(cause) and start_failures < START_FAILURE_RETRIES:
+                start_failures += 1
+                logger.warning("the worker group failed to start (%s); starting it again",
+                               str(cause).splitlines()[0])
+                continue
+            failures += 1
+            if failures > config.checkpoint.max_failures:
                 raise
             logger.warning("Train controller failed (%s); waiting for storage, then resuming",
                            str(err).splitlines()[0])
             _wait_for_storage(storage_uri, timeout_s=600)
-    raise AssertionError("unreachable")
+
+
+def _tag_market(run: RunContext, plan: capacity.StartPlan, reason: str) -> None:
+    # Both, always: a resumed run that is back on spot must not keep an old fallback reason.
+    tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
+                      {"rn50.market": plan.market, "rn50.fallback_reason": reason[:500]})
+
+
+def _fall_back(run: RunContext, plan: capacity.StartPlan, message: str) -> None:
+    """Say (log and MLflow tag) that the run now asks for `plan`'s nodes, and why."""
+    reason = "no spot capacity: " + message.splitlines()[0]
+    print(f"[rn50] {reason}\n[rn50] falling back to {plan.market} nodes "
+          f"({capacity.MARKET_LABEL}={plan.market}) for up to {plan.wait_s:.0f} s; the run moves "
+          "back to spot only when it is started again", flush=True)
+    _tag_market(run, plan, reason)
 
 
 def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
@@ -118,8 +174,7 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
     init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
     start = time.time()
     try:
-        result = fit_surviving_storage_outages(RunContext(config, tracking_uri, run_id), name,
-                                               storage_uri)
+        result = fit_run(RunContext(config, tracking_uri, run_id), name, storage_uri)
     except Exception:
         tracking.finish_run(tracking_uri, run_id, succeeded=False)
         raise

@@ -43,7 +43,10 @@ class MidEpochSaves:
             return False
         info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
         if info is not None:
-            logger.warning("preemption notice: %s; checkpointing now", info)
+            left_s = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else float("nan")
+            logger.warning("preemption notice: node(s) %s (ranks %s) go in %.0f s; checkpointing "
+                           "after step %d", info.preempted_node_ids, info.preempted_ranks, left_s,
+                           steps_done)
             self.preemption_seen = True
         return self.preemption_seen
 

@@ -20,7 +20,8 @@ from rn50.io import tracking
 from rn50.search_space import SweepSpec
 from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
 from rn50.distributed.contexts import RunContext, SweepContext
-from rn50.distributed.driver import build_trainer
+from rn50.distributed.capacity import ResourcesUnavailableError
+from rn50.distributed.driver import fit_run
 from rn50.distributed.ray_setup import init_ray
 
 
@@ -39,8 +40,9 @@ def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
     if scaling.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // scaling.num_workers))
     if fits < 1:
-        raise RuntimeError(f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
-                           f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
+        raise ResourcesUnavailableError(
+            f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
+            f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
     return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
 
 
@@ -53,10 +55,12 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
         config, sweep.tracking_uri, sweep.trial_key(trial_id), context.get_trial_name(),
         tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
               "rn50.sweep": sweep.name})
-    trainer = build_trainer(RunContext(config, sweep.tracking_uri, run_id),
-                            f"{sweep.name}-{trial_id}", sweep.trials_storage,
-                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    try:
+        fit_run(RunContext(config, sweep.tracking_uri, run_id), f"{sweep.name}-{trial_id}",
+                sweep.trials_storage, callbacks=[TuneReportCallback()])
+    except ResourcesUnavailableError:
+        tracking.finish_run(sweep.tracking_uri, run_id, succeeded=False)
+        raise
     tracking.finish_run(sweep.tracking_uri, run_id, succeeded=True)
 
 
@@ -144,6 +148,20 @@ def _mark_children(tracking_uri: str, parent_run_id: str, records: list[TrialRec
         client.set_terminated(child.info.run_id, status)
 
 
+def _raise_if_no_trial_got_resources(results, tracking_uri: str, parent_run_id: str) -> None:
+    """End the sweep with the trials' own message when every trial failed to get resources."""
+    errors = [result.error for result in results]
+    if not errors or not all(isinstance(e, ResourcesUnavailableError) or
+                             "ResourcesUnavailableError" in repr(e) for e in errors):
+        return
+    tracking.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
+    first = str(errors[0])
+    # Tune wraps the trial's error in its own traceback text: keep the message from its start.
+    start = first.find("the worker group did not start")
+    raise ResourcesUnavailableError(f"no trial of the sweep could get its resources: "
+                                    f"{first[start:] if start >= 0 else first}")
+
+
 def _sweep_params(spec: SweepSpec) -> dict[str, str]:
     params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
               "sweep.num_samples": str(spec.num_samples), "sweep.base_recipe": spec.base_recipe,
@@ -171,6 +189,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str]
     concurrency = max_concurrent_trials(spec, overrides)
     print(f"[rn50] sweep '{name}': at most {concurrency} trial(s) at once", flush=True)
     results = _tuner(spec, sweep, concurrency).fit()
+    _raise_if_no_trial_got_resources(results, tracking_uri, parent_id)
     records = _records(results, spec, base.train.epochs)
     _mark_children(tracking_uri, parent_id, records)
     best = results.get_best_result(spec.metric, spec.mode, scope="all")

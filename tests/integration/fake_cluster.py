@@ -98,6 +98,9 @@ def kill_tree(pid: int) -> None:
 class FakeCluster:
     """One head from cluster.local.yaml; `env` is what the `ray` CLI needs to reach it."""
     head_env: dict = field(default_factory=dict)
+    # {node type: {field: value}} changed in this cluster's copy of cluster.local.yaml (e.g. a
+    # node type's max_workers set to 0: the provider never launches it, like refused capacity).
+    node_types: dict = field(default_factory=dict)
     # Short, under /tmp: Ray's unix sockets live in the temp dir; paths are capped at 107 bytes.
     temp_dir: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="rn50lc-", dir="/tmp")))
@@ -119,6 +122,8 @@ class FakeCluster:
         """cluster.local.yaml with the provider pointed at this head's GCS port."""
         config = yaml.safe_load((REPO / "cluster.local.yaml").read_text())
         config["provider"]["gcs_address"] = f"{self.node_ip}:{self.ports['port']}"
+        for name, fields in self.node_types.items():
+            config["available_node_types"][name].update(fields)
         path = self.temp_dir / "cluster.local.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -166,6 +171,16 @@ class FakeCluster:
     def node_type(raylet_pid: int) -> str:
         """The node type the autoscaler launched this raylet as."""
         return environ(raylet_pid).get("RAY_NODE_TYPE_NAME", "")
+
+    @staticmethod
+    def instance_id(raylet_pid: int) -> str:
+        """The cloud instance id the autoscaler gave this raylet's node (an EC2 id on AWS)."""
+        return environ(raylet_pid).get("RAY_CLOUD_INSTANCE_ID", "")
+
+    @property
+    def gcs_address(self) -> str:
+        """What `ray start --address` and the spot watcher's --address take."""
+        return f"{self.node_ip}:{self.ports['port']}"
 
     def stop(self) -> None:
         """SIGKILL this cluster's processes only (by pid), then wait until they are gone."""

@@ -1,15 +1,24 @@
 """The AWS workflow rehearsed on one machine: cluster.local.yaml's autoscaler adds fake GPU nodes
-for `ray job submit ... train_full.py`, one node is killed mid-run (a spot preemption), and the
-job still completes from its latest checkpoint on a replacement node.
+for `ray job submit ... train_full.py`. One node is killed mid-run without warning, and the job
+still completes from its latest checkpoint on a replacement node. One node gets a spot
+interruption notice from its (fake) metadata service: its spot watcher drains it, the run
+checkpoints at once, and moves on when the node goes. And spot capacity refused outright: the run
+falls back to the on-demand type.
 """
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
 import pytest
+from mlflow import MlflowClient
 
+from rn50.core import checkpoint as ckpt
+from tests.fake_imds import NOTICE, FakeImds
 from tests.integration.fake_cluster import RAY, REPO, FakeCluster, kill_tree
 from tests.integration.jobs import small
 
@@ -31,14 +40,14 @@ def fake_cluster(tmp_path):
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
-def _submit(cluster, tmp_path, name):
+def _submit(cluster, tmp_path, name, epochs=EPOCHS, extra=()):
     """`ray job submit` exactly as docs/aws.md has it, in the background."""
     command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
                "--submission-id", f"{name}-{uuid.uuid4().hex[:6]}",
                "--entrypoint-resources", json.dumps({"head_driver": 1}), "--",
                "python", "ray_jobs/train_full.py", "--recipe", "demo", "--name", name,
-               "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=EPOCHS),
-               "scaling.use_gpu=true", "scaling.accelerator_type=A100"]
+               "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=epochs),
+               "scaling.use_gpu=true", "scaling.accelerator_type=A100", *extra]
     log = open(tmp_path / "job.log", "w")
     return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=log,
                             stderr=subprocess.STDOUT, text=True), log
@@ -104,3 +113,164 @@ def test_autoscaled_job_survives_losing_a_worker_node(fake_cluster, tmp_path):
     assert len(seen - {victim_id}) >= 2, f"no replacement node was launched (saw {seen})"
     # MLFLOW_TRACKING_URI given only to `ray start --head` reached the driver, as on AWS.
     assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+class StepLog:
+    """Tails the job's log, noting when each training step's line arrived (rank 0 logs every
+    step with train.log_every_steps=1): how far training was when something happened."""
+
+    def __init__(self, path, steps_per_epoch: int):
+        self.path, self.steps_per_epoch = path, steps_per_epoch
+        self.seen: list[tuple[float, int]] = []  # (arrival, global steps done)
+        self._offset = 0
+
+    def poll(self) -> None:
+        with open(self.path, errors="replace") as log:
+            log.seek(self._offset)
+            text = log.read()
+        cut = text.rfind("\n") + 1  # a partly written line is read again next time
+        self._offset += len(text[:cut].encode(errors="replace"))
+        now = time.time()
+        for epoch, step in re.findall(r"\[rn50 rank0\] epoch (\d+) step (\d+) ", text[:cut]):
+            self.seen.append((now, int(epoch) * self.steps_per_epoch + int(step) + 1))
+
+    def done_at(self, moment: float) -> int:
+        """Global steps done according to the lines that had arrived by `moment`."""
+        return max((steps for arrival, steps in self.seen if arrival <= moment), default=0)
+
+
+def _start_watcher(cluster, imds, log_path):
+    """The command cluster.yaml's worker start commands run, pointed at a fake IMDS."""
+    env = {**cluster.env, "RN50_IMDS_URL": imds.url}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "rn50.distributed.spot_watcher",
+                                 "--address", cluster.gcs_address, "--poll-s", "1"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _preemption_checkpoint(run_dir):
+    """(folder, summary) of the first preemption checkpoint that verifies, else None."""
+    for manifest in sorted(run_dir.glob("checkpoint_2*/manifest.json")):
+        try:
+            summary = ckpt.verify(str(manifest.parent), hashes=False)["summary"]
+        except Exception:  # noqa: BLE001 - not complete yet
+            continue
+        if summary.get("reason") == "preemption":
+            return manifest.parent, summary
+    return None
+
+
+def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(fake_cluster, tmp_path):
+    name, deadline_s, check_every = "noticed", 40, 2
+    job, log = _submit(fake_cluster, tmp_path, name, epochs=8, extra=[
+        "data.max_train_samples=512", "train.log_every_steps=1", "checkpoint.every_steps=0",
+        "checkpoint.every_epochs=100",  # only the notice's checkpoint before the last epoch
+        f"checkpoint.preemption_check_every_steps={check_every}",
+        "checkpoint.preemption_poll_s=1", "checkpoint.keep_last=5",
+        "checkpoint.max_failures=0"])  # a preemption must not use up max_failures
+    steps, watchers, servers = StepLog(tmp_path / "job.log", 512 // 32), [], []
+    run_dir = tmp_path / "runs" / name
+    try:
+        def two_nodes_training():
+            steps.poll()
+            raylets = fake_cluster.worker_raylets()
+            return raylets if len(raylets) >= 2 and steps.done_at(time.time()) >= 4 else None
+        raylets = _wait(two_nodes_training, job, 300, "2 worker nodes and training", tmp_path)
+        for node_id, pid in sorted(raylets.items()):  # an IMDS and a watcher per node, as on EC2
+            servers.append(FakeImds(instance_id=fake_cluster.instance_id(pid)).start())
+            watchers.append(_start_watcher(fake_cluster, servers[-1],
+                                           tmp_path / f"watcher-{node_id[-5:]}.log"))
+        victim_id, victim = sorted(raylets.items())[0]
+        _wait(lambda: steps.poll() or all("watching" in p.read_text()
+                                          for p in tmp_path.glob("watcher-*.log")),
+              job, 60, "the watchers to find their nodes", tmp_path)
+        steps.poll()
+        action_at = servers[0].post_notice(in_s=deadline_s)
+
+        def checkpointed():
+            steps.poll()
+            return _preemption_checkpoint(run_dir)
+        folder, summary = _wait(checkpointed, job, deadline_s, "the notice's checkpoint", tmp_path)
+        checkpoint_at = time.time()
+        time.sleep(max(0.0, action_at - time.time()))
+        kill_tree(victim)  # the action time: EC2 takes the node
+        _wait(lambda: job.poll() is not None, job, 400, "the job to finish", tmp_path)
+    finally:
+        for process in watchers:
+            process.kill()
+        for server in servers:
+            server.stop()
+        if job.poll() is None:
+            job.kill()
+        job.wait(timeout=30)
+        log.close()
+    output = (tmp_path / "job.log").read_text(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    notice_at = servers[0].notice_served_at
+    delay_s = checkpoint_at - notice_at
+    at_notice = steps.done_at(notice_at)
+    in_checkpoint = summary["epoch"] * steps.steps_per_epoch + summary["steps_done"]
+    print(f"notice -> verified checkpoint {delay_s:.1f} s; steps done at the notice >= "
+          f"{at_notice}, in the checkpoint {in_checkpoint}")
+    assert delay_s < deadline_s, "the checkpoint must be in storage before the node goes"
+    # Every step completed before the notice is in the checkpoint.
+    assert in_checkpoint >= at_notice > 0 and in_checkpoint % check_every == 0
+    resumed = re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done\)", output)
+    assert resumed and resumed[0][0].endswith(folder.name), (resumed, folder.name)
+    result = json.loads(next(line for line in output.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["epochs"] == 8
+    drained = [p.read_text() for p in sorted(tmp_path.glob("watcher-*.log"))]
+    victim_log = (tmp_path / f"watcher-{victim_id[-5:]}.log").read_text()
+    assert f"drained Ray node {victim_id}" in victim_log, victim_log
+    assert sum("drained Ray node" in text for text in drained) == 1, "only the noticed node"
+    assert set(servers[1].statuses(NOTICE)) == {404}
+    assert victim_id not in fake_cluster.worker_raylets()
+    _record(delay_s, at_notice, in_checkpoint, deadline_s, check_every)
+
+
+def test_refused_spot_capacity_falls_back_to_on_demand(tmp_path):
+    # From outside the product: the provider may launch no spot A100 node at all.
+    cluster = FakeCluster(head_env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          node_types={GPU_TYPE: {"max_workers": 0}})
+    cluster.start()
+    spot_wait_s = 20
+    try:
+        started = time.monotonic()
+        job, log = _submit(cluster, tmp_path, "fallback", epochs=1, extra=[
+            "scaling.prefer_spot=true", f"scaling.spot_wait_s={spot_wait_s}",
+            "scaling.start_timeout_s=180"])
+        try:
+            _wait(lambda: job.poll() is not None, job, 480, "the job to finish", tmp_path)
+        finally:
+            log.close()
+        seconds = time.monotonic() - started
+        types = {cluster.node_type(pid) for pid in cluster.worker_raylets().values()}
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    output = (tmp_path / "job.log").read_text(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    assert "falling back to on-demand nodes (rn50/market=on-demand)" in output, output[-4000:]
+    assert "no spot capacity: the worker group did not start within" in output
+    assert types <= {"gpu.a100x8.ondemand"} and types, types
+    result = json.loads(next(line for line in output.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    tags = MlflowClient(result["tracking_uri"]).get_run(result["mlflow_run_id"]).data.tags
+    assert tags["rn50.market"] == "on-demand", tags
+    assert tags["rn50.fallback_reason"].startswith("no spot capacity"), tags
+    print(f"fell back after {spot_wait_s} s; job done in {seconds:.0f} s")
+
+
+def _record(delay_s, at_notice, in_checkpoint, deadline_s, check_every) -> None:
+    """benchmarks/results/spot_notice.json, when RN50_RECORD_RESULTS=1."""
+    if os.environ.get("RN50_RECORD_RESULTS") != "1":
+        return
+    from benchmarks.results import write_result
+    write_result("spot_notice", {
+        "notice_to_verified_checkpoint_s": round(delay_s, 1),
+        "steps_done_at_notice_at_least": at_notice, "steps_in_checkpoint": in_checkpoint,
+        "drain_deadline_s": deadline_s, "preemption_check_every_steps": check_every,
+        "watcher_poll_s": 1, "preemption_poll_s": 1, "environment": "RN50_RECORD_RESULTS=1",
+        "setup": "2 fake A100 nodes (1 CPU each) on the 2-core machine, local storage"},
+        argv=["-m", "pytest", "tests/integration/test_local_cluster.py", "-k", "spot_notice"])

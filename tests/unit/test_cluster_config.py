@@ -183,3 +183,46 @@ def test_the_local_rehearsal_has_the_same_node_types(cluster):
         assert fake.get("priority", 0) == node_type.get("priority", 0)
     head = local["available_node_types"][local["head_node_type"]]["resources"]
     assert head == cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+
+
+MARKET = "rn50/market"
+
+
+def test_worker_types_carry_the_market_label_that_label_selectors_ask_for(cluster):
+    # capacity.start_plans asks for {rn50/market: spot}, then {rn50/market: on-demand}; v2
+    # launches only a node type whose `labels` match a pending request's selector.
+    for name, node_type in _workers(cluster).items():
+        expected = "spot" if _is_spot(node_type) else "on-demand"
+        assert node_type.get("labels", {}).get(MARKET) == expected, f"{name}: {MARKET} label"
+        assert node_type["node_config"]["MetadataOptions"]["HttpTokens"] == "required", (
+            f"{name}: IMDSv2, as the spot watcher speaks it")
+    local = yaml.safe_load((REPO / "cluster.local.yaml").read_text())["available_node_types"]
+    for name, node_type in cluster["available_node_types"].items():
+        assert local[name].get("labels") == node_type.get("labels"), f"{name}: rehearsal labels"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_gpu_recipes_prefer_spot_and_bound_their_waits(recipe):
+    scaling = load_config(recipe).scaling
+    if scaling.use_gpu:
+        assert scaling.prefer_spot, f"{recipe}: GPU recipes ask for spot first, then on-demand"
+        # A spot node's launch + image pull + pip install takes ~10 minutes on AWS.
+        assert 600 <= scaling.spot_wait_s and 600 <= scaling.start_timeout_s <= 3600
+
+
+def test_every_worker_starts_the_spot_watcher_after_ray_once(cluster):
+    from rn50.distributed import spot_watcher
+    commands = cluster["worker_start_ray_commands"]
+    start = next(i for i, c in enumerate(commands) if "ray start" in c)
+    watcher = next(i for i, c in enumerate(commands) if "rn50.distributed.spot_watcher" in c)
+    assert watcher > start, "the node must be registered before the watcher looks it up"
+    command = commands[watcher]
+    # Kept alive like the head's backup loop, and never started twice by a re-run of `ray up`.
+    assert command.startswith('kill -0 "$(cat /tmp/rn50-spot-watcher.pid') and "nohup" in command
+    assert "echo $! > /tmp/rn50-spot-watcher.pid" in command
+    assert ">> /tmp/ray/session_latest/logs/" in command, "logs where `ray logs` finds them"
+    assert "RAY_AUTH_MODE=token" in command, "the drain must send the cluster's token"
+    words = shlex.split(command.split("-m rn50.distributed.spot_watcher", 1)[1].split(">>")[0])
+    args = spot_watcher.parser().parse_args(words)
+    assert args.address == "$RAY_HEAD_IP:6379" and args.imds_url == spot_watcher.DEFAULT_IMDS_URL
+    assert 0 < args.poll_s <= 10, "the notice comes 120 s ahead: poll well inside that"
