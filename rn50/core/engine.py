@@ -107,6 +107,17 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+def _sgd_step(state: TrainingState, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
+    """Backward, the optimizer and the per-step schedule, then the EMA."""
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(state.optimizer)
+    scaler.update()
+    state.scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
+    if state.ema is not None:
+        state.ema.update(state.model)
+
+
 def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.device, config: Config,
                     *, log: Callable[[str], None] = lambda message: None, start_step: int = 0,
                     after_step: Callable[[int], None] | None = None) -> EpochStats:
@@ -118,7 +129,7 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     step that seeds mixing and stochastic depth is `scheduler.last_epoch` (LambdaLR counts
     optimizer steps, and a checkpoint restores the count), so a resume needs nothing more.
     """
-    model, optimizer, scheduler, ema = state.model, state.optimizer, state.scheduler, state.ema
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     model.train()
     # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
     scaler = state.scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -139,13 +150,7 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
         images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
         loss = _forward_loss(model, images, labels, criterion, mixer, scheduler.last_epoch,
                              device, config)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
-        if ema is not None:
-            ema.update(model)
+        _sgd_step(state, scaler, loss)
         loss_sum += loss.detach().float() * labels.numel()
         images_seen += labels.numel()
         if step % config.train.log_every_steps == 0:
