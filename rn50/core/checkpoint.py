@@ -244,7 +244,8 @@ def find_checkpoint(uri: str, latest: bool = False) -> str:
     best = None if latest or BEST_DIR not in names else best_checkpoint(uri)
     if best and storage.exists(storage.join(best, MANIFEST_FILE)):
         return best
-    for name in sorted((n for n in names if CHECKPOINT_DIR_NAME.match(n)), reverse=True):
+    # Any checkpoint_* folder with a manifest (Ray's names sort by time; a user's may not).
+    for name in sorted((n for n in names if n.startswith("checkpoint_")), reverse=True):
         if storage.exists(storage.join(uri, name, MANIFEST_FILE)):
             return storage.join(uri, name)
     what = "is empty or does not exist" if not names else "holds no finished checkpoint"
