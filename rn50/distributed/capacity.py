@@ -131,12 +131,15 @@ def _holders(keys: set[str], limit: int = 8) -> list[str]:
     """Placement groups and actors holding any of `keys`, with their job's entrypoint."""
     try:  # the state API needs the dashboard; without it the message just names no holders
         from ray.util.state import list_actors, list_jobs, list_placement_groups
-        groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True,
-                                       raise_on_missing_output=False)
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True,
+        # This cluster's address: left to "auto", the state API may pick another Ray on the
+        # same machine (seen on the shared development machine).
+        address = ray.get_runtime_context().gcs_address
+        groups = list_placement_groups(address, filters=[("state", "=", "CREATED")],
+                                       detail=True, raise_on_missing_output=False)
+        actors = list_actors(address, filters=[("state", "=", "ALIVE")], detail=True,
                              raise_on_missing_output=False)
         jobs = {job.job_id: job.entrypoint or (job.driver_info.pid if job.driver_info else "")
-                for job in list_jobs(raise_on_missing_output=False) if job.job_id}
+                for job in list_jobs(address, raise_on_missing_output=False) if job.job_id}
     except Exception as err:  # noqa: BLE001 - a message helper must never mask the real error
         logger.info("could not list who holds the resources: %s", err)
         return []
