@@ -129,27 +129,43 @@ def _labelled_nodes(plan: StartPlan) -> int:
 
 def _holders(keys: set[str], limit: int = 8) -> list[str]:
     """Placement groups and actors holding any of `keys`, with their job's entrypoint."""
-    try:  # the state API needs the dashboard; without it the message just names no holders
-        from ray.util.state import list_actors, list_jobs, list_placement_groups
-        # This cluster's address: left to "auto", the state API may pick another Ray on the
-        # same machine (seen on the shared development machine).
-        address = ray.get_runtime_context().gcs_address
-        groups = list_placement_groups(address, filters=[("state", "=", "CREATED")],
-                                       detail=True, raise_on_missing_output=False)
-        actors = list_actors(address, filters=[("state", "=", "ALIVE")], detail=True,
-                             raise_on_missing_output=False)
-        jobs = {job.job_id: job.entrypoint or (job.driver_info.pid if job.driver_info else "")
-                for job in list_jobs(address, raise_on_missing_output=False) if job.job_id}
+    try:
+        return _holders_from_state_api(keys)[:limit]
     except Exception as err:  # noqa: BLE001 - a message helper must never mask the real error
         logger.info("could not list who holds the resources: %s", err)
-        return []
+    # No dashboard (the state API's server): the GCS still has the placement groups, though not
+    # who made them, nor actors outside them.
+    found = []
+    for group_id, group in ray.util.placement_group_table().items():
+        held = _sum_bundles(group.get("bundles", {}).values(), keys)
+        if group.get("state") == "CREATED" and held:
+            found.append(f"placement group {group.get('name') or group_id[:12]} {_fmt(held)}")
+    return found[:limit]
+
+
+def _sum_bundles(bundles, keys: set[str]) -> dict[str, float]:
+    held: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in (bundle or {}).items():
+            if key in keys:
+                held[key] = held.get(key, 0.0) + value
+    return held
+
+
+def _holders_from_state_api(keys: set[str]) -> list[str]:
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
+    # This cluster's address: left to "auto", the state API may pick another Ray on the same
+    # machine (seen on the shared development machine).
+    address = ray.get_runtime_context().gcs_address
+    groups = list_placement_groups(address, filters=[("state", "=", "CREATED")], detail=True,
+                                   raise_on_missing_output=False)
+    actors = list_actors(address, filters=[("state", "=", "ALIVE")], detail=True,
+                         raise_on_missing_output=False)
+    jobs = {job.job_id: job.entrypoint or (job.driver_info.pid if job.driver_info else "")
+            for job in list_jobs(address, raise_on_missing_output=False) if job.job_id}
     found = []
     for group in groups:
-        held = {}
-        for bundle in group.bundles:
-            for key, value in (bundle.get("unit_resources") or {}).items():
-                if key in keys:
-                    held[key] = held.get(key, 0.0) + value
+        held = _sum_bundles((b.get("unit_resources") for b in group.bundles), keys)
         members = sorted({a.class_name for a in actors
                           if a.placement_group_id == group.placement_group_id})
         if held:
@@ -161,7 +177,7 @@ def _holders(keys: set[str], limit: int = 8) -> list[str]:
         if held and not actor.placement_group_id:
             found.append(f"actor {actor.class_name} (pid {actor.pid}) {_fmt(held)} of "
                          f"{_job(actor.job_id, jobs)}")
-    return found[:limit]
+    return found
 
 
 def _job(job_id: str, jobs: dict) -> str:

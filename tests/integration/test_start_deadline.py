@@ -5,6 +5,7 @@ sweep either completes after the CPUs are released or ends, within its start tim
 code 4 and a message naming what it asked for and who holds it; neither hangs, and nothing a
 timed-out start reserved is left behind."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,13 @@ OVERHEAD_S = 180
 def two_cpus():
     """A one-node cluster with 2 CPUs, this process its first driver; yields its address."""
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # Its own dashboard port: the state API (who holds what) is served by the dashboard, and
+    # another Ray on this shared machine may have the default one.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
     ray.init(address=cluster.address)
     try:
         yield cluster.address

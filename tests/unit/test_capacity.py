@@ -122,3 +122,15 @@ def test_the_worker_bundle_is_what_ray_train_requests():
     scaling = load_config("imagenet_90ep").scaling
     assert capacity.worker_bundle(scaling) == {"CPU": 11.0, "GPU": 1.0,
                                                "accelerator_type:A100": 0.001}
+
+
+def test_without_the_state_api_the_holders_are_the_gcss_placement_groups(monkeypatch):
+    def no_dashboard(keys):
+        raise RuntimeError("Could not read 'dashboard' from GCS")
+    monkeypatch.setattr(capacity, "_holders_from_state_api", no_dashboard)
+    monkeypatch.setattr(capacity.ray.util, "placement_group_table", lambda: {
+        "4b5d0f2a9c1e77": {"state": "CREATED", "name": "", "bundles": {0: {"CPU": 1.0},
+                                                                       1: {"CPU": 1.0}}},
+        "9e9e9e9e9e9e9e": {"state": "REMOVED", "name": "gone", "bundles": {0: {"CPU": 2.0}}},
+        "1f1f1f1f1f1f1f": {"state": "CREATED", "name": "gpu-only", "bundles": {0: {"GPU": 1.0}}}})
+    assert capacity._holders({"CPU"}) == ["placement group 4b5d0f2a9c1e {CPU: 2}"]
