@@ -53,13 +53,6 @@ def _locate(where: str | Path | Location) -> Location:
     return storage.filesystem_and_path(str(where).rstrip("/"))
 
 
-def _sha256(filesystem: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
     """Write `state` (tensors, dicts, numbers) and then a manifest with `summary` into `directory`."""
@@ -69,7 +62,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[
     torch.save(state, state_path)
     manifest = {"format_version": FORMAT_VERSION, "summary": summary,
                 "files": {STATE_FILE: {"size": state_path.stat().st_size,
-                                       "sha256": _sha256(pafs.LocalFileSystem(), str(state_path))}}}
+                                       "sha256": storage.sha256_of(pafs.LocalFileSystem(), str(state_path))}}}
     # Written last and atomically: its presence means every file above is complete.
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -98,7 +91,7 @@ def verify(where: str | Path | Location, hashes: bool = True) -> dict[str, Any]:
         if info.size != expected["size"]:
             raise CheckpointError(f"checkpoint {path}: {name} is {info.size} bytes, the manifest "
                                   f"says {expected['size']} (truncated?)")
-        if hashes and _sha256(filesystem, info.path) != expected["sha256"]:
+        if hashes and storage.sha256_of(filesystem, info.path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its SHA-256 "
                                   "(altered or corrupted)")
     return manifest

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from rn50.io import storage
 from rn50.data.class_names import readable_classes
 from rn50.data.imagenet_sources import Record, filesystem, read_records
 
@@ -61,13 +62,6 @@ def _plan_hash(item: dict, options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def shrink(data: bytes, max_px: int) -> bytes:
     """Re-encode as JPEG with the shorter side <= `max_px`; smaller images pass through as is."""
@@ -102,7 +96,7 @@ def _existing(fs, out_path: str, sidecar: str, plan: str) -> dict | None:
     try:
         with fs.open_input_stream(sidecar) as stream:
             entry = json.loads(stream.read())
-        if entry.get("plan") == plan and _sha256(fs, out_path) == entry.get("sha256"):
+        if entry.get("plan") == plan and storage.sha256_of(fs, out_path) == entry.get("sha256"):
             return entry
     except (OSError, ValueError):  # missing, half written or unreadable: rewrite the shard
         pass

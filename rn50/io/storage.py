@@ -7,6 +7,7 @@ Error messages never contain the secret key or session token; the access key id 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -251,3 +252,12 @@ def list_dir(uri: str) -> list[str]:
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
     infos = _call(uri, lambda: filesystem.get_file_info(selector))
     return sorted(info.base_name for info in infos)
+
+
+def sha256_of(filesystem: pafs.FileSystem, path: str) -> str:
+    """SHA-256 hex digest of a file on `filesystem`, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
