@@ -13,6 +13,7 @@ import signal
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from rn50.core.checkpoint import load_checkpoint, save_checkpoint
 from tests.integration.faults import (STEPS_PER_EPOCH, common, fingerprint, kill_job, result_of,
@@ -20,31 +21,34 @@ from tests.integration.faults import (STEPS_PER_EPOCH, common, fingerprint, kill
 from tests.integration.jobs import run_job
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The reference: the same run, never interrupted."""
-    tmp = tmp_path_factory.mktemp("faults")
-    code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
-                                    *common(tmp)])
-    assert code == 0, output[-4000:]
-    return tmp, result
-
-
-# Every regularizer of the 75-80% recipes on at once: their draws must resume to the bit too.
+# Every regularizer of the 75-80% recipes on at once: their random draws (augmentation policy,
+# erasing, mixup/cutmix, stochastic depth, repeated augmentation) must resume to the bit too.
 REGULARIZED = ["data.auto_augment=trivialaugment_wide", "data.random_erasing_prob=0.25",
                "data.repeated_augmentations=2", "model.stochastic_depth_prob=0.1",
                "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "optim.label_smoothing=0.1",
                "train.ema_decay=0.99", "checkpoint.keep_best_by=val_top1_ema"]
 
 
+def args(tmp, epochs: int = 2) -> list[str]:
+    """The fault tests' run: 2 workers, 8 steps per epoch, every regularizer on."""
+    return [*common(tmp, epochs=epochs), *REGULARIZED]
+
+
 @pytest.fixture(scope="module")
-def straight_regularized(tmp_path_factory):
-    """The reference with every regularizer on, never interrupted."""
-    tmp = tmp_path_factory.mktemp("faults-regularized")
+def straight(tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    tmp = tmp_path_factory.mktemp("faults")
     code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
-                                    *common(tmp), *REGULARIZED])
+                                    *args(tmp)])
     assert code == 0, output[-4000:]
     return tmp, result
+
+
+def _epochs_logged(result: dict) -> list[int]:
+    """The epochs of the run's val/top1 history in MLflow, in order."""
+    history = MlflowClient(result["tracking_uri"]).get_metric_history(result["mlflow_run_id"],
+                                                                      "val/top1")
+    return sorted(metric.step for metric in history)
 
 
 def _mid_epoch_checkpoint(run_dir, epoch: int, steps_done: int):
@@ -62,16 +66,16 @@ def _resume_from_copy(tmp, name: str, source, alter=None) -> dict:
         shutil.rmtree(copy)
         save_checkpoint(copy, state, summary={"epoch": state["epoch"],
                                               "steps_done": state["steps_done"]})
-    code, output, result = run_job(["--name", name, "--storage", str(tmp / "runs"), *common(tmp)])
+    code, output, result = run_job(["--name", name, "--storage", str(tmp / "runs"), *args(tmp)])
     assert code == 0, output[-4000:]
     assert f"resumed from {copy}" in output, output[-4000:]
     return result
 
 
-def _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, runs, extra: list[str]) -> str:
+def _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, runs) -> str:
     """Run `killed` with a worker SIGKILLed from outside once a mid-epoch checkpoint landed;
     return the job's output."""
-    job = start_job(["--name", "killed", "--storage", str(runs), *common(tmp), *extra],
+    job = start_job(["--name", "killed", "--storage", str(runs), *args(tmp)],
                     runs.parent / "job.log")
     try:
         wait_until(lambda: any(0 < s.get("steps_done", 0) < STEPS_PER_EPOCH
@@ -95,26 +99,35 @@ def _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, runs, extra: list[s
 
 def test_sigkilled_worker_resumes_mid_epoch_to_identical_weights(straight, tmp_path):
     tmp, reference = straight
-    output = _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, tmp_path / "runs", [])
-    assert fingerprint(result_of(output)["checkpoint"]) == fingerprint(reference["checkpoint"])
-
-
-def test_with_every_regularizer_on_a_killed_worker_still_resumes_to_identical_weights(
-        straight_regularized, tmp_path):
-    tmp, reference = straight_regularized
-    output = _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, tmp_path / "runs",
-                                                                 REGULARIZED)
+    output = _kill_a_worker_after_the_first_mid_epoch_checkpoint(tmp, tmp_path / "runs")
     result = result_of(output)
     assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
     assert fingerprint(result["best_checkpoint"]) == fingerprint(reference["best_checkpoint"])
+    assert _epochs_logged(result) == [0, 1]  # each epoch once in MLflow, failure or not
 
 
-def test_resuming_from_a_copied_mid_epoch_checkpoint_is_exact(straight):
-    """The positive control for the two negative ones below: an unaltered copy resumes exactly."""
-    tmp, reference = straight
+def _same(a, b) -> bool:
+    """Deep equality of two loaded checkpoint states (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_rewriting_a_checkpoint_unaltered_keeps_every_tensor_and_counter(straight, tmp_path):
+    """The positive control of the two negative ones below: their rewrite of a checkpoint
+    (load, alter, save) changes nothing by itself, so what changes the weights is the alteration.
+    (The corrupt-checkpoint test is the positive control of resuming a copied run exactly.)"""
+    tmp, _ = straight
     source = _mid_epoch_checkpoint(tmp / "runs" / "straight", epoch=1, steps_done=3)
-    result = _resume_from_copy(tmp, "copy-exact", source)
-    assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
+    state = load_checkpoint(source)
+    save_checkpoint(tmp_path / "rewritten", state, summary={"epoch": 1, "steps_done": 3})
+    assert _same(load_checkpoint(tmp_path / "rewritten"), load_checkpoint(source))
+    state["steps_done"] += 1  # and the comparison sees a one-counter difference
+    assert not _same(state, load_checkpoint(source))
 
 
 def test_negative_control_resuming_one_batch_off_changes_the_weights(straight):
@@ -149,7 +162,9 @@ def test_fingerprint_tells_different_states_apart(straight):
 
 
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(straight):
-    tmp, _ = straight
+    """A copy of the reference run with its newest checkpoint torn: the run resumes from the one
+    before and, on the same data and schedule, ends bit-identical to the reference."""
+    tmp, reference = straight
     run_dir = tmp / "runs" / "corrupt"
     shutil.copytree(tmp / "runs" / "straight", run_dir)  # the shared reference stays intact
     (run_dir / "checkpoint_manager_snapshot.json").unlink()  # it names the original's folders
@@ -157,28 +172,32 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(straight):
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn upload
     code, output, result = run_job(["--name", "corrupt", "--storage", str(tmp / "runs"),
-                                    *common(tmp, epochs=3)])
+                                    *args(tmp)])
     assert code == 0, output[-4000:]
     assert f"skipping checkpoint {newest}" in output and "truncated" in output
     before = summaries(tmp / "runs" / "straight")[previous.name]  # epoch 1, 6 steps: mid-epoch
     assert f"resumed from {previous} (epoch {before['epoch']}, {before['steps_done']} steps done)" \
         in output, output[-4000:]
-    assert result["epochs"] == 3
+    assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
 
 
-def test_killed_driver_resubmitted_continues_the_run(tmp_path):
-    job = start_job(["--name", "driver", "--storage", str(tmp_path / "runs"),
-                     *common(tmp_path, epochs=3)], tmp_path / "first.log")
+def test_killed_driver_resubmitted_continues_the_run_and_its_mlflow_run(tmp_path):
+    run = ["--name", "driver", "--storage", str(tmp_path / "runs"), *args(tmp_path, epochs=3)]
+    job = start_job(run, tmp_path / "first.log")
     try:
         wait_until(lambda: summaries(tmp_path / "runs" / "driver"), job, 600,
                    "the first checkpoint", every_s=0.5)
     finally:
         kill_job(job)  # the driver and the local Ray it started
-    code, output, result = run_job(["--name", "driver", "--storage", str(tmp_path / "runs"),
-                                    *common(tmp_path, epochs=3)])
+    first = (tmp_path / "first.log").read_text()
+    run_id = first.split("MLflow run ", 1)[1].split()[0]
+    code, output, result = run_job(run)
     assert code == 0, output[-4000:]
     assert "resumed from" in output and "(resumed)" in output and result["epochs"] == 3, \
         output[-6000:]
+    assert result["mlflow_run_id"] == run_id and _epochs_logged(result) == [0, 1, 2]
+    experiment = MlflowClient(result["tracking_uri"]).get_experiment_by_name("rn50-demo")
+    assert len(MlflowClient(result["tracking_uri"]).search_runs([experiment.experiment_id])) == 1
 
 
 def test_failed_train_controller_is_restarted_by_the_driver_to_identical_weights(straight,
@@ -189,7 +208,7 @@ def test_failed_train_controller_is_restarted_by_the_driver_to_identical_weights
     run_dir = tmp_path / "runs" / "controller"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     log_path = tmp_path / "job.log"
-    job = start_job(["--name", "controller", "--storage", str(tmp_path / "runs"), *common(tmp)],
+    job = start_job(["--name", "controller", "--storage", str(tmp_path / "runs"), *args(tmp)],
                     log_path)
     try:
         wait_until(snapshot.is_file, job, 600, "the controller's first snapshot")

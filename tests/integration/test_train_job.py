@@ -1,8 +1,6 @@
 """The main job end to end, as a user runs it: a subprocess, real Ray, real S3, real MLflow."""
 import json
-import os
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
@@ -11,9 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from rn50.config import load_config
-from tests.integration.faults import (kill_job, result_of, start_job, summaries, train_worker_pids,
-                                      wait_until)
-from tests.integration.jobs import run_job, small
+from tests.integration.jobs import run_job
 
 pytestmark = pytest.mark.integration
 
@@ -76,38 +72,6 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     assert any(downloaded.rglob("*.png")) and not _files_containing(downloaded,
                                                                     s3_server.secret_key)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def test_worker_failure_resumes_and_rerun_continues_the_same_mlflow_run(tmp_path):
-    storage, tracking = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = ["--name", "faulty", "--storage", str(storage), f"tracking.uri={tracking}",
-            *small(tmp_path, epochs=3)]
-    job = start_job(base, tmp_path / "job.log")
-    try:  # a worker killed from outside once epoch 1 is checkpointed
-        wait_until(lambda: any(s.get("epoch") == 1 and "val_top1" in s
-                               for s in summaries(storage / "faulty").values()), job, 600,
-                   "the end of epoch 1")
-        os.kill(train_worker_pids(job)[0], signal.SIGKILL)
-        code = job.wait(timeout=900)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
-    output = (tmp_path / "job.log").read_text()
-    result = result_of(output)
-    assert code == 0, output[-4000:]
-    assert "resumed from" in output and result["epochs"] == 3, output[-4000:]
-    client = MlflowClient(tracking)
-    assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/top1")) \
-        == [0, 1, 2]  # each epoch logged once, failure or not
-
-    code, output, again = run_job([*base[:-len(small(tmp_path))], *small(tmp_path, epochs=4)])
-    assert code == 0, output[-4000:]
-    assert again["mlflow_run_id"] == result["mlflow_run_id"] and again["epochs"] == 4
-    assert "(epoch 2, 8 steps done)" in output
-    steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/top1"))
-    assert steps == [0, 1, 2, 3]
-    experiment = client.get_experiment_by_name("rn50-demo")
-    assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -17,26 +17,41 @@ from tests.browser import launch
 from tests.integration.jobs import REPO
 
 
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, mlflow_server):
-    """Run tune_spaces/smoke.yaml once for the module: (RESULT dict, output, tmp dir)."""
+    """tune_spaces/smoke.yaml, its driver SIGKILLed (with the local Ray it started) once ASHA has
+    stopped a trial, then run again to the end: (RESULT dict, output of the second run, tmp dir,
+    trials finished before the kill -> their result.json text). Every test of the module checks
+    the sweep as a user gets it after such a resume.
+
+    Killed only after ASHA's decision: Tune saves the searcher's state but not the scheduler's
+    (`TuneController` leaves `_scheduler_alg` out), so a resumed sweep's ASHA starts with empty
+    rungs and cannot stop a trial by comparing it with trials from before the resume."""
     tmp = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "ray_jobs/tune_imagenette.py", "--space",
-                           "tune_spaces/smoke.yaml", "--name", "smoke", "--storage", str(tmp / "runs"),
-                           f"data.root={tmp / 'digits'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "ray_jobs/tune_imagenette.py", "--space", "tune_spaces/smoke.yaml",
+               "--name", "smoke", "--storage", str(tmp / "runs"), f"data.root={tmp / 'digits'}"]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while not (_finished_trials(tmp / "runs" / "smoke") and _stopped_early(tmp / "runs" / "smoke")):
+        assert first.poll() is None and time.time() < deadline, "no trial stopped before the kill"
+        time.sleep(1)
+    time.sleep(3)  # let Tune write its experiment state after the trial ended
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = _finished_trials(tmp / "runs" / "smoke")
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), output, tmp
+    return json.loads(line[len("RESULT "):]), output, tmp, done_before
 
 
 def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):
-    result, output, tmp = sweep
+    result, output, tmp, _ = sweep
     # Two CPUs, one 1-CPU worker per trial: never more than two trials running at once.
     assert "at most 2 trial(s) at once" in output
     running = [int(n) for n in re.findall(r"Trial status:[^\n]*?(\d+) RUNNING", output)]
@@ -57,7 +72,7 @@ def _children(client, parent_run_id: str):
 
 
 def test_the_best_config_is_the_child_run_with_the_best_metric(sweep, mlflow_server):
-    result, _, _ = sweep
+    result, _, _, _ = sweep
     client = MlflowClient(mlflow_server.tracking_uri)
     best_of = {child.info.run_id: max(m.value for m in client.get_metric_history(
         child.info.run_id, "val/top1")) for child in _children(client, result["mlflow_run_id"])}
@@ -68,7 +83,7 @@ def test_the_best_config_is_the_child_run_with_the_best_metric(sweep, mlflow_ser
 
 
 def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
-    result, _, _ = sweep
+    result, _, _, _ = sweep
     client = MlflowClient(mlflow_server.tracking_uri)
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.params["sweep.search"] == "random"
@@ -95,7 +110,7 @@ def test_the_lr_wd_plane_plots_exactly_the_child_runs(sweep, mlflow_server, tmp_
     from PIL import Image
 
     from rn50.distributed.sweep_report import PLOTTED_POINTS_KEY
-    result, _, _ = sweep
+    result, _, _, _ = sweep
     client = MlflowClient(mlflow_server.tracking_uri)
     plane = client.download_artifacts(result["mlflow_run_id"], "lr_wd_plane.png", str(tmp_path))
     drawn = sorted(map(tuple, json.loads(Image.open(plane).text[PLOTTED_POINTS_KEY])))
@@ -107,7 +122,7 @@ def test_the_lr_wd_plane_plots_exactly_the_child_runs(sweep, mlflow_server, tmp_
 def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    result, _, _ = sweep
+    result, _, _, _ = sweep
     client = MlflowClient(mlflow_server.tracking_uri)
     parent = client.get_run(result["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id],
@@ -140,28 +155,23 @@ def _finished_trials(sweep_dir: Path, epochs: int = 3) -> dict[str, str]:
     return finished
 
 
-def test_a_sweep_whose_driver_dies_resumes_without_rerunning_finished_trials(tmp_path):
-    command = [sys.executable, "ray_jobs/tune_imagenette.py", "--space", "tune_spaces/smoke.yaml",
-               "--name", "resumed", "--storage", str(tmp_path / "runs"),
-               f"data.root={tmp_path / 'digits'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 900
-    while not _finished_trials(tmp_path / "runs" / "resumed"):
-        assert first.poll() is None and time.time() < deadline, "no finished trial before the kill"
-        time.sleep(1)
-    time.sleep(3)  # let Tune write its experiment state after the trial ended
-    os.killpg(first.pid, signal.SIGKILL)  # the sweep driver and the local Ray it started
-    first.wait()
-    done_before = _finished_trials(tmp_path / "runs" / "resumed")
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
-    assert "resuming sweep 'resumed'" in output
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+def _stopped_early(sweep_dir: Path, epochs: int = 3) -> bool:
+    """Whether a trial's last logged result has Tune's `done` flag before its last epoch."""
+    for results in sweep_dir.glob("*/result.json"):
+        lines = results.read_text().splitlines()
+        try:
+            last = json.loads(lines[-1]) if lines else {}
+        except ValueError:  # being written right now
+            continue
+        if last.get("done") and last["training_iteration"] < epochs:
+            return True
+    return False
+
+
+def test_a_sweep_whose_driver_died_resumed_without_rerunning_finished_trials(sweep):
+    result, output, tmp, done_before = sweep
+    assert "resuming sweep 'smoke'" in output
     assert sum(result["trials"].values()) == 4
-    after = _finished_trials(tmp_path / "runs" / "resumed")
+    after = _finished_trials(tmp / "runs" / "smoke")
     for trial, text in done_before.items():  # finished trials were not trained again
         assert after[trial] == text, f"{trial} was rerun after the resume"
