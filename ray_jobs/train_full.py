@@ -12,14 +12,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from rn50.config import ConfigError, load_config  # noqa: E402
-from rn50.io.storage import StorageError  # noqa: E402
+from rn50.io.storage import STORAGE_ENV, StorageError, default_storage  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo", help="recipe name (rn50/recipes) or YAML path")
     parser.add_argument("--name", help="run name; the same name + storage resumes the run")
-    parser.add_argument("--storage", default="./runs", help="local folder or s3://bucket/prefix")
+    parser.add_argument("--storage", default=default_storage(),
+                        help=f"local folder or s3://bucket/prefix (default: ${STORAGE_ENV}, "
+                        "else ./runs)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
     args = parser.parse_args()
     try:

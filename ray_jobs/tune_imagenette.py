@@ -13,14 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from rn50.config import ConfigError  # noqa: E402
 from rn50.search_space import load_sweep  # noqa: E402
-from rn50.io.storage import StorageError  # noqa: E402
+from rn50.io.storage import STORAGE_ENV, StorageError, default_storage  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="tune_spaces/imagenette_lr_wd.yaml", help="sweep YAML")
     parser.add_argument("--name", help="sweep name; the same name + storage resumes the sweep")
-    parser.add_argument("--storage", default="./runs", help="local folder or s3://bucket/prefix")
+    parser.add_argument("--storage", default=default_storage(),
+                        help=f"local folder or s3://bucket/prefix (default: ${STORAGE_ENV}, "
+                        "else ./runs)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial")
     args = parser.parse_args()
     try:

@@ -138,6 +138,7 @@ _CHOICES = {
     "data.auto_augment": ("none", "trivialaugment_wide", "randaugment", "autoaugment"),
     "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
     "train.amp_dtype": ("bfloat16", "float16"),
+    "train.ray_log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "schedule.decay": ("step", "cosine", "linear"),
     "checkpoint.keep_best_by": ("val_top1", "val_top1_ema", "none"),
 }
@@ -147,6 +148,7 @@ _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "da
              "scaling.num_workers", "scaling.cpus_per_worker", "checkpoint.every_epochs",
              "checkpoint.keep_last")
 _NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_samples",
+                 "tracking.system_metrics_interval_s",
                  "checkpoint.every_steps", "checkpoint.every_minutes",
                  "checkpoint.preemption_check_every_steps",
                  "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",

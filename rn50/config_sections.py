@@ -137,7 +137,11 @@ class TrainConfig:
     torch_threads: int = 1
     """torch intra-op threads per training worker (OMP_NUM_THREADS)."""
     log_every_steps: int = 50
-    """Print a progress line every N steps on rank 0."""
+    """Every N steps: a progress line on rank 0 and the per-step MLflow metrics (train/loss, lr,
+    images_per_s, data_wait_fraction) at the global step."""
+    ray_log_level: str = "WARNING"
+    """Ray Train's own console messages (a line per report and per checkpoint from every worker)
+    at this level and above; Ray's log files under the session folder keep every level."""
 
 
 @dataclass
@@ -205,3 +209,7 @@ class TrackingConfig:
     """MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."""
     log_model: bool = True
     """Log the final model to MLflow at the end of the run."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU
+    utilisation, memory and power when a GPU is present), taken on every node of the run and
+    logged as system/node-<ray node id>/...; 0 turns them off."""

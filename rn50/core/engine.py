@@ -118,9 +118,35 @@ def _sgd_step(state: TrainingState, scaler: torch.amp.GradScaler, loss: torch.Te
         state.ema.update(state.model)
 
 
+class StepWindow:
+    """What happened since the last progress line: images trained, seconds waited for data."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.start, self.images, self.data_wait_s = time.perf_counter(), 0, 0.0
+
+    def close(self, loss: float, lr: float) -> dict[str, float]:
+        """The window's per-step metrics (images/s over all workers, as this rank saw its share);
+        a new window starts."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        metrics = {"train/loss": loss, "lr": lr,
+                   "images_per_s": self.images * self.world_size / seconds,
+                   "data_wait_fraction": min(self.data_wait_s / seconds, 1.0)}
+        self.start, self.images, self.data_wait_s = now, 0, 0.0
+        return metrics
+
+
+def _progress_line(step: int, metrics: dict[str, float]) -> str:
+    return (f"step {step} loss {metrics['train/loss']:.4f} lr {metrics['lr']:.5f} "
+            f"| {metrics['images_per_s']:.0f} img/s, {metrics['data_wait_fraction']:.0%} waiting "
+            "for data")
+
+
 def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.device, config: Config,
                     *, log: Callable[[str], None] = lambda message: None, start_step: int = 0,
-                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+                    after_step: Callable[[int], None] | None = None,
+                    on_step_metrics: Callable[[int, dict], None] | None = None) -> EpochStats:
     """One pass of SGD over `batches` of (uint8 images, labels, skipped count), updating the
     model, optimizer, per-step schedule, EMA and loss scaler held in `state`.
 
@@ -139,8 +165,10 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
-    start = time.perf_counter()
+    window = StepWindow(dist.get_world_size() if dist.is_initialized() else 1)
+    start = fetch_start = time.perf_counter()
     for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
+        window.data_wait_s += time.perf_counter() - fetch_start
         skipped += num_skipped
         if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
             images_uint8, labels, undecodable = images_uint8.decode(labels, device)
@@ -153,10 +181,15 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
         _sgd_step(state, scaler, loss)
         loss_sum += loss.detach().float() * labels.numel()
         images_seen += labels.numel()
+        window.images += labels.numel()
         if step % config.train.log_every_steps == 0:
-            log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.5f}")
+            metrics = window.close(loss.item(), optimizer.param_groups[0]["lr"])
+            log(_progress_line(step, metrics))
+            if on_step_metrics is not None:
+                on_step_metrics(scheduler.last_epoch, metrics)
         if after_step is not None:
             after_step(step + 1)
+        fetch_start = time.perf_counter()
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
         [loss_sum.item(), images_seen, skipped, seconds], device)

@@ -70,6 +70,7 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
             label_selector=label_selector),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            logging_config=ray.train.LoggingConfig(log_level=config.train.ray_log_level),
             failure_config=ray.train.FailureConfig(
                 max_failures=checkpoint.max_failures,
                 # Preemptions (drained nodes) have their own budget, so a week of spot reclaims
@@ -156,8 +157,9 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
 
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
     """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
-    storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    storage.refuse_job_scratch(storage_uri, tracking_uri)
+    storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
     run_id, resumed = tracking.start_or_resume_run(
         config, tracking_uri, storage.run_uri(storage_uri, name), name,
         tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,

@@ -173,9 +173,10 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
 def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
     overrides = list(overrides or [])
-    storage.preflight(storage_uri)
     base = spec.base_config(overrides)
     tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)
+    storage.refuse_job_scratch(storage_uri, tracking_uri)
+    storage.preflight(storage_uri)
     parent_id, resumed = tracking.start_or_resume_run(
         base, tracking_uri, storage.run_uri(storage_uri, name), name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
                                                  "ray_version": ray.__version__})

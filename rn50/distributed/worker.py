@@ -34,6 +34,7 @@ from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
                                set_train_crop_px)
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.run_metrics import EpochClock, step_metrics_logger, system_metrics
 from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.io import tracking
 
@@ -95,11 +96,12 @@ class _Worker:
 
 def train_loop_per_worker(run: RunContext) -> None:
     """The training loop every Ray Train worker runs."""
-    worker = _set_up(run.config)
-    if worker.rank == 0:
-        tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
-                          {"device": worker.device.type, "world_size": worker.world_size})
-    _train(worker, run)
+    with system_metrics(run):
+        worker = _set_up(run.config)
+        if worker.rank == 0:
+            tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
+                              {"device": worker.device.type, "world_size": worker.world_size})
+        _train(worker, run)
 
 
 def _set_up(config: Config) -> _Worker:
@@ -144,6 +146,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
     """Epoch by epoch from where the run left off; a checkpoint whenever one is due."""
     config, rank, state = worker.config, worker.rank, worker.state
     saves = MidEpochSaves(config, worker.device)
+    eta = EpochClock(config.train.epochs - worker.start_epoch)
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
 
@@ -166,17 +169,12 @@ def _train(worker: _Worker, run: RunContext) -> None:
         stats = train_one_epoch(
             state, worker.loader(worker.train_set, epoch, train=True, skip_batches=skip),
             worker.device, config, log=lambda message: _log(rank, f"epoch {epoch} {message}"),
-            start_step=skip, after_step=after_step)
-        val = evaluate(state.model, worker.loader(worker.val_set, epoch, train=False),
-                       worker.device, channels_last=config.model.channels_last,
-                       amp=config.train.amp, amp_dtype=config.train.amp_dtype)
-        metrics = {"epoch": epoch, "train_loss": stats.loss, "val_top1": val["top1"],
-                   "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
+            start_step=skip, after_step=after_step,
+            on_step_metrics=step_metrics_logger(run) if rank == 0 else None)
+        metrics = {"epoch": epoch, "train_loss": stats.loss, **_validate(worker, epoch), "lr": lr,
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
                    "train_crop_px": crop_px}
-        if config.checkpoint.keep_best_by == "val_top1_ema":
-            metrics["val_top1_ema"] = _evaluate_ema(worker, epoch)["top1"]
-        _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + eta.epoch_done())
         if rank == 0:
             tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, _mlflow_names(metrics),
                                  step=epoch)
@@ -186,6 +184,18 @@ def _train(worker: _Worker, run: RunContext) -> None:
         report(metrics, worker.snapshot(epoch, worker.steps_per_epoch) if wants_checkpoint
                else None, rank, keep_as_best=best)
         saves.saved()
+
+
+def _validate(worker: _Worker, epoch: int) -> dict[str, float]:
+    """Validation metrics of the model (and of its EMA weights when the best is chosen by them)."""
+    config = worker.config
+    val = evaluate(worker.state.model, worker.loader(worker.val_set, epoch, train=False),
+                   worker.device, channels_last=config.model.channels_last,
+                   amp=config.train.amp, amp_dtype=config.train.amp_dtype)
+    metrics = {"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+    if config.checkpoint.keep_best_by == "val_top1_ema":
+        metrics["val_top1_ema"] = _evaluate_ema(worker, epoch)["top1"]
+    return metrics
 
 
 def _evaluate_ema(worker: _Worker, epoch: int) -> dict[str, float]:
@@ -285,6 +295,8 @@ def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_
 
 
 def _mlflow_names(metrics: dict) -> dict:
-    names = {"train_loss": "train/loss", "val_top1": "val/top1", "val_top5": "val/top5",
-             "val_loss": "val/loss"}
+    # Per epoch, at the epoch as step; train/loss, lr and images_per_s are per step (the engine).
+    names = {"train_loss": "train/epoch_loss", "val_top1": "val/top1", "val_top5": "val/top5",
+             "val_loss": "val/loss", "val_top1_ema": "val/top1_ema", "lr": "epoch/lr",
+             "images_per_s": "epoch/images_per_s"}
     return {names.get(k, k): v for k, v in metrics.items() if k != "epoch"}

@@ -23,6 +23,39 @@ SUPPORTED = "a local path (/data/runs, ./runs, ~/runs) or s3://BUCKET/PREFIX"
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 RETRY_ATTEMPTS = 3
+# Set on the head (cluster.yaml does, beside MLFLOW_TRACKING_URI): where runs go when a command
+# is not given --storage, so `ray job submit ... train_full.py` typed bare keeps its work.
+STORAGE_ENV = "RN50_STORAGE"
+
+
+def default_storage() -> str:
+    """Where runs go without --storage: $RN50_STORAGE, else ./runs."""
+    return os.environ.get(STORAGE_ENV) or "./runs"
+
+
+def refuse_job_scratch(storage: str, tracking_uri: str) -> None:
+    """Refuse, before anything is written, a run whose checkpoints or sqlite MLflow store would
+    land in a Ray job's working directory (`.../runtime_resources/...`), which Ray deletes."""
+    problems = []
+    if "://" not in storage and _in_job_scratch(storage):
+        problems.append(f"its checkpoints ({_local(storage)}): pass --storage s3://BUCKET/PREFIX "
+                        f"or an absolute path that outlives the job, or set {STORAGE_ENV} on "
+                        "the head (cluster.yaml sets it)")
+    if tracking_uri.startswith("sqlite:///") and _in_job_scratch(tracking_uri[len("sqlite:///"):]):
+        problems.append(f"its MLflow store ({tracking_uri}): pass tracking.uri=http://HEAD:5000 "
+                        "(or a sqlite file outside the job), or set MLFLOW_TRACKING_URI on the "
+                        "head (cluster.yaml sets it)")
+    if problems:
+        raise StorageError("this run would write into the Ray job's working directory, which "
+                           "Ray deletes after the job, losing " + "; and ".join(problems))
+
+
+def _local(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _in_job_scratch(path: str) -> bool:
+    return f"{os.sep}runtime_resources{os.sep}" in _local(path)
 
 
 class StorageError(RuntimeError):

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from rn50.config import Config
 
 RUN_KEY_TAG = "rn50.run_key"
-CURVE_METRICS = ("train/loss", "val/top1", "val/top5", "lr")
+CURVE_METRICS = ("train/epoch_loss", "val/top1", "val/top5", "epoch/lr")
 
 
 def resolve_tracking_uri(configured: str = "") -> str:

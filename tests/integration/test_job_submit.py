@@ -1,4 +1,6 @@
-"""`ray job submit --working-dir . -- python ray_jobs/train_full.py` against `ray start --head`."""
+"""`ray job submit --working-dir . -- python ray_jobs/train_full.py` against `ray start --head`:
+with the storage and tracking the head's environment names (as cluster.yaml sets them), and, with
+neither, refused before it writes into the job's working directory (which Ray deletes)."""
 import json
 import os
 import socket
@@ -19,12 +21,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it)."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it), its
+    environment naming the storage and tracking store jobs default to; yields (dashboard
+    address, environment, ray CLI, that folder)."""
+    tmp_path = tmp_path_factory.mktemp("head")
     # Ray 2.60's `ray start --head` turns token auth on and writes ~/.ray/auth_token; the job CLI
     # only sends that token when RAY_AUTH_MODE=token is set (it does not fall back on its own).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+           "RN50_STORAGE": str(tmp_path / "durable-runs"),  # as cluster.yaml's head start sets
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -33,21 +40,38 @@ def ray_head(tmp_path):
                     "--disable-usage-stats"], env=env, check=True, timeout=180,
                    capture_output=True)
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin
+        yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin, tmp_path
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=120, capture_output=True)
 
 
-def test_ray_job_submit_runs_the_main_job(tmp_path, ray_head):
-    address, env, ray_bin = ray_head
+def test_ray_job_submit_runs_the_main_job_into_the_heads_storage(ray_head):
+    address, env, ray_bin, tmp_path = ray_head
     command = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                "python", "ray_jobs/train_full.py", "--name", "submitted",
-               "--storage", str(tmp_path / "runs"), f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-               *small(tmp_path, epochs=1)]
+               *small(tmp_path, epochs=1)]  # no --storage, no tracking.uri: the head's defaults
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     result = json.loads(next(line for line in output.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     assert result["epochs"] == 1 and result["name"] == "submitted"
+    assert result["checkpoint"].startswith(str(tmp_path / "durable-runs" / "submitted"))
     assert Path(result["checkpoint"], "manifest.json").is_file()
+    assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_bare_job_without_durable_storage_is_refused_before_it_writes(tmp_path, ray_head):
+    address, env, ray_bin, _ = ray_head
+    # The verbatim command on a head that names no storage and no tracking server.
+    unset = json.dumps({"env_vars": {"RN50_STORAGE": "", "MLFLOW_TRACKING_URI": ""}})
+    command = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".",
+               "--runtime-env-json", unset, "--", "python", "ray_jobs/train_full.py",
+               "--name", "bare", *small(tmp_path, epochs=1)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "RESULT" not in output, output[-4000:]
+    assert "would write into the Ray job's working directory" in output, output[-4000:]
+    assert "--storage s3://" in output and "RN50_STORAGE" in output
+    assert "tracking.uri=" in output and "MLFLOW_TRACKING_URI" in output
+    assert "Started a local Ray instance" not in output

@@ -51,8 +51,28 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     # The best epoch's checkpoint is kept apart and named in RESULT beside the last one.
     assert result["best_val_top1"] == pytest.approx(max(m.value for m in history))
     assert result["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/runs/demo-s3/best/")
-    for metric in ("train/loss", "val/top5", "lr", "images_per_s"):
+    for metric in ("train/epoch_loss", "val/top5", "epoch/lr", "epoch/images_per_s"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 8, metric
+    # Per step, every train.log_every_steps steps, at the global step: an input-bound run shows.
+    per_step = {name: sorted(client.get_metric_history(run.info.run_id, name),
+                             key=lambda m: m.step)
+                for name in ("train/loss", "lr", "images_per_s", "data_wait_fraction")}
+    logged_at = [m.step for m in per_step["train/loss"]]
+    assert len(logged_at) > 8 and len(set(logged_at)) == len(logged_at), logged_at
+    assert all(b - a <= 10 for a, b in zip(logged_at, logged_at[1:])), logged_at
+    assert all([m.step for m in metrics] == logged_at for metrics in per_step.values())
+    assert all(0 <= m.value <= 1 for m in per_step["data_wait_fraction"])
+    assert all(m.value > 0 for m in per_step["images_per_s"])
+    # MLflow's system metrics from the one (local) Ray node, sampled while it trained.
+    system = [key for key in run.data.metrics if key.startswith("system/node-")]
+    assert len({key.split("/")[1] for key in system}) == 1, system
+    cpu = next(key for key in system if key.endswith("/cpu_utilization_percentage"))
+    assert len(client.get_metric_history(run.info.run_id, cpu)) >= 3
+    # A console a person can read: one line per epoch with its ETA, none of Ray Train's
+    # per-report and per-checkpoint lines (they stay in Ray's log files).
+    epoch_lines = [line for line in output.splitlines() if "val_top1=" in line]
+    assert len(epoch_lines) == 8 and all(" eta " in line for line in epoch_lines), epoch_lines
+    assert "Reporting training result" not in output and "Checkpoint successfully" not in output
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe.yaml", "training_curves.png", "misclassified.png"} <= artifacts, artifacts
     recipe = Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))

@@ -175,3 +175,37 @@ def test_a_sweep_whose_driver_died_resumed_without_rerunning_finished_trials(swe
     after = _finished_trials(tmp / "runs" / "smoke")
     for trial, text in done_before.items():  # finished trials were not trained again
         assert after[trial] == text, f"{trial} was rerun after the resume"
+
+
+def test_mlflow_compares_two_trials_curves_and_params(sweep, mlflow_server, tmp_path):
+    """The way users compare runs: MLflow's compare view of two trials (their differing params),
+    then its val/top1 chart with both curves. RN50_RECORD_RESULTS=1 keeps the screenshots in
+    docs/img/ for docs/sweeps.md."""
+    from playwright.sync_api import sync_playwright
+
+    result, _, _, _ = sweep
+    client = MlflowClient(mlflow_server.tracking_uri)
+    completed = [run for run in _children(client, result["mlflow_run_id"])
+                 if run.data.tags["rn50.trial_status"] == "completed"]
+    first, second = sorted(completed, key=lambda run: float(run.data.params["optim.lr"]))[:2]
+    ids = json.dumps([first.info.run_id, second.info.run_id])
+    out = REPO / "docs" / "img" if os.environ.get("RN50_RECORD_RESULTS") == "1" else tmp_path
+    out.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{mlflow_server.tracking_uri}/#/compare-runs?runs={ids}"
+                  f"&experiments={json.dumps([first.info.experiment_id])}")
+        page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
+        lr_row = page.locator("tr", has_text="optim.lr").last
+        lr_row.wait_for(timeout=30_000)
+        for run in (first, second):
+            assert run.data.params["optim.lr"] in lr_row.inner_text()
+        page.screenshot(path=str(out / "mlflow-compare-params.png"), full_page=True)
+        page.get_by_role("link", name="val/top1").first.click()
+        for run in (first, second):  # both curves: one legend entry per run
+            page.get_by_text(f"{run.info.run_name} (val/top1)").first.wait_for(timeout=30_000)
+        rows = page.locator("tr", has_text="(step=2)")
+        assert rows.count() == 2  # both curves reach the last epoch
+        page.screenshot(path=str(out / "mlflow-compare-val-top1.png"), full_page=True)
+        browser.close()

@@ -99,3 +99,29 @@ def test_grad_scaler_is_on_only_for_fp16_on_a_gpu():
         assert build_grad_scaler(torch.device("cuda"), config).is_enabled()
         config.train.amp_dtype = "bfloat16"
         assert not build_grad_scaler(torch.device("cuda"), config).is_enabled()
+
+
+def _slow(batches, seconds: float):
+    """The batches, each one handed over `seconds` late: an input-bound loader."""
+    import time
+    for batch in batches:
+        time.sleep(seconds)
+        yield batch
+
+
+def test_per_step_metrics_go_out_at_the_global_step_and_show_an_input_bound_loader():
+    config, model = _config(), _tiny_model()
+    config.train.log_every_steps = 2
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, 8, 2, config.schedule)
+    state, seen, lines = TrainingState(model, optimizer, scheduler), [], []
+    for batches in (_batches(), _slow(_batches(), 0.2)):
+        train_one_epoch(state, batches, torch.device("cpu"), config, log=lines.append,
+                        on_step_metrics=lambda step, metrics: seen.append((step, metrics)))
+    assert [step for step, _ in seen] == [1, 3, 5, 7, 9, 11, 13, 15]  # optimizer steps done
+    assert set(seen[0][1]) == {"train/loss", "lr", "images_per_s", "data_wait_fraction"}
+    fast = [m["data_wait_fraction"] for step, m in seen[1:4]]  # the first window is one step
+    slow = [m["data_wait_fraction"] for step, m in seen[5:]]
+    assert max(fast) < 0.5 < min(slow), (fast, slow)
+    assert all(m["images_per_s"] > 0 for _, m in seen)
+    assert lines[0].startswith("step 0 loss ") and "waiting for data" in lines[0]

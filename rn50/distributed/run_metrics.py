@@ -1,0 +1,71 @@
+"""What a training run says about itself while it runs: the ETA on each epoch line, per-step
+metrics in MLflow, and each node's system metrics (MLflow's own sampler)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Callable
+
+import ray
+import ray.train
+
+from rn50.distributed.contexts import RunContext
+from rn50.io import tracking
+
+logger = logging.getLogger(__name__)
+
+
+class EpochClock:
+    """Time left, from the mean wall time of the epochs this worker has run."""
+
+    def __init__(self, epochs_left: int):
+        self.epochs_left, self.start, self.done = epochs_left, time.monotonic(), 0
+
+    def epoch_done(self) -> str:
+        """' | 41 s/epoch, eta 3m25s', said when an epoch has finished."""
+        self.done += 1
+        per_epoch_s = (time.monotonic() - self.start) / self.done
+        left_s = per_epoch_s * (self.epochs_left - self.done)
+        return f" | {per_epoch_s:.0f} s/epoch, eta {_duration(left_s)}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@contextlib.contextmanager
+def system_metrics(run: RunContext):
+    """MLflow's own system-metrics sampler on this node (the first worker of each node runs it),
+    logging to the training run under system/node-<Ray node id>/..."""
+    interval_s = run.config.tracking.system_metrics_interval_s
+    if not interval_s or ray.train.get_context().get_local_rank() != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    node = "node-" + ray.get_runtime_context().get_node_id()[:8]
+    monitor = SystemMetricsMonitor(run.mlflow_run_id, sampling_interval=interval_s,
+                                   resume_logging=True, node_id=node,
+                                   tracking_uri=run.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def step_metrics_logger(run: RunContext) -> Callable[[int, dict], None]:
+    """Per-step metrics to MLflow at the global step; a tracking outage costs a warning, not the
+    run (the per-epoch metrics are the record that must land)."""
+    failed = []
+
+    def log_step(global_step: int, metrics: dict) -> None:
+        try:
+            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=global_step)
+        except Exception as err:  # noqa: BLE001 - any tracking failure
+            if not failed:
+                logger.warning("per-step metrics not logged to MLflow (%s); training goes on", err)
+            failed.append(global_step)
+    return log_step
