@@ -157,6 +157,13 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
 
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
     """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
+    try:
+        return _train_and_track(config, name, storage_uri)
+    finally:  # on a cluster head, `ray down` right after the job must lose none of its tracking
+        mlflow_backup.backup_at_job_end()
+
+
+def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run

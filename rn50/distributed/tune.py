@@ -15,8 +15,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from rn50.io import storage
-from rn50.io import tracking
+from rn50.io import mlflow_backup, storage, tracking
 from rn50.search_space import SweepSpec
 from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
 from rn50.distributed.contexts import RunContext, SweepContext
@@ -172,6 +171,14 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
 
 def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
+    try:
+        return _sweep_and_track(spec, name, storage_uri, overrides)
+    finally:  # on a cluster head, `ray down` right after the sweep must lose none of it
+        mlflow_backup.backup_at_job_end()
+
+
+def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
+                     overrides: list[str] | None) -> dict:
     overrides = list(overrides or [])
     base = spec.base_config(overrides)
     tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)

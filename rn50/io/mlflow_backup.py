@@ -1,8 +1,11 @@
 """Keep the head's MLflow sqlite database safe on S3: restore it at start, copy it periodically.
 
-The cluster head (cluster.yaml) runs `restore` before starting `mlflow server`, and `loop` in the
-background, so `ray down` + `ray up` (or a replaced head) keeps every experiment. Copies are
-taken with sqlite's online backup API, which is consistent while the server writes.
+The cluster head (cluster.yaml) runs `restore` before starting `mlflow server` (it also puts the
+database in WAL mode, so writers and the backup's reader do not lock each other out), and `loop`
+in the background; every training job and sweep backs up when it ends (`backup_at_job_end`), so
+`ray down` + `ray up` (or a replaced head) keeps every experiment. Copies are taken with sqlite's
+online backup API, which is consistent while the server writes; each one is also kept as a
+timestamped version (`<backup>.versions/<UTC time>.db`).
 
     python -m rn50.mlflow_backup restore --db ~/mlflow/mlflow.db --backup s3://B/rn50/mlflow.db
     python -m rn50.mlflow_backup backup  --db ~/mlflow/mlflow.db --backup s3://B/rn50/mlflow.db
@@ -47,10 +50,64 @@ def snapshot(db: Path) -> bytes:
 
 
 def backup(db: Path, uri: str) -> str:
-    """Copy `db` to `uri` (s3:// or local); return the copy's SHA-256."""
+    """Copy `db` to `uri` (s3:// or local) and keep a timestamped version beside it
+    (`<uri>.versions/<UTC time>.db`); return the copy's SHA-256."""
     data = snapshot(db)
-    storage.write_bytes(uri, data)
+    storage.write_bytes(version_uri(uri, time.time()), data)
+    storage.write_bytes(uri, data)  # last: `uri` is always a complete, newest copy
     return hashlib.sha256(data).hexdigest()
+
+
+def version_uri(uri: str, when_s: float) -> str:
+    """Where the version of a backup taken at `when_s` is kept (restorable like `uri` itself)."""
+    return f"{uri}.versions/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(when_s))}.db"
+
+
+def backup_and_record(db: Path, uri: str) -> str:
+    """`backup`, with its outcome written to the status file (an error is raised, and recorded
+    for the health check and the next run's tag)."""
+    previous = read_status(status_path(db)) or {}
+    try:
+        digest = backup(db, uri)
+    except Exception as err:
+        failures = previous.get("consecutive_failures", 0) + 1
+        log.error("backup of %s to %s FAILED (%d in a row): %s", db, uri, failures, err)
+        _write_status(db, uri, str(err) or type(err).__name__, failures)
+        raise
+    _write_status(db, uri, "", 0)
+    log.info("backed up %s to %s (sha256 %s)", db, uri, digest[:12])
+    return digest
+
+
+def backup_at_job_end() -> None:
+    """On a cluster head (`RN50_MLFLOW_BACKUP_STATUS` set, the backup location known from the
+    status `restore` and every backup write), back the database up now, so that `ray down` right
+    after a job loses nothing; a failure is logged and recorded, never raised into the job."""
+    path = os.environ.get("RN50_MLFLOW_BACKUP_STATUS")
+    status = read_status(path) if path else None
+    if not status or not status.get("uri"):
+        return
+    db = Path(path[: -len(STATUS_SUFFIX)]) if path.endswith(STATUS_SUFFIX) else None
+    if db is None or not db.is_file():
+        log.error("no MLflow database beside %s: the job-end backup was not taken", path)
+        return
+    try:
+        backup_and_record(db, status["uri"])
+    except Exception:  # noqa: BLE001 - recorded by backup_and_record; the job's result stands
+        pass
+
+
+def use_wal(db: Path) -> None:
+    """Put `db` in sqlite's write-ahead-log mode (kept in the file): the server's writers and the
+    backup's reader no longer block each other ("database is locked")."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(db)
+    try:
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        connection.close()
+    if mode.lower() != "wal":
+        raise ValueError(f"{db} could not be switched to WAL mode (it is in {mode} mode)")
 
 
 def restore(db: Path, uri: str) -> bool:
@@ -60,20 +117,24 @@ def restore(db: Path, uri: str) -> bool:
     the head's start commands (and `ray up`) instead of failing silently every 15 minutes.
     """
     storage.preflight(uri.rsplit("/", 1)[0])
+    restored = False
     if db.exists():
         log.info("keeping the existing %s (not restoring over a live database)", db)
-        return False
-    if not storage.exists(uri):
+    elif not storage.exists(uri):
         log.info("no backup at %s yet: MLflow starts with an empty database", uri)
-        return False
-    data = storage.read_bytes(uri)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    partial = db.with_name(db.name + ".partial")
-    partial.write_bytes(data)
-    _check_sqlite(partial)
-    partial.replace(db)  # atomic: the server never sees half a file
-    log.info("restored %s (%d bytes) from %s", db, len(data), uri)
-    return True
+    else:
+        data = storage.read_bytes(uri)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        partial = db.with_name(db.name + ".partial")
+        partial.write_bytes(data)
+        _check_sqlite(partial)
+        partial.replace(db)  # atomic: the server never sees half a file
+        log.info("restored %s (%d bytes) from %s", db, len(data), uri)
+        restored = True
+    use_wal(db)
+    if read_status(status_path(db)) is None:  # jobs find the backup location here
+        _write_status(db, uri, "", 0)
+    return restored
 
 
 def _check_sqlite(path: Path) -> None:
@@ -88,9 +149,12 @@ def _check_sqlite(path: Path) -> None:
         raise ValueError(f"{path} failed sqlite's integrity check ({result}); refusing to restore")
 
 
+STATUS_SUFFIX = ".backup-status.json"
+
+
 def status_path(db: Path) -> Path:
     """Where the outcome of the last backup attempt of `db` is written."""
-    return db.with_name(db.name + ".backup-status.json")
+    return db.with_name(db.name + STATUS_SUFFIX)
 
 
 def _write_status(db: Path, uri: str, error: str, failures: int) -> None:
@@ -121,20 +185,17 @@ def failed_backup_note() -> str:
 
 def loop(db: Path, uri: str, every_s: float, rounds: int = 0) -> None:
     """Back up every `every_s` seconds when the database changed; `rounds` > 0 stops after N."""
-    last, done, failures = None, 0, 0
+    last, done = None, 0
     while not rounds or done < rounds:
         done += 1
         try:
             digest = hashlib.sha256(snapshot(db)).hexdigest() if db.exists() else None
             if digest is not None and digest != last:
-                last = backup(db, uri)
-                log.info("backed up %s to %s (sha256 %s)", db, uri, last[:12])
-            failures = 0
-            _write_status(db, uri, "", 0)
-        except Exception as err:  # noqa: BLE001 - keep trying, but loudly and on the record
-            failures += 1
-            log.error("backup of %s to %s FAILED (%d in a row): %s", db, uri, failures, err)
-            _write_status(db, uri, str(err) or type(err).__name__, failures)
+                last = backup_and_record(db, uri)
+            else:
+                _write_status(db, uri, "", 0)
+        except Exception:  # noqa: BLE001 - logged and recorded; keep trying
+            pass
         if not rounds or done < rounds:
             time.sleep(every_s)
 
@@ -177,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "restore":
             restore(db, args.backup)
         elif args.action == "backup":
-            print(backup(db, args.backup))
+            print(backup_and_record(db, args.backup))
         else:
             loop(db, args.backup, args.every_s)
-    except (storage.StorageError, FileNotFoundError, ValueError) as err:
+    except (storage.StorageError, OSError, ValueError, sqlite3.Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
+from rn50.io import mlflow_backup
 from tests.integration.jobs import REPO, small
 
 pytestmark = pytest.mark.integration
@@ -22,16 +24,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory, s3_server):
     """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it), its
     environment naming the storage and tracking store jobs default to; yields (dashboard
     address, environment, ray CLI, that folder)."""
     tmp_path = tmp_path_factory.mktemp("head")
+    # As cluster.yaml's head start: restore the MLflow database (none yet), then start Ray with
+    # the backup status file named, so every job backs the database up when it ends.
+    db, backup = tmp_path / "mlflow.db", f"s3://{s3_server.bucket}/head-backup/mlflow.db"
+    subprocess.run([sys.executable, "-m", "rn50.mlflow_backup", "restore", "--db", str(db),
+                    "--backup", backup], cwd=REPO, env={**os.environ, **s3_server.env()},
+                   check=True, timeout=120, capture_output=True)
     # Ray 2.60's `ray start --head` turns token auth on and writes ~/.ray/auth_token; the job CLI
     # only sends that token when RAY_AUTH_MODE=token is set (it does not fall back on its own).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+    env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
            "RN50_STORAGE": str(tmp_path / "durable-runs"),  # as cluster.yaml's head start sets
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+           "RN50_MLFLOW_BACKUP_STATUS": str(mlflow_backup.status_path(db))}
     env.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -40,13 +49,13 @@ def ray_head(tmp_path_factory):
                     "--disable-usage-stats"], env=env, check=True, timeout=180,
                    capture_output=True)
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin, tmp_path
+        yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin, tmp_path, backup
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=120, capture_output=True)
 
 
-def test_ray_job_submit_runs_the_main_job_into_the_heads_storage(ray_head):
-    address, env, ray_bin, tmp_path = ray_head
+def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_mlflow(ray_head):
+    address, env, ray_bin, tmp_path, backup = ray_head
     command = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                "python", "ray_jobs/train_full.py", "--name", "submitted",
                *small(tmp_path, epochs=1)]  # no --storage, no tracking.uri: the head's defaults
@@ -58,11 +67,25 @@ def test_ray_job_submit_runs_the_main_job_into_the_heads_storage(ray_head):
     assert result["epochs"] == 1 and result["name"] == "submitted"
     assert result["checkpoint"].startswith(str(tmp_path / "durable-runs" / "submitted"))
     assert Path(result["checkpoint"], "manifest.json").is_file()
-    assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = tmp_path / "mlflow.db"
+    assert result["tracking_uri"] == f"sqlite:///{db}"
+    assert mlflow_backup.read_status(mlflow_backup.status_path(db))["ok"] is True
+
+    # The head is lost right after the job (`ray down`): its database goes, the backup stays.
+    for path in tmp_path.glob("mlflow.db*"):
+        path.unlink()
+    subprocess.run([sys.executable, "-m", "rn50.mlflow_backup", "restore", "--db", str(db),
+                    "--backup", backup], cwd=REPO, env=env, check=True, timeout=120,
+                   capture_output=True)
+    run = MlflowClient(f"sqlite:///{db}").get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED", run.info.status
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(run.info.run_id, "val/top1")
+    assert [m.step for m in history] == [0] and history[0].value == result["val_top1"]
+    assert {"train/loss", "data_wait_fraction", "train/epoch_loss"} <= set(run.data.metrics)
 
 
 def test_a_bare_job_without_durable_storage_is_refused_before_it_writes(tmp_path, ray_head):
-    address, env, ray_bin, _ = ray_head
+    address, env, ray_bin, _, _ = ray_head
     # The verbatim command on a head that names no storage and no tracking server.
     unset = json.dumps({"env_vars": {"RN50_STORAGE": "", "MLFLOW_TRACKING_URI": ""}})
     command = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".",
