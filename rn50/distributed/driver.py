@@ -1,8 +1,8 @@
 """The driver side of a training run: checks, MLflow, the `TorchTrainer`, the run summary.
 
 `run_training` checks storage before anything starts, opens (or finds again) the MLflow run,
-builds the `TorchTrainer` around `rn50.train.train_loop_per_worker`, and turns Ray's result into
-the `RESULT` summary. Running it again with the same name and storage resumes the run. `fit_run`
+builds the `TorchTrainer` around `rn50.distributed.worker.train_loop_per_worker` (shipped through
+`worker_entry`), and turns Ray's result into the `RESULT` summary. Running it again with the same name and storage resumes the run. `fit_run`
 is the one place that calls `fit()` (sweep trials too): it falls back from spot to on-demand nodes
 and ends a run that cannot get its resources with `ResourcesUnavailableError`.
 """
@@ -23,7 +23,7 @@ from rn50.core.model import build_model
 from rn50.distributed import capacity
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.ray_setup import init_ray
-from rn50.distributed.worker import train_loop_per_worker
+from rn50.distributed.worker_entry import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 # Ray's controller would start a worker group whose worker died while starting again without

@@ -1,9 +1,11 @@
-"""What a training run says about itself while it runs: the ETA on each epoch line, per-step
-metrics in MLflow, and each node's system metrics (MLflow's own sampler)."""
+"""What a training run says about itself while it runs: a console without Ray Train's chatter,
+the ETA on each epoch line, per-step metrics in MLflow, and each node's system metrics (MLflow's
+own sampler)."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Callable
 
@@ -14,6 +16,21 @@ from rn50.distributed.contexts import RunContext
 from rn50.io import tracking
 
 logger = logging.getLogger(__name__)
+
+
+def quiet_ray_console(level: str) -> None:
+    """Keep Ray's own messages below `level` off this worker's console (Ray's log files keep
+    them). `RunConfig(logging_config=...)` covers loggers named `ray.train.*`; the per-report
+    and per-checkpoint lines come from loggers named by file path, so this filter goes by where
+    a record was logged from."""
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    threshold = logging.getLevelName(level)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= threshold or not record.pathname.startswith(ray_dir)
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # Ray Train's console handler
+            handler.addFilter(keep)
 
 
 class EpochClock:
@@ -45,6 +62,7 @@ def system_metrics(run: RunContext):
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notes
     node = "node-" + ray.get_runtime_context().get_node_id()[:8]
     monitor = SystemMetricsMonitor(run.mlflow_run_id, sampling_interval=interval_s,
                                    resume_logging=True, node_id=node,

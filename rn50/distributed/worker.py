@@ -34,7 +34,8 @@ from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
                                set_train_crop_px)
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
-from rn50.distributed.run_metrics import EpochClock, step_metrics_logger, system_metrics
+from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_metrics_logger,
+                                          system_metrics)
 from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.io import tracking
 
@@ -96,6 +97,7 @@ class _Worker:
 
 def train_loop_per_worker(run: RunContext) -> None:
     """The training loop every Ray Train worker runs."""
+    quiet_ray_console(run.config.train.ray_log_level)
     with system_metrics(run):
         worker = _set_up(run.config)
         if worker.rank == 0:
