@@ -197,10 +197,10 @@ def test_mlflow_compares_two_trials_curves_and_params(sweep, mlflow_server, tmp_
         page.goto(f"{mlflow_server.tracking_uri}/#/compare-runs?runs={ids}"
                   f"&experiments={json.dumps([first.info.experiment_id])}")
         page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
-        lr_row = page.locator("tr", has_text="optim.lr").last
+        lr_row = page.locator("tr").filter(has=page.get_by_text("optim.lr", exact=True)).first
         lr_row.wait_for(timeout=30_000)
-        for run in (first, second):
-            assert run.data.params["optim.lr"] in lr_row.inner_text()
+        assert lr_row.inner_text().split("\t")[1:] == [first.data.params["optim.lr"],
+                                                      second.data.params["optim.lr"]]
         page.screenshot(path=str(out / "mlflow-compare-params.png"), full_page=True)
         page.get_by_role("link", name="val/top1").first.click()
         for run in (first, second):  # both curves: one legend entry per run
