@@ -194,18 +194,22 @@ def test_mlflow_compares_two_trials_curves_and_params(sweep, mlflow_server, tmp_
     with sync_playwright() as playwright:
         browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        experiments = json.dumps([first.info.experiment_id])
         page.goto(f"{mlflow_server.tracking_uri}/#/compare-runs?runs={ids}"
-                  f"&experiments={json.dumps([first.info.experiment_id])}")
+                  f"&experiments={experiments}")
         page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
         lr_row = page.locator("tr").filter(has=page.get_by_text("optim.lr", exact=True)).first
         lr_row.wait_for(timeout=30_000)
         assert lr_row.inner_text().split("\t")[1:] == [first.data.params["optim.lr"],
                                                       second.data.params["optim.lr"]]
-        page.screenshot(path=str(out / "mlflow-compare-params.png"), full_page=True)
-        page.get_by_role("link", name="val/top1").first.click()
+        lr_row.scroll_into_view_if_needed()
+        page.screenshot(path=str(out / "mlflow-compare-params.png"))
+        # The page a metric's name links to from the compare view: both runs on one chart.
+        page.goto(f"{mlflow_server.tracking_uri}/#/metric?runs={ids}&metric=\"val/top1\""
+                  f"&experiments={experiments}&plot_metric_keys=[\"val/top1\"]&x_axis=step")
         for run in (first, second):  # both curves: one legend entry per run
-            page.get_by_text(f"{run.info.run_name} (val/top1)").first.wait_for(timeout=30_000)
+            page.get_by_text(f"{run.info.run_name} (val/top1)").first.wait_for(timeout=60_000)
         rows = page.locator("tr", has_text="(step=2)")
         assert rows.count() == 2  # both curves reach the last epoch
-        page.screenshot(path=str(out / "mlflow-compare-val-top1.png"), full_page=True)
+        page.screenshot(path=str(out / "mlflow-compare-val-top1.png"))
         browser.close()
