@@ -33,8 +33,9 @@ def sweep(tmp_path_factory, mlflow_server):
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "ray_jobs/tune_imagenette.py", "--space", "tune_spaces/smoke.yaml",
                "--name", "smoke", "--storage", str(tmp / "runs"), f"data.root={tmp / 'digits'}"]
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(tmp / "first.log", "w") as log:  # where trials ran side by side, before the kill
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 900
     while not (_finished_trials(tmp / "runs" / "smoke") and _stopped_early(tmp / "runs" / "smoke")):
         assert first.poll() is None and time.time() < deadline, "no trial stopped before the kill"
@@ -52,9 +53,11 @@ def sweep(tmp_path_factory, mlflow_server):
 
 def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):
     result, output, tmp, _ = sweep
-    # Two CPUs, one 1-CPU worker per trial: never more than two trials running at once.
+    # Two CPUs, one 1-CPU worker per trial: never more than two trials running at once. Read
+    # from both runs' consoles: the resumed run may have too little left to print a status.
     assert "at most 2 trial(s) at once" in output
-    running = [int(n) for n in re.findall(r"Trial status:[^\n]*?(\d+) RUNNING", output)]
+    consoles = (tmp / "first.log").read_text(errors="replace") + output
+    running = [int(n) for n in re.findall(r"Trial status:[^\n]*?(\d+) RUNNING", consoles)]
     assert running and max(running) <= 2
     assert result["metric"] == "val_top1" and 0 <= result["best_value"] <= 100
     assert set(result["best_config"]) == {"optim.lr", "optim.weight_decay"}
