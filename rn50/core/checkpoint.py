@@ -53,16 +53,15 @@ def _locate(where: str | Path | Location) -> Location:
     return storage.filesystem_and_path(str(where).rstrip("/"))
 
 
-
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
     """Write `state` (tensors, dicts, numbers) and then a manifest with `summary` into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / STATE_FILE
     torch.save(state, state_path)
+    digest = storage.sha256_of(pafs.LocalFileSystem(), str(state_path))
     manifest = {"format_version": FORMAT_VERSION, "summary": summary,
-                "files": {STATE_FILE: {"size": state_path.stat().st_size,
-                                       "sha256": storage.sha256_of(pafs.LocalFileSystem(), str(state_path))}}}
+                "files": {STATE_FILE: {"size": state_path.stat().st_size, "sha256": digest}}}
     # Written last and atomically: its presence means every file above is complete.
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))

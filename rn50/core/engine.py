@@ -73,6 +73,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   criterion: nn.Module, mixer: BatchMixer | None, global_step: int,
                   device: torch.device, config: Config) -> torch.Tensor:
@@ -165,7 +169,8 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
-    window = StepWindow(dist.get_world_size() if dist.is_initialized() else 1)
+    world = _world_size()
+    window = StepWindow(world)
     start = fetch_start = time.perf_counter()
     for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
         window.data_wait_s += time.perf_counter() - fetch_start
@@ -193,7 +198,6 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
         [loss_sum.item(), images_seen, skipped, seconds], device)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return EpochStats(loss=loss_sum / max(images_seen, 1), images=int(images_seen),
                       seconds=seconds / world, skipped_images=int(skipped))
 

@@ -62,7 +62,6 @@ def _plan_hash(item: dict, options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-
 def shrink(data: bytes, max_px: int) -> bytes:
     """Re-encode as JPEG with the shorter side <= `max_px`; smaller images pass through as is."""
     if max_px <= 0:

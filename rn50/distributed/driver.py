@@ -2,9 +2,10 @@
 
 `run_training` checks storage before anything starts, opens (or finds again) the MLflow run,
 builds the `TorchTrainer` around `rn50.distributed.worker.train_loop_per_worker` (shipped through
-`worker_entry`), and turns Ray's result into the `RESULT` summary. Running it again with the same name and storage resumes the run. `fit_run`
-is the one place that calls `fit()` (sweep trials too): it falls back from spot to on-demand nodes
-and ends a run that cannot get its resources with `ResourcesUnavailableError`.
+`worker_entry`), and turns Ray's result into the `RESULT` summary. Running it again with the same
+name and storage resumes the run. `fit_run` is the one place that calls `fit()` (sweep trials
+too): it falls back from spot to on-demand nodes and ends a run that cannot get its resources with
+`ResourcesUnavailableError`.
 """
 from __future__ import annotations
 

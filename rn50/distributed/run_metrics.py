@@ -77,13 +77,14 @@ def system_metrics(run: RunContext):
 def step_metrics_logger(run: RunContext) -> Callable[[int, dict], None]:
     """Per-step metrics to MLflow at the global step; a tracking outage costs a warning, not the
     run (the per-epoch metrics are the record that must land)."""
-    failed = []
+    warned = False
 
     def log_step(global_step: int, metrics: dict) -> None:
+        nonlocal warned
         try:
             tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=global_step)
         except Exception as err:  # noqa: BLE001 - any tracking failure
-            if not failed:
+            if not warned:
                 logger.warning("per-step metrics not logged to MLflow (%s); training goes on", err)
-            failed.append(global_step)
+                warned = True
     return log_step

@@ -149,6 +149,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
     config, rank, state = worker.config, worker.rank, worker.state
     saves = MidEpochSaves(config, worker.device)
     eta = EpochClock(config.train.epochs - worker.start_epoch)
+    log_step_metrics = step_metrics_logger(run) if rank == 0 else None  # one per run: warns once
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
 
@@ -172,7 +173,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
             state, worker.loader(worker.train_set, epoch, train=True, skip_batches=skip),
             worker.device, config, log=lambda message: _log(rank, f"epoch {epoch} {message}"),
             start_step=skip, after_step=after_step,
-            on_step_metrics=step_metrics_logger(run) if rank == 0 else None)
+            on_step_metrics=log_step_metrics)
         metrics = {"epoch": epoch, "train_loss": stats.loss, **_validate(worker, epoch), "lr": lr,
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
                    "train_crop_px": crop_px}
