@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from rn50.config_sections import (CheckpointConfig, DataConfig, ModelConfig,  # noqa: F401
-                                  OptimConfig, ScalingConfig, ScheduleConfig, TrackingConfig,
+from rn50.config_sections import (CheckpointConfig, CostConfig, DataConfig,  # noqa: F401
+                                  ModelConfig, OptimConfig, ScalingConfig, ScheduleConfig, TrackingConfig,
                                   TrainConfig)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -36,6 +37,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -64,6 +66,17 @@ class Config:
     def to_yaml(self) -> str:
         """The resolved config as a recipe YAML that `load_config` accepts unchanged."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per forward/backward on one worker (`train.micro_batch_size`, resolved)."""
+        return self.train.micro_batch_size or \
+            self.train.global_batch_size // self.scaling.max_workers
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches in one optimizer step, summed over the workers."""
+        return self.train.global_batch_size // self.micro_batch_size
 
     @property
     def peak_lr(self) -> float:
@@ -95,6 +108,21 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
     if isinstance(value, str) and expected is not str:
         value = _parse_scalar(value)
     origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(expected):
+            try:
+                return coerce(key, value, arm)
+            except ConfigError:
+                continue
+        arms = " or ".join(arm.__name__ if isinstance(arm, type) else str(arm)
+                           for arm in typing.get_args(expected))
+        raise ConfigError(f"'{key}' expects {arms}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' expects a mapping like {{a: 1.5}}, got {value!r}")
+        return {coerce(f"{key} key", k, key_type): coerce(f"{key}[{k}]", v, value_type)
+                for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, (list, tuple)):
@@ -145,9 +173,9 @@ _CHOICES = {
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",
              "optim.lr", "optim.lr_reference_batch_size", "train.epochs",
              "train.global_batch_size", "train.torch_threads", "train.log_every_steps",
-             "scaling.num_workers", "scaling.cpus_per_worker", "checkpoint.every_epochs",
+             "scaling.cpus_per_worker", "scaling.resize_check_s", "checkpoint.every_epochs",
              "checkpoint.keep_last")
-_NON_NEGATIVE = ("data.loader_workers", "data.max_train_samples", "data.max_val_samples",
+_NON_NEGATIVE = ("data.loader_workers", "train.micro_batch_size", "data.max_train_samples", "data.max_val_samples",
                  "tracking.system_metrics_interval_s",
                  "checkpoint.every_steps", "checkpoint.every_minutes",
                  "checkpoint.preemption_check_every_steps",
@@ -174,9 +202,7 @@ def validate(config: Config) -> None:
     for key in _FRACTIONS:
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"'{key}' must be in [0, 1), got {flat[key]!r}")
-    if config.train.global_batch_size % config.scaling.num_workers:
-        raise ConfigError(f"'train.global_batch_size' ({config.train.global_batch_size}) must be "
-                          f"divisible by 'scaling.num_workers' ({config.scaling.num_workers})")
+    _validate_batches(config)
     if config.data.val_crop_px > config.data.val_resize_px:
         raise ConfigError("'data.val_crop_px' must not exceed 'data.val_resize_px'")
     data = config.data
@@ -188,6 +214,7 @@ def validate(config: Config) -> None:
                           "'data.progressive_end_epoch'")
     _validate_regularizers(config)
     _validate_capacity(config)
+    _validate_cost(config)
 
 
 def _validate_regularizers(config: Config) -> None:
@@ -203,6 +230,29 @@ def _validate_regularizers(config: Config) -> None:
         raise ConfigError("'checkpoint.keep_best_by=val_top1_ema' needs EMA weights: set "
                           "'train.ema_decay' (e.g. 0.9999), or keep the best by 'val_top1'")
 
+def _validate_batches(config: Config) -> None:
+    """The worker count, and the global batch as whole micro-batches dealt to that many workers."""
+    workers, train = config.scaling.num_workers, config.train
+    if isinstance(workers, list) and not (len(workers) == 2 and 1 <= workers[0] <= workers[1]):
+        raise ConfigError("'scaling.num_workers' must be a number >= 1 or [min, max] with "
+                          f"1 <= min <= max, got {workers!r}")
+    if isinstance(workers, int) and workers < 1:
+        raise ConfigError(f"'scaling.num_workers' must be >= 1, got {workers!r}")
+    most = config.scaling.max_workers
+    if not train.micro_batch_size and train.global_batch_size % most:
+        raise ConfigError(f"'train.global_batch_size' ({train.global_batch_size}) must be "
+                          f"divisible by the most workers, {most} ('scaling.num_workers'), or set "
+                          "'train.micro_batch_size' to a divisor of it")
+    if train.micro_batch_size and train.global_batch_size % train.micro_batch_size:
+        raise ConfigError(f"'train.micro_batch_size' ({train.micro_batch_size}) must divide "
+                          f"'train.global_batch_size' ({train.global_batch_size})")
+    if config.micro_batches_per_step < most:
+        raise ConfigError(f"a step of {train.global_batch_size} images is "
+                          f"{config.micro_batches_per_step} micro-batches of "
+                          f"{config.micro_batch_size}, too few for {most} workers: lower "
+                          "'train.micro_batch_size' or 'scaling.num_workers'")
+
+
 def _validate_capacity(config: Config) -> None:
     """The start-timeout, spot and preemption fields."""
     scaling, checkpoint = config.scaling, config.checkpoint
@@ -217,6 +267,23 @@ def _validate_capacity(config: Config) -> None:
     if checkpoint.max_preemption_failures < -1:
         raise ConfigError("'checkpoint.max_preemption_failures' must be >= 0, or -1 for "
                           f"unlimited, got {checkpoint.max_preemption_failures!r}")
+
+
+def _validate_cost(config: Config) -> None:
+    """The budget and the price table: finite, non-negative dollars."""
+    cost = config.cost
+    prices = {"train.budget_usd": config.train.budget_usd,
+              "cost.local_usd_per_hour": cost.local_usd_per_hour,
+              **{f"cost.usd_per_hour[{k}]": v for k, v in cost.usd_per_hour.items()}}
+    for key, value in prices.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"'{key}' must be a finite number of US dollars >= 0, got {value!r}")
+    if cost.log_every_s <= 0:
+        raise ConfigError(f"'cost.log_every_s' must be > 0 seconds, got {cost.log_every_s!r}")
+    unpriced = sorted(set(cost.ec2_instance_types) - set(cost.usd_per_hour))
+    if unpriced:
+        raise ConfigError(f"'cost.ec2_instance_types' names node types without a table price "
+                          f"{unpriced}: add them to 'cost.usd_per_hour' (the fallback price)")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

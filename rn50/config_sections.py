@@ -116,7 +116,12 @@ class TrainConfig:
     epochs: int = 90
     """Number of passes over the training set."""
     global_batch_size: int = 256
-    """Images per optimizer step summed over all workers."""
+    """Images per optimizer step summed over all workers, whatever their number."""
+    micro_batch_size: int = 0
+    """Images per forward/backward on one worker (the batch BatchNorm normalises over); 0 =
+    global_batch_size / the most workers (`scaling.num_workers`). A step is global_batch_size /
+    micro_batch_size micro-batches, dealt round-robin to the workers there are, each worker
+    accumulating the gradients of its share: the same step at any world size."""
     seed: int = 0
     """Seed for weights, data order and augmentation."""
     amp: bool = True
@@ -142,12 +147,23 @@ class TrainConfig:
     ray_log_level: str = "WARNING"
     """Ray Train's own console messages (a line per report and per checkpoint from every worker)
     at this level and above; Ray's log files under the session folder keep every level."""
+    budget_usd: float = 0.0
+    """Stop the run cleanly (checkpoint, exit code 5) at the epoch end where the cost so far plus
+    the projected cost of the next epoch would exceed this many US dollars; running the same
+    command again with a higher budget continues it. 0 = no budget (see the `cost` section)."""
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
-    """Ray Train workers (one process each, one GPU each when use_gpu)."""
+    num_workers: int | list[int] = 2
+    """Ray Train workers (one process each, one GPU each when use_gpu): a fixed number, or
+    `[min, max]` for an elastic group that starts with what it gets (>= min), goes on with fewer
+    workers when a node is lost and grows back to max when capacity returns. The optimisation is
+    the same at every size: see `train.micro_batch_size`."""
+    resize_check_s: float = 60.0
+    """Elastic groups: how often Ray Train looks for room to grow, in seconds (Ray's
+    `elastic_resize_monitor_interval_s`). Growing restarts the group from the latest checkpoint,
+    so pair it with `checkpoint.every_minutes` to bound the steps a growth repeats."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per training worker."""
     use_gpu: bool = False
@@ -166,6 +182,21 @@ class ScalingConfig:
     spot_wait_s: float = 900.0
     """How long a start waits for spot nodes before falling back to on-demand ones, in seconds
     (with `prefer_spot`); it must cover a spot node's launch and setup."""
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (what it asks Ray for)."""
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker group may change size during the run."""
+        return self.min_workers != self.max_workers
 
 
 @dataclass
@@ -213,3 +244,22 @@ class TrackingConfig:
     """Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU
     utilisation, memory and power when a GPU is present), taken on every node of the run and
     logged as system/node-<ray node id>/...; 0 turns them off."""
+
+
+@dataclass
+class CostConfig:
+    usd_per_hour: dict[str, float] = field(default_factory=dict)
+    """US dollars per hour of each Ray node type (the node's `ray.io/node-group` label: the
+    `available_node_types` names of cluster.yaml). For spot node types this is the spot price
+    used when a live one cannot be had. Every typed node of the run must be listed once any is."""
+    local_usd_per_hour: float = 0.0
+    """US dollars per hour of a node with no node type (a laptop, a hand-started `ray start`)."""
+    ec2_instance_types: dict[str, str] = field(default_factory=dict)
+    """EC2 instance type of node types (e.g. `gpu.a10g.spot: g5.2xlarge`): their spot nodes are
+    priced from `describe-spot-price-history` when AWS credentials allow, else from the table."""
+    region: str = ""
+    """AWS region of the spot price lookup; empty = boto3's default (AWS_DEFAULT_REGION, ...)."""
+    ec2_endpoint_url: str = ""
+    """EC2 API endpoint of the spot price lookup; empty = AWS's own (set for tests and proxies)."""
+    log_every_s: float = 60.0
+    """How often the driver logs `cost/usd` (and `cost/usd_per_hour`) to MLflow, in seconds."""
