@@ -6,9 +6,10 @@ Train's TorchTrainer sets one up), so these functions also run in a single proce
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,18 +80,40 @@ def _world_size() -> int:
 
 def _forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   criterion: nn.Module, mixer: BatchMixer | None, global_step: int,
-                  device: torch.device, config: Config) -> torch.Tensor:
-    """The step's loss, with MixUp/CutMix targets and stochastic-depth masks drawn from
-    generators seeded by (train.seed, global_step, rank) (rn50.core.mixing)."""
+                  micro_batch: int, device: torch.device, config: Config) -> torch.Tensor:
+    """The micro-batch's loss, with MixUp/CutMix targets and stochastic-depth masks drawn from
+    generators seeded by (train.seed, global_step, micro-batch index) (rn50.core.mixing)."""
     targets = labels
     if mixer is not None:
-        images, targets = mixer(images, labels, global_step, _rank())
+        images, targets = mixer(images, labels, global_step, micro_batch)
         if config.model.channels_last and device.type == "cuda":  # roll/clone may give NCHW
             images = images.contiguous(memory_format=torch.channels_last)
-    depth_rng = seeded_rng(device, config.train.seed, global_step, _rank(), DEPTH_STREAM) \
+    depth_rng = seeded_rng(device, config.train.seed, global_step, micro_batch, DEPTH_STREAM) \
         if config.model.stochastic_depth_prob > 0 else contextlib.nullcontext()
     with depth_rng, autocast_context(device, config.train.amp, config.train.amp_dtype):
         return criterion(model(images), targets)
+
+
+@contextlib.contextmanager
+def _accumulating(model: nn.Module, first: bool, last: bool):
+    """One micro-batch of a step: DDP's gradient all-reduce only after the rank's last one, and
+    BatchNorm's running statistics updated only by its first.
+
+    Why the BatchNorm rule: DDP copies rank 0's buffers to every rank, so without accumulation the
+    running statistics follow micro-batch 0 of each step alone. Updating them from micro-batch 0
+    only at any world size keeps them independent of it (and the checkpoint with them)."""
+    no_sync = getattr(model, "no_sync", None)
+    frozen = [] if first else [m for m in model.modules()
+                               if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                               and m.track_running_stats]
+    for module in frozen:  # train-mode BN then normalises by the batch and updates nothing
+        module.track_running_stats = False
+    try:
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            yield
+    finally:
+        for module in frozen:
+            module.track_running_stats = True
 
 
 @dataclass
@@ -111,15 +134,26 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _sgd_step(state: TrainingState, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
-    """Backward, the optimizer and the per-step schedule, then the EMA."""
-    state.optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+def _optimizer_step(state: TrainingState, scaler: torch.amp.GradScaler) -> None:
+    """The optimizer on the accumulated gradients, the per-step schedule, then the EMA."""
     scaler.step(state.optimizer)
     scaler.update()
     state.scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
     if state.ema is not None:
         state.ema.update(state.model)
+
+
+def _step_batches(batches: Iterable, per_step: int, window: "StepWindow") -> Iterator[list]:
+    """`batches` grouped into the rank's micro-batches of each step; the wait for each group
+    is added to `window.data_wait_s`. A ragged last group (never dealt) is dropped."""
+    iterator, fetch_start = iter(batches), time.perf_counter()
+    while True:
+        group = list(itertools.islice(iterator, per_step))
+        window.data_wait_s += time.perf_counter() - fetch_start
+        if len(group) < per_step:
+            return
+        yield group
+        fetch_start = time.perf_counter()
 
 
 class StepWindow:
@@ -150,10 +184,16 @@ def _progress_line(step: int, metrics: dict[str, float]) -> str:
 def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.device, config: Config,
                     *, log: Callable[[str], None] = lambda message: None, start_step: int = 0,
                     after_step: Callable[[int], None] | None = None,
-                    on_step_metrics: Callable[[int, dict], None] | None = None) -> EpochStats:
+                    on_step_metrics: Callable[[int, dict], None] | None = None,
+                    micro_slots: list[int] | None = None) -> EpochStats:
     """One pass of SGD over `batches` of (uint8 images, labels, skipped count), updating the
     model, optimizer, per-step schedule, EMA and loss scaler held in `state`.
 
+    `micro_slots` are the micro-batches of each step this rank trains (rn50.data.samplers:
+    `micro_batch_slots`; default: each batch is one rank's whole step); `batches` yields them step
+    by step. Their
+    gradients are accumulated, each loss scaled by world size / micro-batches per step, so that
+    DDP's average over ranks is the mean over the whole global batch at any world size.
     `start_step` is how many steps of this epoch were done before (a mid-epoch resume);
     `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints). The global
     step that seeds mixing and stochastic depth is `scheduler.last_epoch` (LambdaLR counts
@@ -166,27 +206,38 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     # With soft (mixed) targets torch smooths the probabilities: see rn50.core.mixing.
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     mixer = build_mixer(config)
+    world = _world_size()
+    slots = micro_slots if micro_slots is not None else [_rank()]
+    # Without micro_slots every batch is a whole per-rank step (world size x batch = global).
+    loss_scale = world / config.micro_batches_per_step if micro_slots is not None else 1.0
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
-    world = _world_size()
     window = StepWindow(world)
-    start = fetch_start = time.perf_counter()
-    for step, (images_uint8, labels, num_skipped) in enumerate(batches, start=start_step):
-        window.data_wait_s += time.perf_counter() - fetch_start
-        skipped += num_skipped
-        if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
-            images_uint8, labels, undecodable = images_uint8.decode(labels, device)
-            skipped += undecodable
-        if labels.numel() == 0:
+    start = time.perf_counter()
+    for step, micro_batches in enumerate(_step_batches(batches, len(slots), window),
+                                         start=start_step):
+        optimizer.zero_grad(set_to_none=True)
+        trained = 0
+        for index, (images_uint8, labels, num_skipped) in enumerate(micro_batches):
+            skipped += num_skipped
+            if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
+                images_uint8, labels, undecodable = images_uint8.decode(labels, device)
+                skipped += undecodable
+            if labels.numel() == 0:
+                continue
+            images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
+            with _accumulating(model, first=index == 0, last=index == len(slots) - 1):
+                loss = _forward_loss(model, images, labels, criterion, mixer,
+                                     scheduler.last_epoch, slots[index], device, config)
+                scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
+            loss_sum += loss.detach().float() * labels.numel()
+            trained += labels.numel()
+        if not trained:  # every image of the step was undecodable: no step (none was taken)
             continue
-        images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
-        loss = _forward_loss(model, images, labels, criterion, mixer, scheduler.last_epoch,
-                             device, config)
-        _sgd_step(state, scaler, loss)
-        loss_sum += loss.detach().float() * labels.numel()
-        images_seen += labels.numel()
-        window.images += labels.numel()
+        images_seen += trained
+        window.images += trained
+        _optimizer_step(state, scaler)
         if step % config.train.log_every_steps == 0:
             metrics = window.close(loss.item(), optimizer.param_groups[0]["lr"])
             log(_progress_line(step, metrics))
@@ -194,7 +245,6 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
                 on_step_metrics(scheduler.last_epoch, metrics)
         if after_step is not None:
             after_step(step + 1)
-        fetch_start = time.perf_counter()
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
         [loss_sum.item(), images_seen, skipped, seconds], device)

@@ -4,8 +4,9 @@ training step makes (mixing, stochastic depth).
 Each draw comes from a generator freshly seeded by (train.seed, global step, micro-batch index,
 stream) and never from a generator's running state, so a run resumed from a checkpoint draws
 exactly what an uninterrupted one did, and a micro-batch's draws are the same whichever rank (or
-world size) trains it. One rank trains one micro-batch per step (no gradient accumulation), so the
-micro-batch index is the rank. The caller's RNG states are restored afterwards.
+world size) trains it. The micro-batch index is the step's stream index (rn50.data.samplers),
+which is the rank when no gradients are accumulated. The caller's RNG states are restored
+afterwards.
 
 Targets: MixUp/CutMix turn labels into per-row class probabilities (one-hot rows mixed with weights
 lam and 1 - lam), which `nn.CrossEntropyLoss` accepts. For probability targets torch applies label
@@ -21,7 +22,7 @@ from typing import Iterator
 import torch
 from torchvision.transforms import v2
 
-from rn50.data.loaders import mix_seed
+from rn50.data.samplers import mix_seed
 
 MIXING_STREAM, DEPTH_STREAM = 1, 2  # separate streams: switching one regularizer on or off
 # leaves the other's draws unchanged

@@ -105,13 +105,14 @@ def _fmt(resources: dict[str, float]) -> str:
 def shortfall_message(scaling: ScalingConfig, plan: StartPlan, waited_s: float) -> str:
     """What the run asked for, what the cluster has and who holds it, for a start that failed."""
     bundle = worker_bundle(scaling)
-    wanted = {k: v * scaling.num_workers for k, v in bundle.items()}
+    wanted = {k: v * scaling.min_workers for k, v in bundle.items()}  # what a start cannot lack
     total = {k: ray.cluster_resources().get(k, 0.0) for k in bundle}
     free = {k: ray.available_resources().get(k, 0.0) for k in bundle}
     where = "" if plan.label_selector is None else \
         f" on nodes labelled {MARKET_LABEL}={plan.market} ({_labelled_nodes(plan)} alive now)"
     lines = [f"the worker group did not start within {waited_s:.0f} s ({plan.wait_key}): "
-             f"{scaling.num_workers} workers x {_fmt(bundle)} = {_fmt(wanted)} requested{where}; "
+             f"{'at least ' if scaling.elastic else ''}{scaling.min_workers} workers x "
+             f"{_fmt(bundle)} = {_fmt(wanted)} requested{where}; "
              f"the cluster has {_fmt(total)}, of which {_fmt(free)} free"]
     holders = _holders(set(bundle))
     if holders:

@@ -35,12 +35,12 @@ def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
     """How many trials the cluster can run at once, from one trial's worker resources."""
     scaling = spec.base_config(extra_overrides).scaling
     resources = ray.cluster_resources()
-    fits = int(resources.get("CPU", 0) // (scaling.num_workers * scaling.cpus_per_worker))
+    fits = int(resources.get("CPU", 0) // (scaling.max_workers * scaling.cpus_per_worker))
     if scaling.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // scaling.num_workers))
+        fits = min(fits, int(resources.get("GPU", 0) // scaling.max_workers))
     if fits < 1:
         raise ResourcesUnavailableError(
-            f"one trial needs {scaling.num_workers} workers x {scaling.cpus_per_worker} "
+            f"one trial needs {scaling.max_workers} workers x {scaling.cpus_per_worker} "
             f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
     return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
 
@@ -190,7 +190,7 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     if not resumed:
         tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
     print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)
-    init_ray(base.scaling.num_workers * base.scaling.cpus_per_worker)
+    init_ray(base.scaling.max_workers * base.scaling.cpus_per_worker)
     sweep = SweepContext(name=name, storage_uri=storage_uri, overrides=tuple(overrides),
                          tracking_uri=tracking_uri, parent_run_id=parent_id,
                          epochs=base.train.epochs)

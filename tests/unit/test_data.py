@@ -242,7 +242,7 @@ def test_val_shards_are_unpadded_and_ordered():
 
 
 def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
-    from rn50.data.loaders import RowGroupSampler
+    from rn50.data.samplers import RowGroupSampler
     rows = [(_jpeg_bytes(i), i % 4) for i in range(20)]  # 2 shards x row groups of 3
     _write_shards(tmp_path, "train", rows, shards=2, names=None, flat=True)
     dataset = ParquetDataset(tmp_path, "train", num_classes=4)
@@ -257,4 +257,5 @@ def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
     assert orders[0] == list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=3))
     assert orders[0] != list(RowGroupSampler(dataset, 0, 2, seed=0, epoch=4))
     loader = build_loader(dataset, 2, rank=0, world_size=2, seed=0, epoch=3, train=True)
-    assert isinstance(loader.sampler, RowGroupSampler)
+    assert all(isinstance(stream, RowGroupSampler) for stream in loader.batch_sampler.streams)
+    assert [i for batch in loader.batch_sampler for i in batch] == orders[0]  # 8 rows, batches of 2
