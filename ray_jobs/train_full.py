@@ -2,6 +2,7 @@
 
 Works the same on a laptop (starts a local Ray) and under `ray job submit` (joins the cluster).
 Re-running with the same --name and --storage resumes that run and its MLflow run.
+Exit codes: 2 bad config (or budget), 3 storage, 4 no resources, 5 stopped by train.budget_usd.
 """
 import argparse
 import json
@@ -40,7 +41,15 @@ def main() -> int:
     except ResourcesUnavailableError as err:  # the cluster could not give the workers their nodes
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except ConfigError as err:  # a budget already spent, a node type the price table lacks
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("RESULT " + json.dumps(summary), flush=True)
+    if summary.get("stopped") == "budget":  # checkpointed, not finished: the same command resumes
+        print(f"[rn50] stopped by train.budget_usd={summary['budget_usd']:g} after "
+              f"{summary['epochs']} epochs (${summary['cost_usd']:.2f} spent); rerun with a "
+              "higher train.budget_usd to continue", file=sys.stderr, flush=True)
+        return 5
     return 0
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from rn50.config_sections import (CheckpointConfig, CostConfig, DataConfig,  # noqa: F401
-                                  ModelConfig, OptimConfig, ScalingConfig, ScheduleConfig, TrackingConfig,
-                                  TrainConfig)
+                                  ModelConfig, OptimConfig, ScalingConfig, ScheduleConfig,
+                                  TrackingConfig, TrainConfig)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 

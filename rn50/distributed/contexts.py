@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from rn50.config import Config
 from rn50.io import storage
+from rn50.io.pricing import CostBasis
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,9 @@ class RunContext:
     """MLflow tracking URI the workers log to."""
     mlflow_run_id: str
     """The MLflow run this training run logs into (rank 0 writes metrics and tags)."""
+    cost: CostBasis | None = None
+    """What rank 0 prices the run's nodes with for `train.budget_usd`; None: no budget check
+    (sweep trials)."""
 
 
 @dataclass(frozen=True)

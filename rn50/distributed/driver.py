@@ -21,7 +21,7 @@ from rn50.core import checkpoint as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.core.model import build_model
-from rn50.distributed import capacity
+from rn50.distributed import capacity, cost
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker_entry import train_loop_per_worker
@@ -165,9 +165,45 @@ def run_training(config: Config, name: str, storage_uri: str) -> dict:
 
 
 def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
+    since_s = time.time()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
+    run_key = storage.run_uri(storage_uri, name)
+    spent = cost.spent_before(config, tracking_uri, run_key, name)  # a spent budget: stop here
+    init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
+    basis = cost.prepare(config, since_s, spent)  # an unpriced node type: stop before MLflow
+    run_id = _open_mlflow_run(config, name, storage_uri, tracking_uri)
+    with cost.CostMeter(basis, tracking_uri, run_id, config.cost.log_every_s) as meter:
+        try:
+            result = fit_run(RunContext(config, tracking_uri, run_id, basis), name, storage_uri)
+        except Exception:
+            tracking.finish_run(tracking_uri, run_id, succeeded=False)
+            raise
+    model, summary = _final_model(result.checkpoint, config)
+    outcome = {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
+               "epochs": summary["epoch"] + 1,
+               "checkpoint": _checkpoint_uri(result.checkpoint, storage_uri),
+               **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
+               "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+               "cost_usd": round(meter.total_usd or 0.0, 4),
+               "wall_s": round(time.time() - since_s, 1)}
+    if outcome["epochs"] < config.train.epochs:  # rank 0 leaves early only on the budget
+        # KILLED, not FINISHED: MLflow's status for a run stopped before its end; a rerun with a
+        # higher budget sets it RUNNING again and finishes it.
+        tracking.finish_run(tracking_uri, run_id, succeeded=False, status="KILLED")
+        return {**outcome, "stopped": "budget", "budget_usd": config.train.budget_usd}
+    tracking.delete_tag(tracking_uri, run_id, cost.STOPPED_TAG)  # an earlier start's stop
+    from rn50.serve.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    log_training_gallery(tracking_uri, run_id, model, config)
+    example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
+    tracking.finish_run(tracking_uri, run_id, succeeded=True,
+                        model=model if config.tracking.log_model else None, example_input=example)
+    return outcome
+
+
+def _open_mlflow_run(config: Config, name: str, storage_uri: str, tracking_uri: str) -> str:
+    """Start (or find again and resume) the run's MLflow run; say which on the console."""
     run_id, resumed = tracking.start_or_resume_run(
         config, tracking_uri, storage.run_uri(storage_uri, name), name,
         tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
@@ -181,25 +217,9 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
         logger.error("%s; fix it before `ray down`, or this run's tracking can be lost",
                      backup_problem)
         tracking.set_tags(tracking_uri, run_id, {"rn50.mlflow_backup_error": backup_problem})
-    init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
-    start = time.time()
-    try:
-        result = fit_run(RunContext(config, tracking_uri, run_id), name, storage_uri)
-    except Exception:
-        tracking.finish_run(tracking_uri, run_id, succeeded=False)
-        raise
-    model, summary = _final_model(result.checkpoint, config)
-    from rn50.serve.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
-    log_training_gallery(tracking_uri, run_id, model, config)
-    example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
-    tracking.finish_run(tracking_uri, run_id, succeeded=True,
-                        model=model if config.tracking.log_model else None, example_input=example)
-    return {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
-            "epochs": summary["epoch"] + 1, "checkpoint": _checkpoint_uri(result.checkpoint,
-                                                                        storage_uri),
-            **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
-            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-            "wall_s": round(time.time() - start, 1)}
+    if config.train.budget_usd:
+        tracking.set_tags(tracking_uri, run_id, {"rn50.budget_usd": config.train.budget_usd})
+    return run_id
 
 
 def _best_of_run(storage_uri: str, name: str, metric: str) -> dict:

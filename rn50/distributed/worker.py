@@ -34,6 +34,7 @@ from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
                                set_train_crop_px)
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.cost import BudgetGuard
 from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_metrics_logger,
                                           system_metrics)
 from rn50.distributed.save_schedule import MidEpochSaves
@@ -150,6 +151,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
     saves = MidEpochSaves(config, worker.device)
     eta = EpochClock(config.train.epochs - worker.start_epoch)
     log_step_metrics = step_metrics_logger(run) if rank == 0 else None  # one per run: warns once
+    budget = BudgetGuard(run.cost, run.tracking_uri, run.mlflow_run_id, rank)
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
 
@@ -183,10 +185,13 @@ def _train(worker: _Worker, run: RunContext) -> None:
                                  step=epoch)
         last = epoch == config.train.epochs - 1
         best = worker.improves_best(metrics)  # the best is always checkpointed, to be kept
-        wants_checkpoint = best or last or (epoch + 1) % config.checkpoint.every_epochs == 0
+        stop = budget.stop_after(epoch, last)  # the next epoch would pass train.budget_usd
+        wants_checkpoint = best or last or stop or (epoch + 1) % config.checkpoint.every_epochs == 0
         report(metrics, worker.snapshot(epoch, worker.steps_per_epoch) if wants_checkpoint
                else None, rank, keep_as_best=best)
         saves.saved()
+        if stop:  # checkpointed above; the driver reports the stop and a rerun continues
+            break
 
 
 def _validate(worker: _Worker, epoch: int) -> dict[str, float]:

@@ -55,7 +55,8 @@ class Prices:
         """Node types of `nodes` the table lacks (none while the table is empty)."""
         if not self.by_type:
             return []
-        return sorted({n.node_type for n in nodes if n.node_type and n.node_type not in self.by_type})
+        return sorted({n.node_type for n in nodes
+                       if n.node_type and n.node_type not in self.by_type})
 
     def require_known(self, nodes: list[NodeSpan]) -> None:
         """Raise PricingError naming every node type the table cannot price."""
@@ -169,6 +170,6 @@ def newest_by_type(history: list[dict]) -> dict[str, float]:
 def with_spot_prices(prices: Prices, cost: CostConfig, live: dict[str, float]) -> Prices:
     """`prices` with the live spot price of each node type whose EC2 instance type has one
     (applied to the nodes labelled spot only: an on-demand node of the type keeps its price)."""
-    spot = {node_type: live[instance_type]
-            for node_type, instance_type in cost.ec2_instance_types.items() if instance_type in live}
+    spot = {node_type: live[instance_type] for node_type, instance_type
+            in cost.ec2_instance_types.items() if instance_type in live}
     return replace(prices, live_spot=spot)

@@ -55,6 +55,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def latest_metric(tracking_uri: str, experiment: str, run_key: str,
+                  key: str) -> tuple[float, int] | None:
+    """(value, step) of the newest `key` of the run tagged `run_key`; None if either is missing.
+    Reads only: it creates no experiment and touches no run."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    escaped = run_key.replace("'", "\\'")
+    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    history = client.get_metric_history(runs[0].info.run_id, key) if runs else []
+    if not history:
+        return None
+    newest = max(history, key=lambda m: (m.step, m.timestamp))
+    return newest.value, newest.step
+
+
 def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_name: str,
                         tags: dict[str, str]) -> tuple[str, bool]:
     """Return (run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
@@ -93,6 +111,13 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def delete_tag(tracking_uri: str, run_id: str, key: str) -> None:
+    """Remove a tag from a run if it has it."""
+    client = MlflowClient(tracking_uri)
+    if key in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, key)
+
+
 def curves_png(tracking_uri: str, run_id: str) -> bytes:
     """A 2×2 PNG of loss, top-1, top-5 and LR against epoch, from the run's metric history."""
     import matplotlib
@@ -115,8 +140,9 @@ def curves_png(tracking_uri: str, run_id: str) -> bytes:
 
 
 def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
-               example_input=None) -> None:
-    """Log the curves PNG and (optionally) the final model, then mark the run finished/failed."""
+               example_input=None, status: str = "") -> None:
+    """Log the curves PNG and (optionally) the final model, then mark the run finished/failed
+    (or `status`: KILLED for a run stopped before its end that a rerun continues)."""
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         curves = Path(tmp) / "training_curves.png"
@@ -134,4 +160,4 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
                                      input_example=example_input.numpy(),
                                      serialization_format="pickle",
                                      pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
-    client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
