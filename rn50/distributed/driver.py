@@ -65,7 +65,12 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
         # cannot see (fake clusters, broken drivers); _wrap_ddp adds NCCL where CUDA is real.
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+            # A (min, max) tuple makes Ray Train's group elastic; the loop keeps the maths the
+            # same at every size (rn50.data.samplers).
+            num_workers=(config.scaling.min_workers, config.scaling.max_workers)
+            if config.scaling.elastic else config.scaling.max_workers,
+            elastic_resize_monitor_interval_s=config.scaling.resize_check_s,
+            use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
             accelerator_type=config.scaling.accelerator_type or None,
             label_selector=label_selector),
@@ -171,7 +176,7 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
     run_key = storage.run_uri(storage_uri, name)
     spent = cost.spent_before(config, tracking_uri, run_key, name)  # a spent budget: stop here
-    init_ray(config.scaling.num_workers * config.scaling.cpus_per_worker)
+    init_ray(config.scaling.max_workers * config.scaling.cpus_per_worker)
     basis = cost.prepare(config, since_s, spent)  # an unpriced node type: stop before MLflow
     run_id = _open_mlflow_run(config, name, storage_uri, tracking_uri)
     with cost.CostMeter(basis, tracking_uri, run_id, config.cost.log_every_s) as meter:

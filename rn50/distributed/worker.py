@@ -32,6 +32,7 @@ from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
 from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
                                set_train_crop_px)
+from rn50.data.samplers import micro_batch_slots
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.cost import BudgetGuard
@@ -61,7 +62,8 @@ class _Worker:
     train_set: Dataset
     val_set: Dataset
     class_names: list[str]
-    batch_per_worker: int
+    slots: list[int]
+    """The micro-batches of every step this rank trains (`micro_batch_slots`)."""
     steps_per_epoch: int
     state: TrainingState
     start_epoch: int = 0
@@ -69,18 +71,22 @@ class _Worker:
     best_value: float | None = None
     """The best `checkpoint.keep_best_by` value so far (saved in checkpoints, so it resumes)."""
 
-    def loader(self, dataset: Dataset, epoch: int, train: bool, skip_batches: int = 0):
+    def loader(self, dataset: Dataset, epoch: int, train: bool, skip_steps: int = 0):
         """This rank's loader of `dataset` for `epoch` (see `rn50.data.loaders.build_loader`)."""
-        return build_loader(dataset, self.batch_per_worker, rank=self.rank,
+        return build_loader(dataset, self.config.micro_batch_size, rank=self.rank,
                             world_size=self.world_size, seed=self.config.train.seed, epoch=epoch,
                             train=train, loader_workers=self.config.data.loader_workers,
-                            skip_batches=skip_batches,
-                            repeated_augmentations=self.config.data.repeated_augmentations)
+                            skip_steps=skip_steps,
+                            repeated_augmentations=self.config.data.repeated_augmentations,
+                            micro_batches_per_step=self.config.micro_batches_per_step)
 
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
+        samples_done = steps_done * self.config.train.global_batch_size  # at any world size
         return self.state.snapshot(self.rank, epoch, steps_done, self.config.to_dict(),
-                                   extra={"class_names": self.class_names,
+                                   extra={"samples_done": samples_done,
+                                          "world_size": self.world_size,
+                                          "class_names": self.class_names,
                                           "class_wnids": dataset_classes(self.train_set)[1],
                                           "best_value": self.best_value})
 
@@ -104,6 +110,10 @@ def train_loop_per_worker(run: RunContext) -> None:
         if worker.rank == 0:
             tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
                               {"device": worker.device.type, "world_size": worker.world_size})
+            # Over time too: an elastic run shrinks and grows, each time from a checkpoint.
+            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id,
+                                 {"world_size": worker.world_size},
+                                 step=worker.state.scheduler.last_epoch)
         _train(worker, run)
 
 
@@ -114,7 +124,6 @@ def _set_up(config: Config) -> _Worker:
     torch.set_num_threads(config.train.torch_threads)
     device = _pick_device()
     train_set, val_set, class_names = _load_data(config)
-    batch_per_worker = config.train.global_batch_size // world_size
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = place_model(build_model(config.model, config.data.num_classes), device,
@@ -122,10 +131,12 @@ def _set_up(config: Config) -> _Worker:
     if world_size > 1:
         model = _wrap_ddp(model, device)
     model = maybe_compile(model, config.train.compile)
-    # Full batches per rank, as the samplers deal them (equal on every rank).
-    steps_per_epoch = len(build_loader(
-        train_set, batch_per_worker, rank=rank, world_size=world_size, seed=config.train.seed,
-        epoch=0, train=True, repeated_augmentations=config.data.repeated_augmentations))
+    # Global steps, as the samplers deal them: the same at every world size.
+    steps_per_epoch = build_loader(
+        train_set, config.micro_batch_size, rank=rank, world_size=world_size,
+        seed=config.train.seed, epoch=0, train=True,
+        repeated_augmentations=config.data.repeated_augmentations,
+        micro_batches_per_step=config.micro_batches_per_step).batch_sampler.steps
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
                          f"batch ({config.train.global_batch_size}); lower train.global_batch_size")
@@ -136,13 +147,26 @@ def _set_up(config: Config) -> _Worker:
         ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None,
         scaler=build_grad_scaler(device, config))
     worker = _Worker(config, rank, world_size, device, train_set, val_set, class_names,
-                     batch_per_worker, steps_per_epoch, state)
+                     micro_batch_slots(rank, world_size, config.micro_batches_per_step),
+                     steps_per_epoch, state)
     resumed = _load_resume_state(rank)
     if resumed is not None:
+        _check_same_steps(resumed, config)
         worker.start_epoch, worker.start_step = worker.state.restore(
             resumed, worker.steps_per_epoch, rank=rank)
         worker.best_value = resumed.get("best_value")
     return worker
+
+
+def _check_same_steps(resumed: dict, config: Config) -> None:
+    """A checkpoint's resume point is in global steps: refuse one taken with another global batch,
+    where the same step count would be other samples."""
+    saved = resumed.get("config", {}).get("train", {}).get("global_batch_size")
+    if saved is not None and saved != config.train.global_batch_size:
+        raise ValueError(f"this run's checkpoints were taken with train.global_batch_size={saved}; "
+                         f"resuming with {config.train.global_batch_size} would skip or repeat "
+                         f"samples: set train.global_batch_size={saved}, or start a new run "
+                         "(another --name)")
 
 
 def _train(worker: _Worker, run: RunContext) -> None:
@@ -172,10 +196,10 @@ def _train(worker: _Worker, run: RunContext) -> None:
         set_train_crop_px(worker.train_set, crop_px)
         lr = state.optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(
-            state, worker.loader(worker.train_set, epoch, train=True, skip_batches=skip),
+            state, worker.loader(worker.train_set, epoch, train=True, skip_steps=skip),
             worker.device, config, log=lambda message: _log(rank, f"epoch {epoch} {message}"),
-            start_step=skip, after_step=after_step,
-            on_step_metrics=log_step_metrics)
+            start_step=skip, after_step=after_step, on_step_metrics=log_step_metrics,
+            micro_slots=worker.slots)
         metrics = {"epoch": epoch, "train_loss": stats.loss, **_validate(worker, epoch), "lr": lr,
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
                    "train_crop_px": crop_px}
@@ -259,8 +283,10 @@ def _load_resume_state(rank: int) -> dict | None:
     if state is None:
         state = ckpt.load_state((run[0], chosen))
     unregistered = latest is None or posixpath.basename(chosen) > posixpath.basename(latest.path)
+    world_size = ray.train.get_context().get_world_size()
     _log(rank, f"resumed from {chosen} (epoch {state['epoch']}, {state.get('steps_done', '?')} "
-               "steps done)" + (", newer than Ray's record of the run" if unregistered else ""))
+               f"steps done, saved by {state.get('world_size', '?')} workers, now {world_size})"
+               + (", newer than Ray's record of the run" if unregistered else ""))
     return state
 
 

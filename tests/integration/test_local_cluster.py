@@ -178,7 +178,7 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(fake_clust
     assert in_checkpoint >= at_notice > 0 and in_checkpoint % check_every == 0
     # The run resumes from the notice's checkpoint, or from a newer one when training went on
     # (an epoch ended) between the notice and the action time: nothing before the notice is lost.
-    resumed = re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done\)", output)
+    resumed = re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done", output)
     assert resumed, output[-4000:]
     resumed_from, resumed_epoch, resumed_steps = resumed[0]
     assert Path(resumed_from).name >= folder.name, (resumed, folder.name)
