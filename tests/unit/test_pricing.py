@@ -1,5 +1,6 @@
-"""Cost arithmetic without Ray: uptime overlap, the price table, unknown types, the budget, and
-live spot prices from a fake EC2 API on loopback (a real HTTP server speaking EC2's protocol)."""
+"""Cost arithmetic without a Ray cluster: uptime overlap, the price table, unknown types, the
+budget, node labels, and live spot prices from a fake EC2 API on loopback (a real HTTP server
+speaking EC2's protocol)."""
 import logging
 
 import pytest
@@ -122,3 +123,14 @@ def test_when_ec2_refuses_the_table_prices_spot_nodes(monkeypatch, caplog):
         assert pricing.spot_prices(_cost(ec2.url)) == {}
     assert ec2.requests and "AuthFailure" in caplog.text
     assert "priced from cost.usd_per_hour" in caplog.text
+
+
+def test_a_node_is_typed_by_its_node_group_label_and_market_label():
+    # Red if the labels the autoscaler sets (ray.io/node-group from RAY_NODE_TYPE_NAME, verified
+    # on the fake cluster's head) or cluster.yaml's rn50/market were misread.
+    from rn50.distributed.cost import _span
+    node = _span("n1", {"ray.io/node-group": "gpu.a10g.spot", "rn50/market": "spot"},
+                 1_000_000, None)
+    assert node == NodeSpan("n1", "gpu.a10g.spot", "spot", 1000.0, None)
+    assert _span("n2", {"ray.io/market-type": "ON-DEMAND"}, 0, 2000).market == "on-demand"
+    assert _span("n3", None, None, None) == NodeSpan("n3", "", "", None, None)
