@@ -1,10 +1,17 @@
 """Cost and budget rehearsed locally: a real local Ray priced at a made-up $3,600/h (a dollar a
 second), a $1 budget that the first epoch already uses up, then the same command with a higher
-budget continuing the run to its end. Two training jobs (~4 minutes on 2 cores)."""
+budget continuing the run to its end. Two training jobs (~4 minutes on 2 cores). And on the
+fake multi-node cluster, a price table missing one of its node types (no training, ~1.5 min)."""
+import json
+import shutil
+import subprocess
+import uuid
+
 import pytest
 from mlflow import MlflowClient
 
 from rn50.core import checkpoint as ckpt
+from tests.integration.fake_cluster import RAY, REPO, FakeCluster
 from tests.integration.jobs import run_job, small
 
 pytestmark = pytest.mark.integration
@@ -59,3 +66,31 @@ def test_a_budget_stops_the_run_resumably_and_a_higher_one_finishes_it(tmp_path)
     history = sorted(client.get_metric_history(run.info.run_id, "cost/usd"), key=lambda m: m.step)
     assert [m.value for m in history] == sorted(m.value for m in history)  # it carried on
     assert history[-1].value == pytest.approx(last["cost_usd"], abs=1e-3)
+
+
+def test_a_node_type_missing_from_the_price_table_stops_the_job_before_it_starts(tmp_path):
+    # On the fake cluster (cluster.local.yaml's node types, as the autoscaler labels them): the
+    # head is `ray.head.default`, which this table lacks. Red if the type is not read from the
+    # node's labels, or the job trains (or opens an MLflow run) on a guessed price.
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cluster = FakeCluster(head_env={"MLFLOW_TRACKING_URI": tracking_uri})
+    cluster.start()
+    try:
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+             "--submission-id", f"unpriced-{uuid.uuid4().hex[:6]}",
+             "--entrypoint-resources", json.dumps({"head_driver": 1}), "--",
+             "python", "ray_jobs/train_full.py", "--recipe", "demo", "--name", "unpriced",
+             "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=1),
+             "cost.usd_per_hour={gpu.a10g.spot: 0.5}"],
+            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "RESULT" not in output, output[-4000:]
+    assert "no price for node type(s) ['ray.head.default']" in output, output[-4000:]
+    assert "cost.usd_per_hour" in output
+    client = MlflowClient(tracking_uri)  # no run opened in any experiment of the head's store
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments), "an MLflow run was opened for an unpriced job"
