@@ -110,6 +110,14 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
                 return build_trainer(run, name, storage_uri, callbacks, plan.label_selector).fit()
         except ray.train.ControllerError as err:
             cause = err.controller_failure
+            if capacity.is_start_timeout(cause) and config.scaling.elastic \
+                    and start_failures < START_FAILURE_RETRIES:
+                # Ray sized the group from nodes that were still counted but gone (a node's death
+                # takes the GCS ~30 s to notice): size it again from what is there now.
+                start_failures += 1
+                logger.warning("the elastic worker group did not start within %.0f s; starting "
+                               "it again with the workers the cluster has now", plan.wait_s)
+                continue
             if capacity.is_start_timeout(cause) or capacity.is_never_enough(cause):
                 message = capacity.shortfall_message(config.scaling, plan,
                                                      min(plan.wait_s, time.monotonic() - started))

@@ -106,6 +106,8 @@ class FakeCluster:
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="rn50lc-", dir="/tmp")))
     ports: dict = field(default_factory=dict)
     node_ip: str = ""
+    # False: a plain head without the autoscaler, whose nodes are the ones `add_node` starts.
+    autoscaling: bool = True
 
     @property
     def dashboard(self) -> str:
@@ -136,18 +138,42 @@ class FakeCluster:
         config = yaml.safe_load((REPO / "cluster.local.yaml").read_text())
         head = config["available_node_types"][config["head_node_type"]]["resources"]
         extra = {k: v for k, v in head.items() if k not in ("CPU", "GPU")}
+        autoscaler = [f"--autoscaling-config={self._config()}"] if self.autoscaling else []
         command = [RAY, "start", "--head", f"--num-cpus={head.get('CPU', 0)}",
-                   f"--resources={json.dumps(extra)}", f"--autoscaling-config={self._config()}",
+                   f"--resources={json.dumps(extra)}", *autoscaler,
                    f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
                    "--object-store-memory=268435456", "--disable-usage-stats",
                    *[f"--{name}={port}" for name, port in self.ports.items()]]
-        env = {**self.env, **HEAD_START_ENV, **self.head_env,
+        env = {**self.env, **(HEAD_START_ENV if self.autoscaling else {}), **self.head_env,
                "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # react in 1 s, not 5: a shorter test
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start --head failed ({proc.returncode}):\n"
                                f"{(proc.stdout + proc.stderr)[-4000:]}")
+
+    def add_node(self, num_cpus: int = 1, timeout_s: float = 120) -> str:
+        """`ray start --address` one more node (a raylet on free ports); its Ray node id."""
+        before = set(self.worker_raylets())
+        node_ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                      "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                      "object-manager-port")
+        command = [RAY, "start", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                   "--object-store-memory=268435456", "--disable-usage-stats",
+                   *[f"--{name}={port}" for name, port in
+                     zip(node_ports, _free_ports(len(node_ports)))]]
+        proc = subprocess.run(command, env=self.env, capture_output=True, text=True,
+                              timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start --address failed ({proc.returncode}):\n"
+                               f"{(proc.stdout + proc.stderr)[-4000:]}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            new = set(self.worker_raylets()) - before
+            if new:
+                return new.pop()
+            time.sleep(0.5)
+        raise RuntimeError("the new node's raylet did not show up")
 
     def processes(self) -> list[int]:
         """Pids of every process of this cluster: its daemons and everything they started."""

@@ -1,0 +1,129 @@
+"""An elastic run (`scaling.num_workers=[1, 2]`) on a real multi-node Ray cluster (a head and one
+raylet per node, on this machine): a node is taken (its raylet and everything on it SIGKILLed),
+the run goes on with the surviving worker without waiting for a replacement, grows back to two
+workers when a node joins, and ends where a fixed-size run would: the demo's >= 90% val top-1,
+with `world_size` over time in MLflow.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from rn50.core import checkpoint as ckpt
+from tests.integration.fake_cluster import REPO, FakeCluster, kill_tree
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = FakeCluster(autoscaling=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def _start_driver(cluster, tmp_path, name):
+    """The demo recipe as an elastic run of 1 to 2 CPU workers, its driver on this machine
+    joined to the cluster (RAY_ADDRESS); the head has no CPU for the workers."""
+    command = [sys.executable, "ray_jobs/train_full.py", "--recipe", "demo", "--name", name,
+               "--storage", str(tmp_path / "runs"), f"data.root={tmp_path / 'digits'}",
+               "train.epochs=6", "scaling.num_workers=[1,2]", "scaling.resize_check_s=10",
+               "checkpoint.every_steps=5", "train.log_every_steps=1", "tracking.log_model=false",
+               "checkpoint.keep_best_by=none", "scaling.start_timeout_s=45",
+               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    log = open(tmp_path / "job.log", "w")
+    return subprocess.Popen(command, cwd=REPO, env={**cluster.env, "RAY_ADDRESS":
+                                                    cluster.gcs_address},
+                            stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def _log_text(tmp_path) -> str:
+    return (tmp_path / "job.log").read_text(errors="replace")
+
+
+def _wait_for(pattern, job, tmp_path, timeout_s, count=1, after=0):
+    """The distinct matches of `pattern` in the job log past offset `after`, once there are
+    `count` (every node's log monitor streams the shared session's worker logs: lines repeat)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = list(dict.fromkeys(re.findall(pattern, _log_text(tmp_path)[after:])))
+        if len(found) >= count:
+            return found
+        if job.poll() is not None:
+            break
+        time.sleep(0.5)
+    pytest.fail(f"timed out or job ended ({job.poll()}) waiting for {pattern!r}:\n"
+                f"{_log_text(tmp_path)[-4000:]}")
+
+
+def _wait_until(condition, job, tmp_path, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and job.poll() is None:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out or job ended ({job.poll()}) waiting for {what}:\n"
+                f"{_log_text(tmp_path)[-4000:]}")
+
+
+def _verified_checkpoints(run_dir) -> list:
+    """The run's checkpoint folders whose manifest verifies (fully uploaded)."""
+    good = []
+    for manifest in sorted(run_dir.glob("checkpoint_*/manifest.json")):
+        try:
+            ckpt.verify(str(manifest.parent), hashes=False)
+        except Exception:  # noqa: BLE001 - still uploading
+            continue
+        good.append(manifest.parent)
+    return good
+
+
+STEP = r"\[rn50 rank0\] epoch (\d+) step (\d+) "
+RESUMED = r"resumed from \S+ \(epoch (\d+), (\d+) steps done, saved by (\d+) workers, now (\d+)\)"
+
+
+def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_path):
+    """Turns red if an elastic run waits for a replacement instead of going on with the survivor,
+    if it never grows back, if a resume on another world size loses or repeats steps (the run
+    would not end on the demo's accuracy, or the resume points would not be checkpoints'), or if
+    world_size is not in MLflow over time."""
+    survivor, victim = cluster.add_node(), cluster.add_node()
+    job, log = _start_driver(cluster, tmp_path, "elastic")
+    try:
+        _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training
+        _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "elastic"), job, tmp_path,
+                    60, "the step-5 checkpoint in storage")
+        kill_tree(cluster.worker_raylets()[victim])  # the node is gone; nothing replaces it
+        shrunk = _wait_for(RESUMED, job, tmp_path, 300)
+        assert shrunk[0][2:] == ("2", "1"), shrunk
+        at_shrink = len(_log_text(tmp_path))
+        _wait_for(STEP, job, tmp_path, 240, count=3, after=at_shrink)  # trains on one worker
+        assert victim not in cluster.worker_raylets() and survivor in cluster.worker_raylets()
+        cluster.add_node()  # capacity returns
+        _wait_for(r"saved by \d+ workers, now 2\)", job, tmp_path, 300, after=at_shrink)
+        job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.close()
+    output = (tmp_path / "job.log").read_text(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    result = json.loads(next(line for line in output.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["epochs"] == 6 and result["val_top1"] >= 90.0, result
+    history = sorted(MlflowClient(result["tracking_uri"]).get_metric_history(
+        result["mlflow_run_id"], "world_size"), key=lambda m: (m.step, m.timestamp))
+    sizes = [int(m.value) for m in history]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    shrink_step = history[sizes.index(1)].step
+    assert 0 < shrink_step < history[-1].step, [(m.step, m.value) for m in history]
