@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +19,13 @@ import ray
 from ray.train.v2._internal.exceptions import (  # what the controller raises; no public alias
     InsufficientClusterResourcesError, WorkerGroupStartupFailedError,
     WorkerGroupStartupTimeoutError)
+# Ray Train's controller hooks (no public alias either): RunConfig(callbacks=...) passes a
+# ControllerCallback through to the controller as it is.
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import (InitializingState,
+                                                               ReschedulingState,
+                                                               RestartingState, RunningState,
+                                                               SchedulingState)
 
 from rn50.config import ScalingConfig
 
@@ -73,9 +81,50 @@ def ray_train_env(start_timeout_s: float, preemption_poll_s: float):
                 os.environ[name] = value
 
 
+class ElasticStartTimeout(RuntimeError):
+    """An elastic group found room for fewer than its minimum of workers for too long."""
+
+
+class ElasticStartDeadline(ControllerCallback):
+    """Ends the run when an elastic group has gone `wait_s` without trying to start.
+
+    Ray 2.60's elastic policy starts no group at all while fewer than `min` workers fit, and
+    waits for them without a deadline (no placement group, so Ray's start timeout never runs);
+    this hook gives that wait the same bound as every other start."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s, self._waiting_since = wait_s, None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        """Count the time since the group last ran; past `wait_s`, fail the controller."""
+        if not isinstance(current_state, (InitializingState, ReschedulingState,
+                                          RestartingState)):
+            if isinstance(current_state, (SchedulingState, RunningState)):
+                self._waiting_since = None  # a start is tried: Ray's own start timeout bounds it
+            return
+        now = time.monotonic()
+        self._waiting_since = self._waiting_since or now
+        if now - self._waiting_since > self.wait_s:
+            raise ElasticStartTimeout(f"fewer workers than the elastic minimum fit for "
+                                      f"{self.wait_s:.0f} s")
+
+
+def _causes(error: BaseException | None):
+    """`error` and what it wraps (Ray's ControllerError nests the hook's exception)."""
+    while error is not None:
+        yield error
+        error = getattr(error, "controller_failure", None) or error.__cause__
+
+
 def is_start_timeout(controller_failure: BaseException) -> bool:
     """Whether a controller failure is a worker group that did not get its resources in time."""
-    return isinstance(controller_failure, WorkerGroupStartupTimeoutError)
+    return any(isinstance(error, (WorkerGroupStartupTimeoutError, ElasticStartTimeout))
+               for error in _causes(controller_failure))
+
+
+def is_elastic_shortfall(controller_failure: BaseException) -> bool:
+    """Whether an elastic group could not start even at its minimum size in time."""
+    return any(isinstance(error, ElasticStartTimeout) for error in _causes(controller_failure))
 
 
 def is_start_failure(controller_failure: BaseException) -> bool:
@@ -96,6 +145,13 @@ def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
     if scaling.accelerator_type:
         bundle[f"accelerator_type:{scaling.accelerator_type}"] = 0.001  # Ray Train's amount
     return bundle
+
+
+def min_workers_fit_now(scaling: ScalingConfig) -> bool:
+    """Whether the cluster's free resources now hold the group's minimum of workers."""
+    free = ray.available_resources()
+    return all(free.get(key, 0.0) >= amount * scaling.min_workers
+               for key, amount in worker_bundle(scaling).items())
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -107,13 +107,18 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
         started = time.monotonic()
         try:
             with capacity.ray_train_env(plan.wait_s, config.checkpoint.preemption_poll_s):
-                return build_trainer(run, name, storage_uri, callbacks, plan.label_selector).fit()
+                deadline = [capacity.ElasticStartDeadline(plan.wait_s)] \
+                    if config.scaling.elastic else []
+                return build_trainer(run, name, storage_uri, [*(callbacks or []), *deadline],
+                                     plan.label_selector).fit()
         except ray.train.ControllerError as err:
             cause = err.controller_failure
             if capacity.is_start_timeout(cause) and config.scaling.elastic \
+                    and not capacity.is_elastic_shortfall(cause) \
+                    and capacity.min_workers_fit_now(config.scaling) \
                     and start_failures < START_FAILURE_RETRIES:
-                # Ray sized the group from nodes that were still counted but gone (a node's death
-                # takes the GCS ~30 s to notice): size it again from what is there now.
+                # Ray sized the group from a node that was still counted but gone (a node's death
+                # takes the GCS ~30 s to notice), and what is left fits: size it again from that.
                 start_failures += 1
                 logger.warning("the elastic worker group did not start within %.0f s; starting "
                                "it again with the workers the cluster has now", plan.wait_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,6 +208,14 @@ class FakeCluster:
     def gcs_address(self) -> str:
         """What `ray start --address` and the spot watcher's --address take."""
         return f"{self.node_ip}:{self.ports['port']}"
+
+    def __enter__(self) -> "FakeCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def stop(self) -> None:
         """SIGKILL this cluster's processes only (by pid), then wait until they are gone."""

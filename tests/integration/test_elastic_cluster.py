@@ -5,12 +5,11 @@ workers when a node joins, and ends where a fixed-size run would: the demo's >= 
 with `world_size` over time in MLflow.
 """
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 from mlflow import MlflowClient
@@ -23,13 +22,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def cluster(tmp_path):
-    cluster = FakeCluster(autoscaling=False)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    with FakeCluster(autoscaling=False) as started:
+        yield started
 
 
 def _start_driver(cluster, tmp_path, name):
@@ -42,8 +36,9 @@ def _start_driver(cluster, tmp_path, name):
                "checkpoint.keep_best_by=none", "scaling.start_timeout_s=45",
                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     log = open(tmp_path / "job.log", "w")
-    return subprocess.Popen(command, cwd=REPO, env={**cluster.env, "RAY_ADDRESS":
-                                                    cluster.gcs_address},
+    # Every step line (Ray would fold repeats into "[repeated Nx across cluster]").
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen(command, cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True), log
 
 
@@ -90,6 +85,14 @@ def _verified_checkpoints(run_dir) -> list:
 
 STEP = r"\[rn50 rank0\] epoch (\d+) step (\d+) "
 RESUMED = r"resumed from \S+ \(epoch (\d+), (\d+) steps done, saved by (\d+) workers, now (\d+)\)"
+GLOBAL_BATCH = 64  # the demo recipe's
+PID_STEP = r"pid=(\d+)\)\S* " + STEP
+PID_RESUMED = r"pid=(\d+)\)\S* \[rn50 rank0\] " + RESUMED
+
+
+def _global_steps(epoch_and_step: tuple, per_epoch: int, done: bool = False) -> int:
+    """Global steps done at (epoch, step): a step line's step is 0-based, a resume's a count."""
+    return int(epoch_and_step[0]) * per_epoch + int(epoch_and_step[1]) + (1 if done else 0)
 
 
 def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_path):
@@ -103,10 +106,13 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_pa
         _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training
         _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "elastic"), job, tmp_path,
                     60, "the step-5 checkpoint in storage")
+        killed_at = time.time()
         kill_tree(cluster.worker_raylets()[victim])  # the node is gone; nothing replaces it
-        shrunk = _wait_for(RESUMED, job, tmp_path, 300)
-        assert shrunk[0][2:] == ("2", "1"), shrunk
+        shrunk = _wait_for(RESUMED, job, tmp_path, 300)[0]
+        assert shrunk[2:] == ("2", "1"), shrunk
         at_shrink = len(_log_text(tmp_path))
+        _wait_for(STEP, job, tmp_path, 240, after=at_shrink)
+        survivor_trains_at = time.time()
         _wait_for(STEP, job, tmp_path, 240, count=3, after=at_shrink)  # trains on one worker
         assert victim not in cluster.worker_raylets() and survivor in cluster.worker_raylets()
         cluster.add_node()  # capacity returns
@@ -116,7 +122,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_pa
         if job.poll() is None:
             job.kill()
         log.close()
-    output = (tmp_path / "job.log").read_text(errors="replace")
+    output = _log_text(tmp_path)
     assert job.returncode == 0, output[-4000:]
     result = json.loads(next(line for line in output.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
@@ -127,3 +133,29 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_pa
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     shrink_step = history[sizes.index(1)].step
     assert 0 < shrink_step < history[-1].step, [(m.step, m.value) for m in history]
+    # Work lost to each restart: the steps the group before it trained (by its rank 0's pid:
+    # lines of different nodes interleave), less the steps the checkpoint it resumed from held.
+    per_epoch = len(list((tmp_path / "digits" / "train").rglob("*.jpg"))) // GLOBAL_BATCH
+    trained: dict[str, int] = {}
+    for pid, epoch, step in re.findall(PID_STEP, output):
+        trained[pid] = max(trained.get(pid, 0), _global_steps((epoch, step), per_epoch, True))
+    starts = re.findall(PID_RESUMED, output)  # (pid, epoch, steps, saved by, now), in order
+    shrink, grow = starts[0], next(s for s in starts if s[4] == "2")
+    first_pid = re.search(PID_STEP, output).group(1)
+    _record(survivor_trains_after_s=survivor_trains_at - killed_at,
+            steps_lost_at_shrink=trained[first_pid] - _global_steps(shrink[1:3], per_epoch),
+            steps_repeated_at_growth=trained[shrink[0]] - _global_steps(grow[1:3], per_epoch),
+            final_val_top1=result["val_top1"])
+
+
+def _record(**figures) -> None:
+    """benchmarks/results/elastic.json, when RN50_RECORD_RESULTS=1."""
+    print("elastic rehearsal:", figures)
+    if os.environ.get("RN50_RECORD_RESULTS") != "1":
+        return
+    from benchmarks.results import write_result
+    write_result("elastic", {k: round(v, 1) for k, v in figures.items()}, context={
+        "setup": "head + 2 raylets (1 CPU each) on the 2-core machine, demo recipe 6 epochs, "
+                 "scaling.num_workers=[1,2], start_timeout_s 45, resize_check_s 10, "
+                 "checkpoint.every_steps 5, local storage"},
+        argv=["-m", "pytest", "tests/integration/test_elastic_cluster.py"])

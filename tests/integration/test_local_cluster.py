@@ -32,13 +32,9 @@ GPU_TYPE = "gpu.a100x8.spot"  # what the autoscaler should pick for accelerator_
 @pytest.fixture
 def fake_cluster(tmp_path):
     # Set on `ray start` only, as cluster.yaml does: it must reach the job's driver from there.
-    cluster = FakeCluster(head_env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    cluster.start()
-    try:
+    with FakeCluster(head_env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}) \
+            as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 def _submit(cluster, tmp_path, name, epochs, extra=()):
