@@ -9,7 +9,7 @@ checkpoint, the steps that run while its upload is in flight, and the rest.
 Each worker runs the project's `rn50.core.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
 the due steps does what the training worker does: `TrainingState.snapshot` (RNG all-gather +
-state), then `rn50.distributed.worker.report` (serialise + SHA-256 on rank 0, `ray.train.report`
+state), then `rn50.distributed.reporting.report` (serialise + SHA-256 on rank 0, `ray.train.report`
 with the ASYNC upload through `rn50.core.checkpoint.upload_with_retries`). `report`'s
 `on_upload` observer timestamps each upload, so a step can be classed as "upload in flight" from
 when it ran, not from a guess.
@@ -48,7 +48,7 @@ def worker_loop(loop_config: dict) -> None:
     from rn50.core.model import build_model
     from rn50.core.schedule import build_scheduler
     from rn50.core.training_state import TrainingState
-    from rn50.distributed.worker import report
+    from rn50.distributed.reporting import report
 
     config, sizes = Config.from_dict(loop_config["config"]), loop_config["sizes"]
     rank = ray.train.get_context().get_world_rank()

@@ -156,6 +156,29 @@ def _step_batches(batches: Iterable, per_step: int, window: "StepWindow") -> Ite
         fetch_start = time.perf_counter()
 
 
+def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batches: list,
+                slots: list[int], loss_scale: float, criterion: nn.Module,
+                mixer: BatchMixer | None, device: torch.device, config: Config):
+    """Forward and backward every micro-batch of one step, the gradients adding up in `.grad`:
+    (sum of loss x images, images trained, images skipped, the last micro-batch's loss)."""
+    loss_sum, trained, skipped, loss = torch.zeros((), device=device), 0, 0, None
+    for index, (images_uint8, labels, num_skipped) in enumerate(micro_batches):
+        skipped += num_skipped
+        if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
+            images_uint8, labels, undecodable = images_uint8.decode(labels, device)
+            skipped += undecodable
+        if labels.numel() == 0:
+            continue
+        images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
+        with _accumulating(state.model, first=index == 0, last=index == len(slots) - 1):
+            loss = _forward_loss(state.model, images, labels, criterion, mixer,
+                                 state.scheduler.last_epoch, slots[index], device, config)
+            scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
+        loss_sum += loss.detach().float() * labels.numel()
+        trained += labels.numel()
+    return loss_sum, trained, skipped, loss
+
+
 class StepWindow:
     """What happened since the last progress line: images trained, seconds waited for data."""
 
@@ -218,23 +241,12 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     for step, micro_batches in enumerate(_step_batches(batches, len(slots), window),
                                          start=start_step):
         optimizer.zero_grad(set_to_none=True)
-        trained = 0
-        for index, (images_uint8, labels, num_skipped) in enumerate(micro_batches):
-            skipped += num_skipped
-            if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
-                images_uint8, labels, undecodable = images_uint8.decode(labels, device)
-                skipped += undecodable
-            if labels.numel() == 0:
-                continue
-            images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
-            with _accumulating(model, first=index == 0, last=index == len(slots) - 1):
-                loss = _forward_loss(model, images, labels, criterion, mixer,
-                                     scheduler.last_epoch, slots[index], device, config)
-                scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
-            loss_sum += loss.detach().float() * labels.numel()
-            trained += labels.numel()
+        step_loss_sum, trained, step_skipped, loss = _accumulate(
+            state, scaler, micro_batches, slots, loss_scale, criterion, mixer, device, config)
+        skipped += step_skipped
         if not trained:  # every image of the step was undecodable: no step (none was taken)
             continue
+        loss_sum += step_loss_sum
         images_seen += trained
         window.images += trained
         _optimizer_step(state, scaler)
