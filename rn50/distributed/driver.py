@@ -191,7 +191,7 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     spent = cost.spent_before(config, tracking_uri, run_key, name)  # a spent budget: stop here
     init_ray(config.scaling.max_workers * config.scaling.cpus_per_worker)
     basis = cost.prepare(config, since_s, spent)  # an unpriced node type: stop before MLflow
-    run_id = _open_mlflow_run(config, name, storage_uri, tracking_uri)
+    run_id = _open_mlflow_run(config, name, storage_uri, run_key, tracking_uri)
     with cost.CostMeter(basis, tracking_uri, run_id, config.cost.log_every_s) as meter:
         try:
             result = fit_run(RunContext(config, tracking_uri, run_id, basis), name, storage_uri)
@@ -220,10 +220,12 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     return outcome
 
 
-def _open_mlflow_run(config: Config, name: str, storage_uri: str, tracking_uri: str) -> str:
-    """Start (or find again and resume) the run's MLflow run; say which on the console."""
+def _open_mlflow_run(config: Config, name: str, storage_uri: str, run_key: str,
+                     tracking_uri: str) -> str:
+    """Start (or find again and resume) the run's MLflow run (`run_key`: `storage.run_uri`); say
+    which on the console."""
     run_id, resumed = tracking.start_or_resume_run(
-        config, tracking_uri, storage.run_uri(storage_uri, name), name,
+        config, tracking_uri, run_key, name,
         tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
               "torch_version": torch.__version__, "num_workers": str(config.scaling.num_workers),
               "device_type": "gpu" if config.scaling.use_gpu else "cpu",
