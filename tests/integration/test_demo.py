@@ -2,6 +2,7 @@
 Chromium (Playwright) and called through its HTTP API. Nothing leaves 127.0.0.1."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def demo(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180):

@@ -41,7 +41,20 @@ def straight(tmp_path_factory):
     code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
                                     *args(tmp)])
     assert code == 0, output[-4000:]
-    return tmp, result
+    yield tmp, result
+    shutil.rmtree(tmp)  # every checkpoint of every run: ~5 GB
+
+
+
+@pytest.fixture(autouse=True)
+def _copies_removed(request):
+    """Each test's runs beside the reference go when it ends: a run is ~2 GB of checkpoints."""
+    yield
+    if "straight" in request.fixturenames:
+        tmp, _ = request.getfixturevalue("straight")
+        for run in (tmp / "runs").iterdir():
+            if run.is_dir() and run.name != "straight":
+                shutil.rmtree(run)
 
 
 def _epochs_logged(result: dict) -> list[int]:

@@ -3,6 +3,7 @@ with the storage and tracking the head's environment names (as cluster.yaml sets
 neither, refused before it writes into the job's working directory (which Ray deletes)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def ray_head(tmp_path_factory, s3_server):
         yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin, tmp_path, backup
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_mlflow(ray_head):

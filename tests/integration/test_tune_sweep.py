@@ -3,6 +3,7 @@ showing them in a real headless Chromium."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def sweep(tmp_path_factory, mlflow_server):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), output, tmp, done_before
+    yield json.loads(line[len("RESULT "):]), output, tmp, done_before
+    shutil.rmtree(tmp)  # the trials' checkpoints: ~2 GB a sweep
 
 
 def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):

@@ -18,7 +18,8 @@ def run_dir(tmp_path_factory):
     write_checkpoint(root / "checkpoint_2026-01-01_00-00-00.000000", config, seed=1)
     write_checkpoint(root / "checkpoint_2026-01-02_00-00-00.000000", config, seed=2, ema=True)
     (root / "checkpoint_2026-01-03_00-00-00.000000").mkdir()  # cut short: no manifest
-    return root
+    yield root
+    shutil.rmtree(root)
 
 
 def test_a_run_directory_resolves_to_its_newest_finished_checkpoint(run_dir):

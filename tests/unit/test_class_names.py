@@ -2,6 +2,7 @@
 the checkpoint's model and its exports: `n01440764` reads `tench` everywhere, the wnid kept beside."""
 import json
 import random
+import shutil
 
 import pytest
 
@@ -51,7 +52,8 @@ def sources(tmp_path_factory):
     hf_names = [f"{name}, latin name" for name in imagenet_names()]  # HF lists all 1000
     make_hf_parquet(root / "folders", labels, root / "hf_named", label_names=hf_names,
                     label_wnids=imagenet_wnids())
-    return root
+    yield root
+    shutil.rmtree(root)
 
 
 def _prepare(source: str, out: str) -> dict:

@@ -1,5 +1,6 @@
 """Evaluation and the misclassification gallery, in one process (no Ray)."""
 import io
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from tests.model_helpers import digits_config, write_checkpoint
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    return write_checkpoint(root / "checkpoint_0", digits_config(root / "digits"))
+    yield write_checkpoint(root / "checkpoint_0", digits_config(root / "digits"))
+    shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")

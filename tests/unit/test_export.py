@@ -1,5 +1,6 @@
 """Exports reloaded the way their users load them, compared with the original model's outputs."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ NAMES = [f"digit {d}" for d in range(10)]
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     config = digits_config(root / "digits", "train.ema_decay=0.5")
-    return write_checkpoint(root / "checkpoint_0", config, ema=True, extra={"class_names": NAMES})
+    yield write_checkpoint(root / "checkpoint_0", config, ema=True, extra={"class_names": NAMES})
+    shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """ImageNet -> parquet shards without Ray: sources, shuffle plan, shard writing, resume."""
 import io
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -17,7 +18,8 @@ def ilsvrc(tmp_path_factory):
     labels = make_ilsvrc(root / "folders")
     make_tars(root / "folders", root / "tars")
     make_hf_parquet(root / "folders", labels, root / "hf")
-    return root, labels
+    yield root, labels
+    shutil.rmtree(root)
 
 
 def _contents(source, split, classes=None):
