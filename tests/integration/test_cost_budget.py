@@ -1,6 +1,6 @@
 """Cost and budget rehearsed locally: a real local Ray priced at a made-up $3,600/h (a dollar a
 second), a $1 budget that the first epoch already uses up, then the same command with a higher
-budget continuing the run to its end. Two training jobs (~4 minutes on 2 cores). And on the
+budget continuing the run to its end. Two training jobs (~2 minutes on 2 cores). And on the
 fake multi-node cluster, a price table missing one of its node types (no training, ~1.5 min)."""
 import json
 import shutil
@@ -15,7 +15,7 @@ from tests.integration.fake_cluster import RAY, REPO, FakeCluster
 from tests.integration.jobs import run_job, small
 
 pytestmark = pytest.mark.integration
-EPOCHS = 3
+EPOCHS = 2
 
 
 def _args(tmp_path, budget_usd):
