@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import from its own layer and the ones before it:
 
-    config      rn50.config(_sections), .search_space typed config, recipes, sweep files
+    config      rn50.config(_sections, _validation), .search_space  typed config, recipes, sweeps
     io          rn50.io.*                             storage (local/S3), MLflow tracking, backups
     data        rn50.data.*                           datasets, transforms, loaders, ImageNet shards
     core        rn50.core.*                           model, schedule, loop, checkpoint state + store
@@ -35,7 +35,8 @@ def layer_of(module: str) -> str | None:
     """The layer an rn50 module belongs to (None for modules outside rn50)."""
     if module in ALIASES:
         return "aliases"
-    if module in ("rn50", "rn50.config", "rn50.config_sections", "rn50.search_space"):
+    if module in ("rn50", "rn50.config", "rn50.config_sections", "rn50.config_validation",
+                  "rn50.search_space"):
         return "config"
     parts = module.split(".")
     if parts[0] == "rn50" and len(parts) > 1 and parts[1] in LAYERS:
@@ -43,12 +44,20 @@ def layer_of(module: str) -> str | None:
     return None
 
 
-def imports_of(path: Path) -> list[tuple[str, bool, int]]:
-    """(imported module, at module level?, line) for every import in a file."""
+def imports_of(path: Path, runtime_only: bool = False) -> list[tuple[str, bool, int]]:
+    """(imported module, at module level?, line) for every import in a file; `runtime_only`
+    leaves out those under `if TYPE_CHECKING:` (for annotations: never run, so no cycle)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     top_level = {id(node) for node in tree.body}
+    typing_only = set()
+    if runtime_only:
+        typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test)
+                       for statement in node.body for inner in ast.walk(statement)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -73,7 +82,8 @@ def known_modules() -> set[str]:
 def project_edges() -> dict[str, set[str]]:
     """module -> project modules it imports (anywhere in the file)."""
     known = known_modules()
-    return {module_name(path): {name for name, _, _ in imports_of(path) if name in known}
+    return {module_name(path): {name for name, _, _ in imports_of(path, runtime_only=True)
+                                if name in known}
             - {module_name(path)} for path in project_files()}
 
 
@@ -137,5 +147,9 @@ def test_the_checks_see_a_violation_and_a_cycle():
     """Negative controls: the walkers really find an upward import and a cycle when one exists."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+    # An annotation-only import is read (layers) but makes no runtime edge (cycles).
+    checks = REPO / "rn50" / "config_validation.py"
+    assert "rn50.config" in {name for name, _, _ in imports_of(checks)}
+    assert "rn50.config" not in {name for name, _, _ in imports_of(checks, runtime_only=True)}
     assert layer_of("rn50.core.model") == "core" and layer_of("rn50.distributed.driver") == "distributed"
     assert LAYERS.index(layer_of("rn50.serve.artifacts")) > LAYERS.index(layer_of("rn50.core.engine"))
