@@ -28,8 +28,8 @@ _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "da
              "train.global_batch_size", "train.torch_threads", "train.log_every_steps",
              "scaling.cpus_per_worker", "scaling.resize_check_s", "checkpoint.every_epochs",
              "checkpoint.keep_last")
-_NON_NEGATIVE = ("data.loader_workers", "train.micro_batch_size", "data.max_train_samples", "data.max_val_samples",
-                 "tracking.system_metrics_interval_s",
+_NON_NEGATIVE = ("data.loader_workers", "train.micro_batch_size", "data.max_train_samples",
+                 "data.max_val_samples", "tracking.system_metrics_interval_s",
                  "checkpoint.every_steps", "checkpoint.every_minutes",
                  "checkpoint.preemption_check_every_steps",
                  "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
