@@ -3,17 +3,22 @@
 - **baseline**: what a user writes: ImageFolder's `pil_loader` + torchvision's RandomResizedCrop,
   flip, ToTensor, Normalize, through a DataLoader.
 - **ours**: the project's ImageFolder path on the same files: `rn50.data.datasets.decode_sample`, i.e.
-  `train_transform(...).decode` (crop drawn first, libjpeg-turbo decode at the DCT scale the crop
-  allows, crop + resize in one step; rn50.data.turbo_decode), uint8 out, normalised per batch.
+  `train_transform(...).decode` (crop drawn first, libjpeg-turbo decode of only the crop's region
+  at the DCT scale the crop allows, crop + resize in one step; rn50.data.turbo_decode), uint8
+  out, normalised per batch.
+- **ours_whole**: the same, with the whole-image decode (simplejpeg) that runs where the region
+  decoder (rn50_jpeg_region) was not built: what decoding only the region buys.
 - **shards**: the project's ImageNet path: the files as `prepare_imagenet` writes them (parquet
   shards, shorter side re-encoded to <= `SHARD_MAX_PX`), read by `rn50.datasets.ParquetDataset`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,11 +31,12 @@ from rn50.config import DataConfig
 from rn50.data.loaders import collate_skip_corrupt
 from rn50.data.datasets import ParquetDataset, decode_sample
 from rn50.data.imagenet_shards import ROW_GROUP_ROWS, shrink
+from rn50.data import turbo_decode
 from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, train_transform
 
 BATCH_SIZE = 64
 SHARD_MAX_PX = 256  # `ray_jobs/prepare_imagenet.py --max-px`'s default
-PIPELINES = ("baseline", "ours", "shards")
+PIPELINES = ("baseline", "ours", "ours_whole", "shards")
 
 
 def data_config(crop_px: int) -> DataConfig:
@@ -95,7 +101,7 @@ def build_loader(pipeline: str, paths: list[Path], shard_root: Path, crop_px: in
     cfg = data_config(crop_px)
     if pipeline == "baseline":
         return DataLoader(BaselineDataset(paths, cfg), batch_size=BATCH_SIZE, num_workers=0)
-    dataset = OursDataset(paths, cfg) if pipeline == "ours" else \
+    dataset = OursDataset(paths, cfg) if pipeline.startswith("ours") else \
         ParquetDataset(shard_root, "train", train_transform(cfg), num_classes=1)
     return DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=0,
                       collate_fn=collate_skip_corrupt)
@@ -106,14 +112,17 @@ def timed_pass(pipeline: str, paths: list[Path], shard_root: Path, crop_px: int)
     loader = build_loader(pipeline, paths, shard_root, crop_px)
     torch.manual_seed(0)  # every pipeline draws the same augmentation random stream
     images = 0
-    start_s = time.perf_counter()
-    for batch in loader:
-        if pipeline != "baseline":
-            # Training normalises on the device; counting it here on the CPU keeps the comparison
-            # fair (the baseline pays for Normalize inside its transform).
-            batch = (normalize(batch[0]),)
-        images += batch[0].shape[0]
-    return time.perf_counter() - start_s, images
+    whole = mock.patch.object(turbo_decode, "rn50_jpeg_region", None) \
+        if pipeline == "ours_whole" else contextlib.nullcontext()
+    with whole:
+        start_s = time.perf_counter()
+        for batch in loader:
+            if pipeline != "baseline":
+                # Training normalises on the device; counting it here on the CPU keeps the
+                # comparison fair (the baseline pays for Normalize inside its transform).
+                batch = (normalize(batch[0]),)
+            images += batch[0].shape[0]
+        return time.perf_counter() - start_s, images
 
 
 def measure(paths: list[Path], shard_root: Path, crop_px: int, repeats: int) -> dict[str, dict]:

@@ -14,6 +14,7 @@ from PIL import Image
 from benchmarks.ckpt_step_times import classify
 from benchmarks.ray_data_vs_loader import decode_batch
 from benchmarks.images import generate_jpegs
+from rn50.data import turbo_decode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,11 +31,12 @@ def test_pipeline_benchmark_prints_its_figures(tmp_path):
     assert "WARNING" not in done.stdout
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["images"] == 12 and figures["repeats"] == 1
-    for name in ("baseline", "ours", "shards"):
+    for name in ("baseline", "ours", "ours_whole", "shards"):
         assert figures[f"{name}_images_per_s_224"] > 0 and figures[f"{name}_images_per_s_128"] > 0
     assert figures["pipeline_speedup"] == figures["speedup_shards_224"] > 0
     # Ours draws the baseline's crop boxes: only decoding and resampling differ, by ~1/255.
     assert 0 < figures["crop_mean_abs_diff_224"] < 3 and figures["turbo_decoded_fraction"] == 1
+    assert figures["region_decoder_built"] == int(turbo_decode.rn50_jpeg_region is not None)
     assert set(figures["not_measured"]) == {"ray_overhead_ratio", "ckpt_stall_s",
                                             "ckpt_step_stall_s", "ray_data_vs_loader_ratio"}
     assert grid.stat().st_size > 10_000

@@ -1,5 +1,7 @@
 """The crop-first libjpeg-turbo path: same draws and crop boxes as RandomResizedCrop on the decoded
-image, DCT-scaled decoding where the crop allows it, Pillow for everything it does not take."""
+image, DCT-scaled decoding where the crop allows it, Pillow for everything it does not take.
+Every test runs on both decoders: the region decoder (rn50_jpeg_region, built at install) and
+the whole-image one (simplejpeg) used where that extension could not be built."""
 import io
 
 import numpy as np
@@ -9,9 +11,20 @@ from PIL import Image
 
 from rn50.config import DataConfig
 from rn50.data.transforms import load_rgb, train_transform
+from rn50.data import turbo_decode
 from rn50.data.turbo_decode import dct_factor, decode_crop
 
 CFG = DataConfig(train_crop_px=64, min_crop_scale=0.08, hflip=True, color_jitter=0.0)
+
+
+@pytest.fixture(autouse=True, params=["region", "whole"])
+def decoder(request, monkeypatch):
+    """Each test once per decoder: the region extension, then simplejpeg's whole-image decode."""
+    if request.param == "region" and turbo_decode.rn50_jpeg_region is None:
+        pytest.skip("rn50_jpeg_region not built here (no libjpeg headers); .ci/run requires it")
+    if request.param == "whole":
+        monkeypatch.setattr(turbo_decode, "rn50_jpeg_region", None)
+    return request.param
 
 
 def _photo(width: int, height: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -41,15 +54,14 @@ def test_the_same_draws_give_the_same_crop_as_pillow_then_crop(seed):
 def test_small_crops_of_large_images_decode_at_a_reduced_dct_scale(monkeypatch):
     assert [dct_factor(side, 224) for side in (100, 224, 447, 448, 900, 1792, 5000)] == \
         [1, 1, 1, 2, 4, 8, 8]
-    import simplejpeg
-    sizes = []
-    original = simplejpeg.decode_jpeg
+    decoded = []  # (factor, pixels) of each decode
+    original = turbo_decode.decode_region_hwc
 
-    def recording(*args, **kwargs):
-        pixels = original(*args, **kwargs)
-        sizes.append(pixels.shape[:2])
+    def recording(data, factor, *args):
+        pixels = original(data, factor, *args)
+        decoded.append((factor, pixels.shape[:2]))
         return pixels
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", recording)
+    monkeypatch.setattr(turbo_decode, "decode_region_hwc", recording)
     data, preset = _photo(1600, 1200), train_transform(CFG)
     for seed in range(4):
         torch.manual_seed(seed)
@@ -57,7 +69,9 @@ def test_small_crops_of_large_images_decode_at_a_reduced_dct_scale(monkeypatch):
         torch.manual_seed(seed)
         reference = preset(load_rgb(data)).float()
         assert (ours - reference).abs().mean() < 4
-    assert all(height < 1200 for height, _ in sizes)  # 64 px crops never need all 1200 rows
+    assert len(decoded) == 4
+    # A 64 px crop of 1,200 rows never needs full scale; the region decoded is the crop's.
+    assert all(factor > 1 and height < 1200 // factor for factor, (height, _) in decoded)
 
 
 @pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("RGB", "PNG")])
