@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <setjmp.h>
 #include <stdio.h>
+#include <string.h>
 #include <jpeglib.h>
 
 typedef struct {
@@ -36,12 +37,34 @@ static void on_message(j_common_ptr cinfo, int msg_level) {
 static int scaled(int size, int denom) { return (size + denom - 1) / denom; }
 
 PyDoc_STRVAR(decode_region_doc,
-"decode_region(data, scale_denom, top, left, height, width, out) -> (rows, x0, row_px)\n\n"
-"Decode rows [top, top+height) and at least columns [left, left+width) of the JPEG `data` as\n"
-"RGB at 1/scale_denom size (coordinates in that scaled image), into the writable buffer `out`\n"
-"(at least height * scaled_width * 3 bytes). Returns how many rows were written, the first\n"
-"decoded column x0 <= left (iMCU-aligned) and the decoded row width row_px >= left + width - x0;\n"
-"row r of the region starts at out[r * row_px * 3]. Raises ValueError on corrupt data.");
+"decode_region(data, scale_denom, top, left, height, width, out)\n\n"
+"Decode rows [top, top+height) x columns [left, left+width) of the JPEG `data` as RGB at\n"
+"1/scale_denom size (coordinates in that scaled image) into the writable buffer `out`, which\n"
+"must hold height x scaled width x 3 bytes (the decode's room). Its first height x width x 3\n"
+"bytes are then the region, C-contiguous: exactly those pixels of a whole-image decode.\n"
+"Raises ValueError on corrupt data, a region outside the image or a too-small buffer.");
+
+/* Decode the region's rows into `out` at the decoded row width, then pack them to `width`.
+ * Rows go straight into `out`: decoding into one reused row buffer and copying measured 10%
+ * slower. One column of context on each side: fancy chroma upsampling needs the neighbour of an
+ * edge column, and a decode cropped at that column would treat it as the image's edge. */
+static void read_region(struct jpeg_decompress_struct *cinfo, int top, int left,
+                        int height, int width, unsigned char *out) {
+    JDIMENSION first = left > 0 ? (JDIMENSION)left - 1 : 0;
+    JDIMENSION end = (JDIMENSION)(left + width) < cinfo->output_width ?
+        (JDIMENSION)(left + width) + 1 : cinfo->output_width;
+    JDIMENSION x0 = first, row_px = end - first;
+    jpeg_crop_scanline(cinfo, &x0, &row_px);  /* widens to whole iMCU columns */
+    if (top > 0) jpeg_skip_scanlines(cinfo, (JDIMENSION)top);
+    for (int r = 0; r < height; r++) {
+        JSAMPROW row = out + (size_t)r * row_px * 3;
+        jpeg_read_scanlines(cinfo, &row, 1);  /* in-memory source: always one row */
+    }
+    /* In place, first row first: row r's destination ends before row r+1's source begins. */
+    for (int r = 0; r < height; r++)
+        memmove(out + (size_t)r * width * 3, out + ((size_t)r * row_px + (left - (int)x0)) * 3,
+                (size_t)width * 3);
+}
 
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     Py_buffer data, out;
@@ -50,8 +73,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         return NULL;
     struct jpeg_decompress_struct cinfo;
     region_error_mgr err;
-    JDIMENSION x0 = 0, row_px = 0, rows = 0;
-    const char *problem = NULL;
+    const char *volatile problem = NULL;
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
     err.pub.emit_message = on_message;
@@ -76,14 +98,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         } else if ((Py_ssize_t)height * cinfo.output_width * 3 > out.len) {
             problem = "output buffer too small";
         } else {
-            x0 = (JDIMENSION)left;
-            row_px = (JDIMENSION)(left + width) - x0;
-            jpeg_crop_scanline(&cinfo, &x0, &row_px);  /* widens to whole iMCU columns */
-            if (top > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)top);
-            while (rows < (JDIMENSION)height) {
-                JSAMPROW row = (JSAMPROW)out.buf + (size_t)rows * row_px * 3;
-                rows += jpeg_read_scanlines(&cinfo, &row, 1);
-            }
+            read_region(&cinfo, top, left, height, width, (unsigned char *)out.buf);
         }
     }
     jpeg_destroy_decompress(&cinfo);  /* also ends a decode stopped above the last row */
@@ -94,7 +109,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "JPEG region decode: %s", problem);
         return NULL;
     }
-    return Py_BuildValue("(III)", rows, x0, row_px);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {

@@ -66,15 +66,9 @@ def decode_region_hwc(data: bytes, factor: int, box: tuple[int, int, int, int],
         pixels = simplejpeg.decode_jpeg(data, "RGB", fastdct=True, min_width=-(-width // factor),
                                         min_height=-(-height // factor))
         return torch.from_numpy(pixels)[top:top + box_h, left:left + box_w]
-    # One column of context on each side: fancy chroma upsampling needs the neighbour a cropped
-    # decode would not have, and without it the edge columns differ from a whole-image decode.
-    scaled_w = -(-width // factor)
-    first, last = max(0, left - 1), min(scaled_w, left + box_w + 1)
-    out = np.empty(box_h * scaled_w * 3, dtype=np.uint8)
-    rows, x0, row_px = rn50_jpeg_region.decode_region(data, factor, top, first, box_h,
-                                                  last - first, out)
-    region = torch.from_numpy(out[:rows * row_px * 3]).view(rows, row_px, 3)
-    return region[:, left - x0:left - x0 + box_w]
+    out = np.empty(box_h * -(-width // factor) * 3, dtype=np.uint8)  # the decode's room
+    rn50_jpeg_region.decode_region(data, factor, top, left, box_h, box_w, out)
+    return torch.from_numpy(out[:box_h * box_w * 3]).view(box_h, box_w, 3)
 
 
 def decode_crop(data: bytes, crop: T.RandomResizedCrop) -> torch.Tensor | None:
