@@ -91,7 +91,9 @@ def decode_crop(data: bytes, crop: T.RandomResizedCrop) -> torch.Tensor | None:
     except ValueError:  # damaged data: let Pillow decide, with the draws it would have made
         torch.set_rng_state(state)
         return None
-    region = pixels.permute(2, 0, 1)[None]
+    # NCHW view of the HWC pixels, batch stride included: interpolate picks its channels-last
+    # kernel from the strides (`permute(2, 0, 1)[None]` measured 0.19 vs 0.12 ms a crop).
+    region = pixels[None].permute(0, 3, 1, 2)
     if crop.interpolation not in _AA_MODES:
         return F2.resize(region[0], [out_h, out_w], interpolation=crop.interpolation)
     # The decoded pixels are HWC: torch's uint8 antialiased kernel is fastest on that
