@@ -2,7 +2,6 @@
 Chromium (Playwright) and called through its HTTP API. Nothing leaves 127.0.0.1."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +25,9 @@ NAMES = [f"digit {d}" for d in range(10)]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(module_tmp):
     """The demo of a random-weight digits checkpoint; yields its base URL."""
-    root = tmp_path_factory.mktemp("demo")
+    root = module_tmp
     checkpoint = write_checkpoint(root / "run" / "checkpoint_0", digits_config(root / "digits"),
                                   extra={"class_names": NAMES})
     (port,) = free_ports(1)
@@ -46,7 +45,6 @@ def demo(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180):

@@ -35,14 +35,13 @@ def args(tmp, epochs: int = 2) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(module_tmp):
     """The reference: the same run, never interrupted."""
-    tmp = tmp_path_factory.mktemp("faults")
+    tmp = module_tmp
     code, output, result = run_job(["--name", "straight", "--storage", str(tmp / "runs"),
                                     *args(tmp)])
     assert code == 0, output[-4000:]
-    yield tmp, result
-    shutil.rmtree(tmp)  # the reference run: four checkpoints (three kept + best), ~1.1 GB
+    return tmp, result
 
 
 @pytest.fixture(autouse=True)

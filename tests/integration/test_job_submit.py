@@ -3,7 +3,6 @@ with the storage and tracking the head's environment names (as cluster.yaml sets
 neither, refused before it writes into the job's working directory (which Ray deletes)."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,11 +24,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3_server):
+def ray_head(module_tmp, s3_server):
     """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it), its
     environment naming the storage and tracking store jobs default to; yields (dashboard
     address, environment, ray CLI, that folder)."""
-    tmp_path = tmp_path_factory.mktemp("head")
+    tmp_path = module_tmp
     # As cluster.yaml's head start: restore the MLflow database (none yet), then start Ray with
     # the backup status file named, so every job backs the database up when it ends.
     db, backup = tmp_path / "mlflow.db", f"s3://{s3_server.bucket}/head-backup/mlflow.db"
@@ -53,7 +52,6 @@ def ray_head(tmp_path_factory, s3_server):
         yield f"http://127.0.0.1:{dashboard_port}", env, ray_bin, tmp_path, backup
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=120, capture_output=True)
-        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_mlflow(ray_head):

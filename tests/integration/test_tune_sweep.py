@@ -3,7 +3,6 @@ showing them in a real headless Chromium."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from tests.integration.jobs import REPO
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, mlflow_server):
+def sweep(module_tmp, mlflow_server):
     """tune_spaces/smoke.yaml, its driver SIGKILLed (with the local Ray it started) once ASHA has
     stopped a trial, then run again to the end: (RESULT dict, output of the second run, tmp dir,
     trials finished before the kill -> their result.json text). Every test of the module checks
@@ -28,7 +27,7 @@ def sweep(tmp_path_factory, mlflow_server):
     Killed only after ASHA's decision: Tune saves the searcher's state but not the scheduler's
     (`TuneController` leaves `_scheduler_alg` out), so a resumed sweep's ASHA starts with empty
     rungs and cannot stop a trial by comparing it with trials from before the resume."""
-    tmp = tmp_path_factory.mktemp("sweep")
+    tmp = module_tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
     env.pop("RAY_ADDRESS", None)
@@ -49,8 +48,7 @@ def sweep(tmp_path_factory, mlflow_server):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    yield json.loads(line[len("RESULT "):]), output, tmp, done_before
-    shutil.rmtree(tmp)  # the trials' checkpoints: ~2 GB a sweep
+    return json.loads(line[len("RESULT "):]), output, tmp, done_before
 
 
 def test_sweep_picks_a_best_trial_and_writes_a_usable_recipe(sweep):

@@ -11,15 +11,14 @@ from tests.model_helpers import digits_config, write_checkpoint
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(module_tmp):
     """A run directory with two finished checkpoints and a newer unfinished one."""
-    root = tmp_path_factory.mktemp("run")
+    root = module_tmp
     config = digits_config(root / "digits")
     write_checkpoint(root / "checkpoint_2026-01-01_00-00-00.000000", config, seed=1)
     write_checkpoint(root / "checkpoint_2026-01-02_00-00-00.000000", config, seed=2, ema=True)
     (root / "checkpoint_2026-01-03_00-00-00.000000").mkdir()  # cut short: no manifest
-    yield root
-    shutil.rmtree(root)
+    return root
 
 
 def test_a_run_directory_resolves_to_its_newest_finished_checkpoint(run_dir):

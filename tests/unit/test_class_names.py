@@ -2,7 +2,6 @@
 the checkpoint's model and its exports: `n01440764` reads `tench` everywhere, the wnid kept beside."""
 import json
 import random
-import shutil
 
 import pytest
 
@@ -44,16 +43,15 @@ def test_labels_of_every_kind_get_readable_names():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
+def sources(module_tmp):
+    root = module_tmp
     labels = make_ilsvrc(root / "folders")
     make_tars(root / "folders", root / "tars")
     make_hf_parquet(root / "folders", labels, root / "hf")
     hf_names = [f"{name}, latin name" for name in imagenet_names()]  # HF lists all 1000
     make_hf_parquet(root / "folders", labels, root / "hf_named", label_names=hf_names,
                     label_wnids=imagenet_wnids())
-    yield root
-    shutil.rmtree(root)
+    return root
 
 
 def _prepare(source: str, out: str) -> dict:

@@ -1,7 +1,6 @@
 """Elastic training keeps the maths: the samples of a step, the BatchNorm batch and the resume point
 do not depend on the world size (rn50.data.samplers), and gradient accumulation makes one worker's
 step the same SGD step as two workers' (rn50.core.engine)."""
-import os
 import socket
 
 import pytest

@@ -1,6 +1,5 @@
 """Evaluation and the misclassification gallery, in one process (no Ray)."""
 import io
-import shutil
 
 import pytest
 import torch
@@ -16,10 +15,8 @@ from tests.model_helpers import digits_config, write_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    yield write_checkpoint(root / "checkpoint_0", digits_config(root / "digits"))
-    shutil.rmtree(root)
+def checkpoint(module_tmp):
+    return write_checkpoint(module_tmp / "checkpoint_0", digits_config(module_tmp / "digits"))
 
 
 @pytest.fixture(scope="module")

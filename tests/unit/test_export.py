@@ -1,6 +1,5 @@
 """Exports reloaded the way their users load them, compared with the original model's outputs."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -20,11 +19,10 @@ NAMES = [f"digit {d}" for d in range(10)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
+def checkpoint(module_tmp):
+    root = module_tmp
     config = digits_config(root / "digits", "train.ema_decay=0.5")
-    yield write_checkpoint(root / "checkpoint_0", config, ema=True, extra={"class_names": NAMES})
-    shutil.rmtree(root)
+    return write_checkpoint(root / "checkpoint_0", config, ema=True, extra={"class_names": NAMES})
 
 
 @pytest.fixture(scope="module")

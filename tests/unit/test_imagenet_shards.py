@@ -1,7 +1,6 @@
 """ImageNet -> parquet shards without Ray: sources, shuffle plan, shard writing, resume."""
 import io
 import json
-import shutil
 
 import pytest
 from PIL import Image
@@ -13,13 +12,12 @@ from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 
 
 @pytest.fixture(scope="module")
-def ilsvrc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ilsvrc")
+def ilsvrc(module_tmp):
+    root = module_tmp
     labels = make_ilsvrc(root / "folders")
     make_tars(root / "folders", root / "tars")
     make_hf_parquet(root / "folders", labels, root / "hf")
-    yield root, labels
-    shutil.rmtree(root)
+    return root, labels
 
 
 def _contents(source, split, classes=None):
