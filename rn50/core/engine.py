@@ -167,7 +167,10 @@ def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batche
         if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
             images_uint8, labels, undecodable = images_uint8.decode(labels, device)
             skipped += undecodable
-        if labels.numel() == 0:
+        if labels.numel() == 0:  # every image undecodable
+            if getattr(state.model, "no_sync", None) is not None:
+                _join_empty(state.model, scaler, first=index == 0, last=index == len(slots) - 1,
+                            device=device)
             continue
         images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
         with _accumulating(state.model, first=index == 0, last=index == len(slots) - 1):
@@ -177,6 +180,16 @@ def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batche
         loss_sum += loss.detach().float() * labels.numel()
         trained += labels.numel()
     return loss_sum, trained, skipped, loss
+
+
+def _join_empty(model: nn.Module, scaler: torch.amp.GradScaler, first: bool, last: bool,
+                device: torch.device) -> None:
+    """Take part in DDP's collectives with an empty micro-batch: a forward (DDP broadcasts the
+    buffers in it) and a zero loss's backward (the gradient all-reduce, after the last one).
+    Skipping them would leave the other ranks waiting for this one forever."""
+    empty = torch.zeros((0, 3, 32, 32), device=device)  # BatchNorm leaves its statistics alone
+    with _accumulating(model, first=first, last=last):
+        scaler.scale(model(empty).sum() * 0).backward()
 
 
 class StepWindow:
@@ -244,13 +257,16 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
         step_loss_sum, trained, step_skipped, loss = _accumulate(
             state, scaler, micro_batches, slots, loss_scale, criterion, mixer, device, config)
         skipped += step_skipped
-        if not trained:  # every image of the step was undecodable: no step (none was taken)
+        # Every image of the step undecodable: no step on one worker. Under DDP this rank's
+        # gradients are the other ranks' average now, so it steps with them (with all ranks
+        # empty that is momentum and weight decay alone, on every rank alike).
+        if not trained and world == 1:
             continue
         loss_sum += step_loss_sum
         images_seen += trained
         window.images += trained
         _optimizer_step(state, scaler)
-        if step % config.train.log_every_steps == 0:
+        if trained and step % config.train.log_every_steps == 0:  # no loss of its own: no line
             metrics = window.close(loss.item(), optimizer.param_groups[0]["lr"])
             log(_progress_line(step, metrics))
             if on_step_metrics is not None:

@@ -1,6 +1,7 @@
 """Elastic training keeps the maths: the samples of a step, the BatchNorm batch and the resume point
 do not depend on the world size (rn50.data.samplers), and gradient accumulation makes one worker's
 step the same SGD step as two workers' (rn50.core.engine)."""
+import datetime
 import socket
 
 import pytest
@@ -94,18 +95,30 @@ class _Images(Dataset):
         return (noise + (170 if label else 60)).clamp(0, 255).to(torch.uint8), label
 
 
+class _PartlyUndecodable(_Images):
+    """_Images, with the samples in `undecodable` coming out as None (what `decode_sample` gives
+    for a file it cannot decode; the collate drops them)."""
+
+    def __init__(self, undecodable: frozenset = frozenset()):
+        self.undecodable = undecodable
+
+    def __getitem__(self, index):
+        return None if index in self.undecodable else super().__getitem__(index)
+
+
 def _config(workers: str):
     return load_config("demo", [f"scaling.num_workers={workers}", "train.global_batch_size=8",
                                 "train.epochs=1", "data.num_classes=2", "train.log_every_steps=100",
                                 "schedule.warmup_epochs=0"])
 
 
-def _train(rank: int, world_size: int, workers: str, port: int, out: str) -> None:
-    """Train one epoch (4 steps) as `rank` of `world_size`; rank 0 saves the final state."""
+def _train(rank: int, world_size: int, workers: str, port: int, out: str,
+           undecodable: frozenset = frozenset()) -> None:
+    """Train one epoch (4 steps) as `rank` of `world_size`; each rank saves its final state."""
     torch.set_num_threads(1)
-    if world_size > 1:
+    if world_size > 1:  # a collective one rank never joins fails in 60 s instead of hanging
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=datetime.timedelta(seconds=60))
     config = _config(workers)
     torch.manual_seed(0)
     model = build_model(config.model, 2)
@@ -113,15 +126,14 @@ def _train(rank: int, world_size: int, workers: str, port: int, out: str) -> Non
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model, config)
     state = TrainingState(model, optimizer, build_scheduler(optimizer, 4, 1, config.schedule))
-    loader = build_loader(_Images(), config.micro_batch_size, rank=rank, world_size=world_size,
-                          seed=0, epoch=0, train=True,
+    loader = build_loader(_PartlyUndecodable(undecodable), config.micro_batch_size, rank=rank,
+                          world_size=world_size, seed=0, epoch=0, train=True,
                           micro_batches_per_step=config.micro_batches_per_step)
     train_one_epoch(state, loader, torch.device("cpu"), config,
                     micro_slots=micro_batch_slots(rank, world_size,
                                                   config.micro_batches_per_step))
-    if rank == 0:
-        inner = model.module if world_size > 1 else model
-        torch.save(inner.state_dict(), out)
+    inner = model.module if world_size > 1 else model
+    torch.save(inner.state_dict(), f"{out}.rank{rank}")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -132,10 +144,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _final_states(tmp_path, world_size: int, workers: str,
+                  undecodable: frozenset = frozenset()) -> list[dict]:
+    out = str(tmp_path / f"w{world_size}-{workers}-{len(undecodable)}.pt")
+    mp.spawn(_train, args=(world_size, workers, _free_port(), out, undecodable),
+             nprocs=world_size)
+    return [torch.load(f"{out}.rank{rank}") for rank in range(world_size)]
+
+
 def _final_state(tmp_path, world_size: int, workers: str) -> dict:
-    out = str(tmp_path / f"w{world_size}-{workers}.pt")
-    mp.spawn(_train, args=(world_size, workers, _free_port(), out), nprocs=world_size)
-    return torch.load(out)
+    return _final_states(tmp_path, world_size, workers)[0]
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -160,3 +178,23 @@ def test_one_worker_accumulating_two_micro_batches_takes_the_two_worker_step(tmp
     assert _max_difference(two, one) < 1e-6
     whole_batch = _final_state(tmp_path, 1, "1")  # micro-batch 8: other BatchNorm batches
     assert _max_difference(two, whole_batch) > 1e-3
+
+
+def test_a_rank_whose_micro_batch_is_all_undecodable_still_takes_the_step_with_the_others(tmp_path):
+    """Rank 1's only micro-batch of step 0 is all undecodable. Under DDP every rank must join each
+    forward (the buffer broadcast) and each step's backward (the gradient all-reduce), so a rank
+    that skipped its empty micro-batch left the other waiting (gloo's timeout, 60 s here, instead
+    of a hang) and, had it not, a rank that skipped the optimizer step would drift apart. Both
+    ranks must end on the same weights, which differ from a run without undecodable samples.
+    Negative control: with the engine skipping the empty micro-batch (as it did), gloo times out.
+    """
+    rank1_step0 = build_loader(_Indexed(32), 4, rank=1, world_size=2, seed=0, epoch=0, train=True,
+                               micro_batches_per_step=2)
+    undecodable = frozenset(next(iter(rank1_step0))[1].tolist())
+    assert len(undecodable) == 4
+    # The weights, not the BatchNorm statistics: DDP gives every rank rank 0's buffers at the
+    # start of each forward, which then updates them from the rank's own micro-batch.
+    weights = [{k: v for k, v in state.items() if "running_" not in k} for state in
+               _final_states(tmp_path, 2, "[1,2]", undecodable)]
+    assert _max_difference(*weights) == 0
+    assert _max_difference(weights[0], _final_state(tmp_path, 2, "[1,2]")) > 1e-6
