@@ -6,7 +6,9 @@
  *   - scale_num/scale_denom: the IDCT produces the image at 1/2, 1/4 or 1/8 size directly;
  *   - jpeg_skip_scanlines: rows above the region are entropy-decoded only (no IDCT, no colour);
  *   - jpeg_crop_scanline: only the iMCU columns holding the region are IDCT'd and converted;
- *   - rows below the region are never decoded at all (jpeg_abort_decompress).
+ *   - rows below the region are never decoded at all (jpeg_destroy_decompress ends it there).
+ * A progressive JPEG's scans are all read before the first row (libjpeg buffers the coefficients);
+ * the IDCT and colour work are still only the region's.
  * Corrupt data (errors and libjpeg's corrupt-data warnings alike) raises ValueError, so the
  * caller can hand the file to Pillow, which decides for itself.
  */

@@ -9,7 +9,7 @@ resized with as little work as the crop allows (the CPU path of `train_transform
    scales measured slower than a full decode), with its fast integer IDCT (FFCV decodes with the
    same flag; the difference to the accurate IDCT is under 1/255 on average, see the tests).
    Only the crop's region is decoded (rn50/data/_jpeg_region.c: rows above it entropy-decoded
-   only, rows below it not at all, columns outside it not transformed; DALI's
+   only, rows below it not at all in a sequential JPEG, columns outside it not transformed; DALI's
    `image_random_crop` does the same), pixel for pixel what a whole-image decode gives there,
    1.3x faster on the 1,000 ImageNet sample files. Where that extension was not built (no
    libjpeg headers at install), simplejpeg decodes the whole image at the same scale instead.

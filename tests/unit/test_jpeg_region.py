@@ -1,6 +1,7 @@
 """rn50_jpeg_region (rn50/data/_jpeg_region.c), the partial JPEG decoder behind the train preset:
 pixel for pixel what a whole-image libjpeg-turbo decode gives in the region, at every DCT scale
-and chroma layout, rows below the region never read, damaged data an error."""
+and chroma layout, baseline and progressive, rows below the region never read, damaged data an
+error."""
 import io
 
 import numpy as np
@@ -18,7 +19,7 @@ WIDTH, HEIGHT = 301, 203  # not multiples of any iMCU: partial blocks on the rig
 
 
 def _jpeg(mode: str = "RGB", subsampling: int = 2, width: int = WIDTH, height: int = HEIGHT,
-          quality: int = 90) -> bytes:
+          quality: int = 90, progressive: bool = False) -> bytes:
     """A photo-like JPEG: smooth colour plus fine noise, so every block has detail to decode."""
     rng = np.random.default_rng(0)
     coarse = Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8))
@@ -26,7 +27,7 @@ def _jpeg(mode: str = "RGB", subsampling: int = 2, width: int = WIDTH, height: i
     pixels = np.clip(pixels + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=quality,
-                                               subsampling=subsampling)
+                                               subsampling=subsampling, progressive=progressive)
     return out.getvalue()
 
 
@@ -39,10 +40,11 @@ BOXES = [(0, 0, 1, 1), (0, 0, HEIGHT, WIDTH), (0, 16, 40, 32), (17, 33, 50, 61),
          (HEIGHT - 30, WIDTH - 45, 30, 45), (100, 0, 1, WIDTH), (5, 290, 198, 11)]
 
 
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
 @pytest.mark.parametrize("subsampling", [0, 1, 2], ids=["444", "422", "420"])
 @pytest.mark.parametrize("factor", [1, 2, 4, 8])
-def test_the_region_is_the_whole_decode_there_at_every_scale(subsampling, factor):
-    data = _jpeg(subsampling=subsampling)
+def test_the_region_is_the_whole_decode_there_at_every_scale(subsampling, factor, progressive):
+    data = _jpeg(subsampling=subsampling, progressive=progressive)
     whole = torch.from_numpy(_whole(data, factor))
     for top, left, box_h, box_w in BOXES:
         box = turbo_decode.scaled_box(top, left, box_h, box_w, HEIGHT, WIDTH, factor)
