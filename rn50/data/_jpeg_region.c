@@ -53,8 +53,8 @@ PyDoc_STRVAR(decode_region_doc,
 static void read_region(struct jpeg_decompress_struct *cinfo, int top, int left,
                         int height, int width, unsigned char *out) {
     JDIMENSION first = left > 0 ? (JDIMENSION)left - 1 : 0;
-    JDIMENSION end = (JDIMENSION)(left + width) < cinfo->output_width ?
-        (JDIMENSION)(left + width) + 1 : cinfo->output_width;
+    JDIMENSION right = (JDIMENSION)(left + width);  /* one past the region's last column */
+    JDIMENSION end = right < cinfo->output_width ? right + 1 : cinfo->output_width;
     JDIMENSION x0 = first, row_px = end - first;
     jpeg_crop_scanline(cinfo, &x0, &row_px);  /* widens to whole iMCU columns */
     if (top > 0) jpeg_skip_scanlines(cinfo, (JDIMENSION)top);
