@@ -46,11 +46,16 @@ def dct_factor(crop_side_px: int, out_px: int) -> int:
     return factor
 
 
+def scaled_px(side_px: int, factor: int) -> int:
+    """An image side of `side_px` decoded at 1/`factor`: libjpeg rounds it up."""
+    return -(-side_px // factor)
+
+
 def scaled_box(top: int, left: int, box_h: int, box_w: int, height: int, width: int,
                factor: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a box of the original image in its 1/`factor` decode,
-    whose size libjpeg rounds up; at least one pixel."""
-    scaled_h, scaled_w = -(-height // factor), -(-width // factor)
+    """(top, left, height, width) of a box of the original image in its 1/`factor` decode;
+    at least one pixel."""
+    scaled_h, scaled_w = scaled_px(height, factor), scaled_px(width, factor)
     y0, x0 = round(top * scaled_h / height), round(left * scaled_w / width)
     y1 = max(y0 + 1, round((top + box_h) * scaled_h / height))
     x1 = max(x0 + 1, round((left + box_w) * scaled_w / width))
@@ -63,10 +68,11 @@ def decode_region_hwc(data: bytes, factor: int, box: tuple[int, int, int, int],
     (raises ValueError on damaged data): only that region where the extension is built."""
     top, left, box_h, box_w = box
     if rn50_jpeg_region is None:
-        pixels = simplejpeg.decode_jpeg(data, "RGB", fastdct=True, min_width=-(-width // factor),
-                                        min_height=-(-height // factor))
+        pixels = simplejpeg.decode_jpeg(data, "RGB", fastdct=True,
+                                        min_width=scaled_px(width, factor),
+                                        min_height=scaled_px(height, factor))
         return torch.from_numpy(pixels)[top:top + box_h, left:left + box_w]
-    out = np.empty(box_h * -(-width // factor) * 3, dtype=np.uint8)  # the decode's room
+    out = np.empty(box_h * scaled_px(width, factor) * 3, dtype=np.uint8)  # the decode's room
     rn50_jpeg_region.decode_region(data, factor, top, left, box_h, box_w, out)
     return torch.from_numpy(out[:box_h * box_w * 3]).view(box_h, box_w, 3)
 

@@ -32,8 +32,9 @@ def _jpeg(mode: str = "RGB", subsampling: int = 2, width: int = WIDTH, height: i
 
 
 def _whole(data: bytes, factor: int) -> np.ndarray:
-    return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, min_width=-(-WIDTH // factor),
-                                  min_height=-(-HEIGHT // factor))
+    return simplejpeg.decode_jpeg(data, "RGB", fastdct=True,
+                                  min_width=turbo_decode.scaled_px(WIDTH, factor),
+                                  min_height=turbo_decode.scaled_px(HEIGHT, factor))
 
 
 BOXES = [(0, 0, 1, 1), (0, 0, HEIGHT, WIDTH), (0, 16, 40, 32), (17, 33, 50, 61),

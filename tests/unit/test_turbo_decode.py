@@ -54,7 +54,7 @@ def test_the_same_draws_give_the_same_crop_as_pillow_then_crop(seed):
 def test_small_crops_of_large_images_decode_at_a_reduced_dct_scale(monkeypatch):
     assert [dct_factor(side, 224) for side in (100, 224, 447, 448, 900, 1792, 5000)] == \
         [1, 1, 1, 2, 4, 8, 8]
-    decoded = []  # (factor, pixels) of each decode
+    decoded = []  # (factor, (rows, columns) decoded) of each decode
     original = turbo_decode.decode_region_hwc
 
     def recording(data, factor, *args):
