@@ -168,7 +168,7 @@ def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batche
             images_uint8, labels, undecodable = images_uint8.decode(labels, device)
             skipped += undecodable
         if labels.numel() == 0:  # every image undecodable
-            if getattr(state.model, "no_sync", None) is not None:
+            if _is_ddp(state.model):
                 _join_empty(state.model, scaler, first=index == 0, last=index == len(slots) - 1,
                             device=device)
             continue
@@ -180,6 +180,11 @@ def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batche
         loss_sum += loss.detach().float() * labels.numel()
         trained += labels.numel()
     return loss_sum, trained, skipped, loss
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    """Whether `model` is DDP-wrapped: its forward and backward then run collectives."""
+    return getattr(model, "no_sync", None) is not None
 
 
 def _join_empty(model: nn.Module, scaler: torch.amp.GradScaler, first: bool, last: bool,
@@ -260,7 +265,7 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
         # Every image of the step undecodable: no step on one worker. Under DDP this rank's
         # gradients are the other ranks' average now, so it steps with them (with all ranks
         # empty that is momentum and weight decay alone, on every rank alike).
-        if not trained and world == 1:
+        if not trained and not _is_ddp(model):
             continue
         loss_sum += step_loss_sum
         images_seen += trained
