@@ -2,7 +2,8 @@
 
 Works the same on a laptop (starts a local Ray) and under `ray job submit` (joins the cluster).
 Re-running with the same --name and --storage resumes that run and its MLflow run.
-Exit codes: 2 bad config (or budget), 3 storage, 4 no resources, 5 stopped by train.budget_usd.
+Exit codes: 2 bad config, data or budget, 3 storage, 4 no resources, 5 stopped by
+train.budget_usd, 6 a GPU run on a node whose GPU torch cannot use.
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 from rn50.config import ConfigError, load_config  # noqa: E402
+from rn50.errors import PermanentError  # noqa: E402
 from rn50.io.storage import STORAGE_ENV, StorageError, default_storage  # noqa: E402
 
 
@@ -44,6 +46,9 @@ def main() -> int:
     except ConfigError as err:  # a budget already spent, a node type the price table lacks
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except PermanentError as err:  # no restart fixes it: wrong data, a GPU torch cannot see
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     print("RESULT " + json.dumps(summary), flush=True)
     if summary.get("stopped") == "budget":  # checkpointed, not finished: the same command resumes
         print(f"[rn50] stopped by train.budget_usd={summary['budget_usd']:g} after "

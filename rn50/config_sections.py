@@ -167,21 +167,39 @@ class ScalingConfig:
     cpus_per_worker: int = 1
     """CPUs Ray reserves per training worker."""
     use_gpu: bool = False
-    """Reserve one GPU per worker; the device is still chosen from what torch sees."""
+    """Reserve one GPU per worker and train on it. A worker where torch sees no GPU stops the
+    run before its first step (exit code 6), unless `cpu_stands_in_for_gpu`."""
     accelerator_type: str = ""
     """Ray accelerator type the workers must run on (e.g. `A10G`); empty for any."""
     start_timeout_s: float = 600.0
-    """How long one start of the worker group (the first, or after a failure or a preemption)
-    may wait for its resources, in seconds, before the run ends with exit code 4 and a message
-    naming what is missing. Ray removes the attempt's placement group when it times out. On an
-    autoscaling cluster it must cover a node's launch and setup (~10 minutes on AWS)."""
+    """How long a start of the worker group (the first, or after a failure or a preemption)
+    waits for room while no node is being launched for it, in seconds, before the run ends with
+    exit code 4 and a message naming what is missing. Nodes that are launching, booting or
+    installing are waited for by `node_start_timeout_s` instead."""
+    node_start_timeout_s: float = 1200.0
+    """How long a start waits for a node the autoscaler is launching for it (requested, booting,
+    pulling the image, installing Ray and the project), in seconds: a cold GPU node on AWS takes
+    ~5-10 minutes. Past it, a spot start falls back to on-demand and any other gives up."""
+    start_check_s: float = 30.0
+    """How often a waiting start looks at what the autoscaler is doing for it and says so on the
+    console, in seconds (Ray Train's worker-group start timeout: each look restarts the wait)."""
     prefer_spot: bool = False
-    """Ask first for nodes labelled `rn50/market=spot` (cluster.yaml's spot types), then, when
-    none start within `spot_wait_s`, for nodes labelled `rn50/market=on-demand`. Off: any node
-    that fits, labelled or not."""
+    """Ask first for nodes labelled `rn50/market=spot` (cluster.yaml's spot types), then for
+    nodes labelled `rn50/market=on-demand` when spot cannot be had (see `spot_wait_s`,
+    `spot_refusals_to_fall_back`); a run that fell back asks for spot again at its next restart.
+    Applies only where nodes carry market labels or an autoscaler can launch labelled ones;
+    elsewhere (a workstation's Ray) the run says so once and takes any node."""
     spot_wait_s: float = 900.0
-    """How long a start waits for spot nodes before falling back to on-demand ones, in seconds
-    (with `prefer_spot`); it must cover a spot node's launch and setup."""
+    """How long a spot start waits while no spot node is being launched for it, in seconds,
+    before falling back to on-demand nodes (with `prefer_spot`)."""
+    spot_refusals_to_fall_back: int = 2
+    """How many spot launches the cloud refuses (e.g. InsufficientInstanceCapacity) before the
+    run falls back to on-demand nodes, without waiting out `spot_wait_s`."""
+    cpu_stands_in_for_gpu: bool = False
+    """Rehearsals only: a worker that asked for a GPU (`use_gpu`) on a node where torch sees none
+    trains on the CPU, saying so, instead of stopping the run (exit code 6). cluster.local.yaml's
+    fake GPU nodes need it (the `rehearsal` recipe sets it); on a real cluster it would let a
+    p4d train on its CPUs."""
 
     @property
     def min_workers(self) -> int:
@@ -248,17 +266,24 @@ class TrackingConfig:
 
 @dataclass
 class CostConfig:
+    price_table: str = "builtin"
+    """Where node types get their EC2 instance type and on-demand price: `builtin`
+    (rn50/node_types.yaml: every node type of cluster.yaml, with the region and date its prices
+    were read), a path to a YAML file of the same shape, or `none`. Every recipe uses it; a run
+    on a node type it cannot price is refused before anything starts (exit code 2)."""
     usd_per_hour: dict[str, float] = field(default_factory=dict)
-    """US dollars per hour of each Ray node type (the node's `ray.io/node-group` label: the
-    `available_node_types` names of cluster.yaml). For spot node types this is the spot price
-    used when a live one cannot be had. Every typed node of the run must be listed once any is."""
+    """US dollars per hour of Ray node types (the node's `ray.io/node-group` label: the
+    `available_node_types` names of cluster.yaml), over the price table's: a recipe's own prices,
+    or node types the table lacks. For spot node types this is the price used when no live
+    spot price can be had."""
     local_usd_per_hour: float = 0.0
     """US dollars per hour of a node with no node type (a laptop, a hand-started `ray start`)."""
     ec2_instance_types: dict[str, str] = field(default_factory=dict)
-    """EC2 instance type of node types (e.g. `gpu.a10g.spot: g5.2xlarge`): their spot nodes are
-    priced from `describe-spot-price-history` when AWS credentials allow, else from the table."""
+    """EC2 instance types of node types the price table lacks (e.g. `gpu.custom.spot:
+    g5.12xlarge`): their spot nodes are priced from `describe-spot-price-history`."""
     region: str = ""
-    """AWS region of the spot price lookup; empty = boto3's default (AWS_DEFAULT_REGION, ...)."""
+    """AWS region of the spot price lookup; empty = $AWS_REGION, $AWS_DEFAULT_REGION, else the
+    instance's own region (EC2's metadata service)."""
     ec2_endpoint_url: str = ""
     """EC2 API endpoint of the spot price lookup; empty = AWS's own (set for tests and proxies)."""
     log_every_s: float = 60.0

@@ -112,9 +112,14 @@ def _validate_capacity(config: Config) -> None:
     scaling, checkpoint = config.scaling, config.checkpoint
     for key, value in (("scaling.start_timeout_s", scaling.start_timeout_s),
                        ("scaling.spot_wait_s", scaling.spot_wait_s),
+                       ("scaling.node_start_timeout_s", scaling.node_start_timeout_s),
+                       ("scaling.start_check_s", scaling.start_check_s),
                        ("checkpoint.preemption_poll_s", checkpoint.preemption_poll_s)):
         if value <= 0:
             raise ConfigError(f"'{key}' must be > 0 seconds, got {value!r}")
+    if scaling.spot_refusals_to_fall_back < 1:
+        raise ConfigError("'scaling.spot_refusals_to_fall_back' must be >= 1, got "
+                          f"{scaling.spot_refusals_to_fall_back!r}")
     if checkpoint.preemption_grace_s < 0:
         raise ConfigError("'checkpoint.preemption_grace_s' must be >= 0, got "
                           f"{checkpoint.preemption_grace_s!r}")
@@ -134,7 +139,3 @@ def _validate_cost(config: Config) -> None:
             raise ConfigError(f"'{key}' must be a finite number of US dollars >= 0, got {value!r}")
     if cost.log_every_s <= 0:
         raise ConfigError(f"'cost.log_every_s' must be > 0 seconds, got {cost.log_every_s!r}")
-    unpriced = sorted(set(cost.ec2_instance_types) - set(cost.usd_per_hour))
-    if unpriced:
-        raise ConfigError(f"'cost.ec2_instance_types' names node types without a table price "
-                          f"{unpriced}: add them to 'cost.usd_per_hour' (the fallback price)")

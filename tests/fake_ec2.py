@@ -22,6 +22,8 @@ class FakeEc2:
         # refuse: answer every request as EC2 answers a bad key (401 AuthFailure)
         self.history, self.refuse = history, refuse
         self.requests: list[dict[str, list[str]]] = []  # the form fields of each request
+        # The region each request was signed for (SigV4's credential scope, as EC2 reads it).
+        self.regions: list[str] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -62,6 +64,8 @@ class FakeEc2:
             def do_POST(self):  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length", 0))
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                scope = self.headers.get("Authorization", "").split("Credential=", 1)[-1]
+                fake.regions.append(scope.split("/")[2] if scope.count("/") >= 3 else "")
                 status, body = fake.answer(form)
                 data = body.encode()
                 self.send_response(status)

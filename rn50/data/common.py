@@ -7,12 +7,16 @@ import json
 
 import pyarrow.fs as pafs
 
+from rn50.errors import PermanentError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VAL_SOLUTION_CSV = "LOC_val_solution.csv"
 
 
-class DataError(RuntimeError):
-    """The data set is missing, malformed or cannot be fetched; the message says what to do."""
+class DataError(PermanentError, RuntimeError):
+    """The data set is missing, malformed or cannot be fetched; the message says what to do.
+    A restart would meet it again: a run ends on it at once (exit code 2), never retried."""
+    exit_code = 2
 
 
 _SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid")}

@@ -1,36 +1,26 @@
-"""Getting a run's workers their nodes, or saying within a bounded time why not.
+"""Getting a run's workers their nodes: what each worker asks for, which market it asks for
+first, and, when a start gives up, what was missing and who holds it.
 
-A start of the worker group asks for `num_workers` bundles at once (a placement group). With
-`scaling.prefer_spot` the first start asks for nodes labelled `rn50/market=spot` and, when none
-come within `scaling.spot_wait_s`, the next asks for `rn50/market=on-demand` (cluster.yaml labels
+With `scaling.prefer_spot` a run asks for nodes labelled `rn50/market=spot` (cluster.yaml labels
 its node types with `labels:`; autoscaler v2 launches only a node type whose labels match a
-pending request's label selector). Every start waits at most its own time: Ray Train's
-worker-group start timeout, which Ray reads from the driver's environment (see `ray_train_env`).
+pending request's label selector), and falls back to `rn50/market=on-demand` when the start
+policy says spot cannot be had (rn50.distributed.start_rules, run in Ray Train's controller by
+rn50.distributed.ray_adapter). Ray Train's worker-group start timeout, which Ray reads from the
+driver's environment (`ray_train_env`), is how often a waiting start looks again.
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import ray
-from ray.train.v2._internal.exceptions import (  # what the controller raises; no public alias
-    InsufficientClusterResourcesError, WorkerGroupStartupFailedError,
-    WorkerGroupStartupTimeoutError)
-# Ray Train's controller hooks (no public alias either): RunConfig(callbacks=...) passes a
-# ControllerCallback through to the controller as it is.
-from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2._internal.execution.controller.state import (InitializingState,
-                                                               ReschedulingState,
-                                                               RestartingState, RunningState,
-                                                               SchedulingState)
 
 from rn50.config import ScalingConfig
+from rn50.distributed import cluster_view
+from rn50.distributed.cluster_view import MARKET_LABEL
 
 logger = logging.getLogger(__name__)
-MARKET_LABEL = "rn50/market"
 # Ray Train copies these from the driver's environment to its controller when fit() starts it
 # (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -41,28 +31,41 @@ class ResourcesUnavailableError(RuntimeError):
     """A run's workers could not get their resources within the configured time."""
 
 
-@dataclass(frozen=True)
-class StartPlan:
-    """One way of starting the worker group: which nodes to ask for and how long to wait."""
-    market: str
-    """`spot`, `on-demand` (the `rn50/market` label the nodes must carry) or `any`."""
-    wait_s: float
-    """How long this start may wait for its placement group, in seconds."""
-    wait_key: str
-    """The config key `wait_s` comes from (named in messages)."""
+def initial_market(scaling: ScalingConfig) -> str:
+    """The market the first start asks for: `spot` with `scaling.prefer_spot` where nodes carry
+    market labels (or the autoscaler's node types do), else `any`, saying once why."""
+    if not scaling.prefer_spot:
+        return "any"
+    labelled = [node for node in ray.nodes() if node.get("Alive")
+                and MARKET_LABEL in (node.get("Labels") or {})]
+    launchable = [spec for spec in cluster_view.cluster_node_types().values()
+                  if MARKET_LABEL in spec.labels]
+    if labelled or launchable:
+        return "spot"
+    print(f"[rn50] scaling.prefer_spot ignored: no node of this cluster carries a "
+          f"{MARKET_LABEL} label and no autoscaler can launch one (a workstation's or a "
+          "hand-started Ray); the run takes any node that fits", flush=True)
+    return "any"
 
-    @property
-    def label_selector(self) -> dict[str, str] | None:
-        """Ray Train's `ScalingConfig.label_selector` for this start (None: any node)."""
-        return None if self.market == "any" else {MARKET_LABEL: self.market}
 
-
-def start_plans(scaling: ScalingConfig) -> list[StartPlan]:
-    """The starts a run tries in order: spot then on-demand, or any node."""
-    if scaling.prefer_spot:
-        return [StartPlan("spot", scaling.spot_wait_s, "scaling.spot_wait_s"),
-                StartPlan("on-demand", scaling.start_timeout_s, "scaling.start_timeout_s")]
-    return [StartPlan("any", scaling.start_timeout_s, "scaling.start_timeout_s")]
+def refuse_if_never_fits(scaling: ScalingConfig) -> None:
+    """ResourcesUnavailableError at once when no autoscaler can add nodes and the cluster's
+    nodes, all free, could not hold the minimum of workers (a GPU run on a laptop)."""
+    if cluster_view.cluster_node_types() or \
+            cluster_view.launch_view(ray.get_runtime_context().gcs_address).autoscaler:
+        return
+    bundle = worker_bundle(scaling)
+    room = sum(min(int((node.get("Resources") or {}).get(key, 0.0) // amount)
+                   for key, amount in bundle.items())
+               for node in ray.nodes() if node.get("Alive"))
+    if room < scaling.min_workers:
+        total = {key: ray.cluster_resources().get(key, 0.0) for key in bundle}
+        gpu_hint = " (scaling.use_gpu=false trains on the CPU)" if scaling.use_gpu else ""
+        raise ResourcesUnavailableError(
+            f"{scaling.min_workers} workers x {fmt_resources(bundle)} can never start here: this "
+            f"Ray cluster has {fmt_resources(total)} in all, room for {room}, and no autoscaler "
+            f"to add nodes; lower scaling.num_workers / scaling.cpus_per_worker{gpu_hint}, or "
+            "run on a cluster that has them")
 
 
 @contextmanager
@@ -81,62 +84,6 @@ def ray_train_env(start_timeout_s: float, preemption_poll_s: float):
                 os.environ[name] = value
 
 
-class ElasticStartTimeout(RuntimeError):
-    """An elastic group found room for fewer than its minimum of workers for too long."""
-
-
-class ElasticStartDeadline(ControllerCallback):
-    """Ends the run when an elastic group has gone `wait_s` without trying to start.
-
-    Ray 2.60's elastic policy starts no group at all while fewer than `min` workers fit, and
-    waits for them without a deadline (no placement group, so Ray's start timeout never runs);
-    this hook gives that wait the same bound as every other start."""
-
-    def __init__(self, wait_s: float):
-        self.wait_s, self._waiting_since = wait_s, None
-
-    def after_controller_state_update(self, previous_state, current_state) -> None:
-        """Count the time since the group last ran; past `wait_s`, fail the controller."""
-        if not isinstance(current_state, (InitializingState, ReschedulingState,
-                                          RestartingState)):
-            if isinstance(current_state, (SchedulingState, RunningState)):
-                self._waiting_since = None  # a start is tried: Ray's own start timeout bounds it
-            return
-        now = time.monotonic()
-        self._waiting_since = self._waiting_since or now
-        if now - self._waiting_since > self.wait_s:
-            raise ElasticStartTimeout(f"fewer workers than the elastic minimum fit for "
-                                      f"{self.wait_s:.0f} s")
-
-
-def _causes(error: BaseException | None):
-    """`error` and what it wraps (Ray's ControllerError nests the hook's exception)."""
-    while error is not None:
-        yield error
-        error = getattr(error, "controller_failure", None) or error.__cause__
-
-
-def is_start_timeout(controller_failure: BaseException) -> bool:
-    """Whether a controller failure is a worker group that did not get its resources in time."""
-    return any(isinstance(error, (WorkerGroupStartupTimeoutError, ElasticStartTimeout))
-               for error in _causes(controller_failure))
-
-
-def is_elastic_shortfall(controller_failure: BaseException) -> bool:
-    """Whether an elastic group could not start even at its minimum size in time."""
-    return any(isinstance(error, ElasticStartTimeout) for error in _causes(controller_failure))
-
-
-def is_start_failure(controller_failure: BaseException) -> bool:
-    """Whether a worker died while the worker group was starting (e.g. its node went away)."""
-    return isinstance(controller_failure, WorkerGroupStartupFailedError)
-
-
-def is_never_enough(controller_failure: BaseException) -> bool:
-    """Whether Ray Train found the cluster too small for the run even at full size."""
-    return isinstance(controller_failure, InsufficientClusterResourcesError)
-
-
 def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
     """One training worker's resource request, as `build_trainer` makes it."""
     bundle = {"CPU": float(scaling.cpus_per_worker)}
@@ -147,29 +94,24 @@ def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
     return bundle
 
 
-def min_workers_fit_now(scaling: ScalingConfig) -> bool:
-    """Whether the cluster's free resources now hold the group's minimum of workers."""
-    free = ray.available_resources()
-    return all(free.get(key, 0.0) >= amount * scaling.min_workers
-               for key, amount in worker_bundle(scaling).items())
-
-
-def _fmt(resources: dict[str, float]) -> str:
+def fmt_resources(resources: dict[str, float]) -> str:
+    """`{CPU: 1, GPU: 1}`: resources as messages show them."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
-def shortfall_message(scaling: ScalingConfig, plan: StartPlan, waited_s: float) -> str:
-    """What the run asked for, what the cluster has and who holds it, for a start that failed."""
+def shortfall_message(scaling: ScalingConfig, market: str, why: str) -> str:
+    """What the run asked for, what the cluster has and who holds it, for a start that gave up
+    (`why`: the start policy's reason)."""
     bundle = worker_bundle(scaling)
     wanted = {k: v * scaling.min_workers for k, v in bundle.items()}  # what a start cannot lack
     total = {k: ray.cluster_resources().get(k, 0.0) for k in bundle}
     free = {k: ray.available_resources().get(k, 0.0) for k in bundle}
-    where = "" if plan.label_selector is None else \
-        f" on nodes labelled {MARKET_LABEL}={plan.market} ({_labelled_nodes(plan)} alive now)"
-    lines = [f"the worker group did not start within {waited_s:.0f} s ({plan.wait_key}): "
+    where = "" if market == "any" else \
+        f" on nodes labelled {MARKET_LABEL}={market} ({_labelled_nodes(market)} alive now)"
+    lines = [f"the worker group could not start: {why}; "
              f"{'at least ' if scaling.elastic else ''}{scaling.min_workers} workers x "
-             f"{_fmt(bundle)} = {_fmt(wanted)} requested{where}; "
-             f"the cluster has {_fmt(total)}, of which {_fmt(free)} free"]
+             f"{fmt_resources(bundle)} = {fmt_resources(wanted)} requested{where}; "
+             f"the cluster has {fmt_resources(total)}, of which {fmt_resources(free)} free"]
     holders = _holders(set(bundle))
     if holders:
         lines.append("held by: " + "; ".join(holders))
@@ -178,10 +120,9 @@ def shortfall_message(scaling: ScalingConfig, plan: StartPlan, waited_s: float) 
     return "\n  ".join(lines)
 
 
-def _labelled_nodes(plan: StartPlan) -> int:
-    selector = plan.label_selector or {}
-    return sum(1 for node in ray.nodes() if node.get("Alive") and all(
-        (node.get("Labels") or {}).get(k) == v for k, v in selector.items()))
+def _labelled_nodes(market: str) -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive")
+               and (node.get("Labels") or {}).get(MARKET_LABEL) == market)
 
 
 def _holders(keys: set[str], limit: int = 8) -> list[str]:
@@ -196,7 +137,7 @@ def _holders(keys: set[str], limit: int = 8) -> list[str]:
     for group_id, group in ray.util.placement_group_table().items():
         held = _sum_bundles(group.get("bundles", {}).values(), keys)
         if group.get("state") == "CREATED" and held:
-            found.append(f"placement group {group.get('name') or group_id[:12]} {_fmt(held)}")
+            found.append(f"placement group {group.get('name') or group_id[:12]} {fmt_resources(held)}")
     return found[:limit]
 
 
@@ -227,12 +168,12 @@ def _holders_from_state_api(keys: set[str]) -> list[str]:
                           if a.placement_group_id == group.placement_group_id})
         if held:
             found.append(f"placement group {group.name or group.placement_group_id[:12]} "
-                         f"({', '.join(members) or 'no actors yet'}) {_fmt(held)} of "
+                         f"({', '.join(members) or 'no actors yet'}) {fmt_resources(held)} of "
                          f"{_job(group.creator_job_id, jobs)}")
     for actor in actors:
         held = {k: v for k, v in (actor.required_resources or {}).items() if k in keys and v}
         if held and not actor.placement_group_id:
-            found.append(f"actor {actor.class_name} (pid {actor.pid}) {_fmt(held)} of "
+            found.append(f"actor {actor.class_name} (pid {actor.pid}) {fmt_resources(held)} of "
                          f"{_job(actor.job_id, jobs)}")
     return found
 

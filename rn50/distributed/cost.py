@@ -19,7 +19,8 @@ import ray
 import torch.distributed as dist
 
 from rn50.config import Config
-from rn50.distributed.capacity import MARKET_LABEL
+from rn50.distributed import cluster_view
+from rn50.distributed.cluster_view import MARKET_LABEL
 from rn50.io import pricing, tracking
 from rn50.io.pricing import CostBasis, NodeSpan, Prices
 
@@ -60,14 +61,17 @@ def spent_before(config: Config, tracking_uri: str, run_key: str, name: str) -> 
 
 
 def prepare(config: Config, since_s: float, spent: tuple[float, int]) -> CostBasis:
-    """The run's cost basis, once Ray is up: every node type of the cluster priced (or
-    PricingError), spot node types at their live price when EC2 answers."""
+    """The run's cost basis, once Ray is up: every node type of the cluster (its nodes now and
+    every type its autoscaler may launch) priced, or PricingError before anything starts; spot
+    node types at their live price when EC2 answers."""
     prices = Prices.from_config(config.cost)
-    prices.require_known(node_spans())
-    live = pricing.spot_prices(config.cost)
+    node_types = {span.node_type for span in node_spans()} | set(cluster_view.cluster_node_types())
+    prices.require_known(node_types)
+    # Only a cluster with typed nodes has spot prices to ask for (a local Ray costs nothing).
+    live = pricing.spot_prices(config.cost, prices) if node_types - {""} else {}
     if live:
         logger.info("live spot prices (US$/h): %s", live)
-    return CostBasis(pricing.with_spot_prices(prices, config.cost, live), since_s,
+    return CostBasis(pricing.with_spot_prices(prices, live), since_s,
                      spent_before_usd=spent[0], run_s_before=spent[1],
                      budget_usd=config.train.budget_usd)
 

@@ -4,33 +4,35 @@
 builds the `TorchTrainer` around `rn50.distributed.worker.train_loop_per_worker` (shipped through
 `worker_entry`), and turns Ray's result into the `RESULT` summary. Running it again with the same
 name and storage resumes the run. `fit_run` is the one place that calls `fit()` (sweep trials
-too): it falls back from spot to on-demand nodes and ends a run that cannot get its resources with
-`ResourcesUnavailableError`.
+too); the start policy it hands Ray Train's controller (rn50.distributed.ray_adapter) gets the
+workers their nodes (spot, then on-demand), ends a run that cannot get them with
+`ResourcesUnavailableError` and one whose workers hit a permanent error with `PermanentError`.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
 import ray.train
 import torch
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchConfig
 
 from rn50.core import checkpoint as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.core.model import build_model
-from rn50.distributed import capacity, cost
+from rn50.data.preflight import check_data
+from rn50.distributed import capacity, cluster_view, cost, ray_adapter
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.ray_adapter import ElasticRunPolicy, RunPolicy, Trainer
 from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker_entry import train_loop_per_worker
+from rn50.errors import PermanentError
 
 logger = logging.getLogger(__name__)
-# Ray's controller would start a worker group whose worker died while starting again without
-# limit. Usually that worker's node went away (a reclaim during a restart) and a few tries cover
-# it; a broken image fails the same way every time and must end the run.
-START_FAILURE_RETRIES = 3
 
 
 def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
@@ -51,29 +53,33 @@ def _final_model(result_checkpoint, config: Config):
 
 
 def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None,
-                  label_selector: dict[str, str] | None = None) -> TorchTrainer:
-    """The TorchTrainer for one run: scaling (on nodes matching `label_selector`), storage,
-    failure handling and checkpoint retention."""
+                  market: str = "any") -> Trainer:
+    """The Trainer for one run: scaling (first asking for `market`'s nodes), storage, failure
+    handling, checkpoint retention, and rn50's start policy in its controller."""
     config = run.config
     checkpoint = config.checkpoint
     filesystem, storage_path = storage.resolve_storage(storage_uri)
     threads = str(config.train.torch_threads)
-    return TorchTrainer(
+    ray_scaling = ray.train.ScalingConfig(
+        # A (min, max) tuple makes Ray Train's group elastic; the loop keeps the maths the same
+        # at every size (rn50.data.samplers).
+        num_workers=(config.scaling.min_workers, config.scaling.max_workers)
+        if config.scaling.elastic else config.scaling.max_workers,
+        elastic_resize_monitor_interval_s=config.scaling.resize_check_s,
+        use_gpu=config.scaling.use_gpu,
+        resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        accelerator_type=config.scaling.accelerator_type or None)
+    policy = (ElasticRunPolicy if config.scaling.elastic else RunPolicy)(
+        ray_scaling, config.scaling, capacity.worker_bundle(config.scaling),
+        cluster_view.cluster_node_types(), market, (run.tracking_uri, run.mlflow_run_id))
+    return Trainer(
         train_loop_per_worker,
         train_loop_config=run,  # typed: the worker receives this RunContext as its argument
-        # gloo, not Ray's NCCL default for GPU workers: a node may advertise a GPU that torch
-        # cannot see (fake clusters, broken drivers); _wrap_ddp adds NCCL where CUDA is real.
+        # gloo, not Ray's NCCL default for GPU workers: _wrap_ddp adds NCCL where CUDA is real
+        # (and a rehearsal's fake GPU nodes, scaling.cpu_stands_in_for_gpu, have none).
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            # A (min, max) tuple makes Ray Train's group elastic; the loop keeps the maths the
-            # same at every size (rn50.data.samplers).
-            num_workers=(config.scaling.min_workers, config.scaling.max_workers)
-            if config.scaling.elastic else config.scaling.max_workers,
-            elastic_resize_monitor_interval_s=config.scaling.resize_check_s,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
-            accelerator_type=config.scaling.accelerator_type or None,
-            label_selector=label_selector),
+        scaling_config=ray_scaling,
+        policy=policy,
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             logging_config=ray.train.LoggingConfig(log_level=config.train.ray_log_level),
@@ -84,9 +90,9 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
                 max_preemption_failures=checkpoint.max_preemption_failures,
                 relax_collectives_on_preemption=checkpoint.relax_collectives_on_preemption,
                 preemption_grace_s=checkpoint.preemption_grace_s,
-                # A worker group that cannot start is handed to fit_run at once: left to the
-                # controller (default -1) it retries forever, and the counter never resets.
-                controller_failure_limit=0),
+                # Starts that time out come back every scaling.start_check_s for the start
+                # policy to look at; it bounds them (and ends the run), not this count.
+                controller_failure_limit=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoint.keep_last),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
@@ -94,69 +100,55 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
 
 
 def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None):
-    """`TorchTrainer.fit()` until the run ends. Started again (resuming) from the newest checkpoint
-    if the Train controller dies (it writes its state to storage after every report, so a storage
-    outage kills it); on on-demand nodes when spot ones do not start in time; ended with
-    `ResourcesUnavailableError` when a start that has no fallback times out."""
+    """`fit()` until the run ends. Started again (resuming from the newest checkpoint) when the
+    Train controller dies (it writes its state to storage after every report, so a storage outage
+    kills it), up to `checkpoint.max_failures` times in a row without progress. Raises
+    `ResourcesUnavailableError` for a start that gave up and `PermanentError` for a worker error
+    no restart fixes; the start policy in the controller decides both (ray_adapter)."""
     config = run.config
-    plans = capacity.start_plans(config.scaling)
-    _tag_market(run, plans[0], "")
-    failures = start_failures = 0
+    capacity.refuse_if_never_fits(config.scaling)
+    market = capacity.initial_market(config.scaling)
+    _tag_market(run, market)
+    failures, progress = 0, _progress(storage_uri, name)
     while True:
-        plan = plans[0]
-        started = time.monotonic()
         try:
-            with capacity.ray_train_env(plan.wait_s, config.checkpoint.preemption_poll_s):
-                deadline = [capacity.ElasticStartDeadline(plan.wait_s)] \
-                    if config.scaling.elastic else []
-                return build_trainer(run, name, storage_uri, [*(callbacks or []), *deadline],
-                                     plan.label_selector).fit()
-        except ray.train.ControllerError as err:
-            cause = err.controller_failure
-            if capacity.is_start_timeout(cause) and config.scaling.elastic \
-                    and not capacity.is_elastic_shortfall(cause) \
-                    and capacity.min_workers_fit_now(config.scaling) \
-                    and start_failures < START_FAILURE_RETRIES:
-                # Ray sized the group from a node that was still counted but gone (a node's death
-                # takes the GCS ~30 s to notice), and what is left fits: size it again from that.
-                start_failures += 1
-                logger.warning("the elastic worker group did not start within %.0f s; starting "
-                               "it again with the workers the cluster has now", plan.wait_s)
-                continue
-            if capacity.is_start_timeout(cause) or capacity.is_never_enough(cause):
-                message = capacity.shortfall_message(config.scaling, plan,
-                                                     min(plan.wait_s, time.monotonic() - started))
-                if len(plans) > 1 and capacity.is_start_timeout(cause):
-                    plans.pop(0)
-                    _fall_back(run, plans[0], message)
-                    continue
-                raise capacity.ResourcesUnavailableError(message) from err
-            if capacity.is_start_failure(cause) and start_failures < START_FAILURE_RETRIES:
-                start_failures += 1
-                logger.warning("the worker group failed to start (%s); starting it again",
-                               str(cause).splitlines()[0])
-                continue
-            failures += 1
-            if failures > config.checkpoint.max_failures:
+            with capacity.ray_train_env(config.scaling.start_check_s,
+                                        config.checkpoint.preemption_poll_s):
+                return build_trainer(run, name, storage_uri, callbacks, market).fit()
+        except TrainingFailedError as err:
+            failure = ray_adapter.classify(err)
+            if failure.kind == "no_resources":
+                raise capacity.ResourcesUnavailableError(failure.message) from err
+            if failure.kind == "permanent":
+                stop = PermanentError(failure.message)
+                stop.exit_code = failure.exit_code
+                raise stop from err
+            if failure.kind != "controller":
                 raise
             logger.warning("Train controller failed (%s); waiting for storage, then resuming",
-                           str(err).splitlines()[0])
+                           failure.message)
             _wait_for_storage(storage_uri, timeout_s=600)
+            now = _progress(storage_uri, name)
+            failures = 1 if now != progress else failures + 1  # progress resets the count
+            progress = now
+            if failures > config.checkpoint.max_failures:
+                raise
 
 
-def _tag_market(run: RunContext, plan: capacity.StartPlan, reason: str) -> None:
+def _progress(storage_uri: str, name: str) -> str | None:
+    """The run's newest checkpoint (None before the first, or while storage cannot say)."""
+    try:
+        newest = ckpt.checkpoints_newest_first(storage.run_uri(storage_uri, name))
+    except Exception as err:  # noqa: BLE001 - storage may be the very thing that failed
+        logger.debug("could not list the run's checkpoints: %s", err)
+        return None
+    return newest[0] if newest else None
+
+
+def _tag_market(run: RunContext, market: str) -> None:
     # Both, always: a resumed run that is back on spot must not keep an old fallback reason.
     tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
-                      {"rn50.market": plan.market, "rn50.fallback_reason": reason[:500]})
-
-
-def _fall_back(run: RunContext, plan: capacity.StartPlan, message: str) -> None:
-    """Say (log and MLflow tag) that the run now asks for `plan`'s nodes, and why."""
-    reason = "no spot capacity: " + message.splitlines()[0]
-    print(f"[rn50] {reason}\n[rn50] falling back to {plan.market} nodes "
-          f"({capacity.MARKET_LABEL}={plan.market}) for up to {plan.wait_s:.0f} s; the run moves "
-          "back to spot only when it is started again", flush=True)
-    _tag_market(run, plan, reason)
+                      {"rn50.market": market, "rn50.fallback_reason": ""})
 
 
 def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
@@ -187,6 +179,7 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)  # fail in seconds on bad keys / missing bucket, not mid-run
+    _check_data(config)  # a wrong data.root ends here, not in every worker over and over
     run_key = storage.run_uri(storage_uri, name)
     spent = cost.spent_before(config, tracking_uri, run_key, name)  # a spent budget: stop here
     init_ray(config.scaling.max_workers * config.scaling.cpus_per_worker)
@@ -218,6 +211,18 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     tracking.finish_run(tracking_uri, run_id, succeeded=True,
                         model=model if config.tracking.log_model else None, example_input=example)
     return outcome
+
+
+def _check_data(config: Config) -> None:
+    """The data set, checked before Ray starts (DataError, exit code 2). A local path on a
+    cluster names a folder on the worker nodes, which only the workers can look at."""
+    root = config.data.root
+    if os.environ.get("RAY_ADDRESS") and "://" not in root and \
+            config.data.dataset in ("parquet", "imagefolder"):
+        print(f"[rn50] data.root={root} is a path on the worker nodes: the workers check it (a "
+              "wrong one ends the run with exit code 2)", flush=True)
+        return
+    print(f"[rn50] data: {check_data(config.data)} in {root}", flush=True)
 
 
 def _open_mlflow_run(config: Config, name: str, storage_uri: str, run_key: str,

@@ -22,69 +22,17 @@ import os
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from rn50.io.imds import DEFAULT_IMDS_URL, IMDS_URL_ENV, Imds, ImdsError, imds_url
+
 logger = logging.getLogger("rn50.spot_watcher")
-IMDS_URL_ENV = "RN50_IMDS_URL"
-DEFAULT_IMDS_URL = "http://169.254.169.254"
 NOTICE_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 NOTICE_LEAD_S = 120  # AWS posts the notice two minutes before it acts
 DrainFn = Callable[[str, int, str], None]  # (node id, seconds to the deadline, message)
-
-
-class ImdsError(Exception):
-    """The metadata service could not be reached, or refused a fresh token."""
-
-
-class Imds:
-    """An IMDSv2 client: one session token, fetched again when IMDS answers 401."""
-
-    def __init__(self, base_url: str, timeout_s: float = 2.0, token_ttl_s: int = 21600):
-        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
-        self.token_ttl_s = token_ttl_s
-        self._token = ""
-
-    def _request(self, method: str, path: str, headers: dict) -> tuple[int, str]:
-        request = urllib.request.Request(self.base_url + path, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.status, response.read().decode(errors="replace")
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(errors="replace")
-        except (OSError, ValueError) as err:  # refused, timed out, no route, bad URL
-            raise ImdsError(f"{method} {self.base_url}{path}: {err}") from err
-
-    def _fetch_token(self) -> str:
-        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)}
-        status, body = self._request("PUT", "/latest/api/token", ttl)
-        if status != 200 or not body.strip():
-            raise ImdsError(f"IMDS refused a session token (HTTP {status}): {body[:200]!r}")
-        return body.strip()
-
-    def get(self, path: str) -> tuple[int, str]:
-        """(HTTP status, body) of a metadata GET; a token expired in between is fetched again."""
-        for _ in range(2):
-            if not self._token:
-                self._token = self._fetch_token()
-            status, body = self._request("GET", path, {"X-aws-ec2-metadata-token": self._token})
-            if status != 401:
-                return status, body
-            self._token = ""  # expired or revoked: one fresh token, then believe the answer
-        return status, body
-
-    def text(self, path: str) -> str:
-        """The body of a metadata GET that must succeed ('' when it does not)."""
-        try:
-            status, body = self.get(path)
-        except ImdsError as err:
-            logger.warning("%s", err)
-            return ""
-        return body.strip() if status == 200 else ""
 
 
 @dataclass(frozen=True)
@@ -238,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line (cluster.yaml's worker start commands use it; a unit test parses them)."""
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--address", required=True, help="the GCS, HEAD_IP:6379")
-    cli.add_argument("--imds-url", default=os.environ.get(IMDS_URL_ENV, DEFAULT_IMDS_URL),
+    cli.add_argument("--imds-url", default=imds_url(),
                      help=f"metadata service base URL (${IMDS_URL_ENV}, default "
                           f"{DEFAULT_IMDS_URL})")
     cli.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls")

@@ -37,6 +37,7 @@ from rn50.distributed.cost import BudgetGuard
 from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_metrics_logger,
                                           system_metrics)
 from rn50.distributed.save_schedule import MidEpochSaves
+from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
 from rn50.io import tracking
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ class _Worker:
 def train_loop_per_worker(run: RunContext) -> None:
     """The training loop every Ray Train worker runs."""
     quiet_ray_console(run.config.train.ray_log_level)
+    device = pick_device(run.config)  # before anything else: a node without its GPU stops here
     with system_metrics(run):
-        worker = _set_up(run.config)
+        worker = _set_up(run.config, device)
+        report_device(run, device, worker.rank)
         if worker.rank == 0:
             tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
                               {"device": worker.device.type, "world_size": worker.world_size})
@@ -114,19 +117,18 @@ def train_loop_per_worker(run: RunContext) -> None:
         _train(worker, run)
 
 
-def _set_up(config: Config) -> _Worker:
+def _set_up(config: Config, device: torch.device) -> _Worker:
     """Data, model, optimizer, schedule; then the newest good checkpoint, if the run has one."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.train.torch_threads)
-    device = _pick_device()
     train_set, val_set, class_names = _load_data(config)
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = place_model(build_model(config.model, config.data.num_classes), device,
                         config.model.channels_last)
     if world_size > 1:
-        model = _wrap_ddp(model, device)
+        model = wrap_ddp(model, device)
     model = maybe_compile(model, config.train.compile)
     # Global steps, as the samplers deal them: the same at every world size.
     steps_per_epoch = build_loader(
@@ -235,24 +237,6 @@ def _evaluate_ema(worker: _Worker, epoch: int) -> dict[str, float]:
     return evaluate(averaged, worker.loader(worker.val_set, epoch, train=False), worker.device,
                     channels_last=config.model.channels_last, amp=config.train.amp,
                     amp_dtype=config.train.amp_dtype)
-
-
-def _pick_device() -> torch.device:
-    # A node may advertise a GPU to Ray without torch seeing one (fake clusters, broken drivers):
-    # trust torch, not the resource label.
-    if torch.cuda.is_available():
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
-
-
-def _wrap_ddp(model, device: torch.device):
-    """DDP over NCCL when torch sees a GPU, else over the gloo group Ray set up."""
-    if device.type != "cuda":
-        return torch.nn.parallel.DistributedDataParallel(model)
-    # Ray's default group is gloo (see build_trainer), so gradients get their own NCCL group.
-    nccl = dist.new_group(backend="nccl")
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index],
-                                                     process_group=nccl)
 
 
 def _load_data(config: Config):

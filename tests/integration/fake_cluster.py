@@ -23,6 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
+PROVIDER = "tests.integration.rehearsal_provider"
 HEAD_NODE_ID = "f" * 51 + "00000"  # what the fake provider and `ray start --head` agree on
 # The environment cluster.local.yaml's header gives `ray start --head`.
 HEAD_START_ENV = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
@@ -102,6 +103,9 @@ class FakeCluster:
     # {node type: {field: value}} changed in this cluster's copy of cluster.local.yaml (e.g. a
     # node type's max_workers set to 0: the provider never launches it, like refused capacity).
     node_types: dict = field(default_factory=dict)
+    # Faults of the cloud (tests/integration/rehearsal_provider.py): {"refuse_node_types": [...],
+    # "start_delay_s": {type: s}}; given, the autoscaler launches nodes through that provider.
+    provider: dict = field(default_factory=dict)
     # Short, under /tmp: Ray's unix sockets live in the temp dir; paths are capped at 107 bytes.
     temp_dir: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="rn50lc-", dir="/tmp")))
@@ -127,6 +131,8 @@ class FakeCluster:
         config["provider"]["gcs_address"] = f"{self.node_ip}:{self.ports['port']}"
         for name, fields in self.node_types.items():
             config["available_node_types"][name].update(fields)
+        if self.provider:
+            config["provider"].update(self.provider, module=f"{PROVIDER}.RehearsalProvider")
         path = self.temp_dir / "cluster.local.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -134,6 +140,10 @@ class FakeCluster:
     def start(self, timeout_s: float = 180) -> None:
         """`ray start --head` with the head resources cluster.local.yaml declares."""
         import ray.util  # the node IP the fake provider will use for the GCS address
+        # With RAY_AUTH_MODE=token set, `ray start` only reads a token: make the one the docs
+        # tell users to make (`ray get-auth-token --generate`) if this machine has none yet.
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True,
+                       capture_output=True, timeout=60)
         self.node_ip = ray.util.get_node_ip_address()
         self.ports = dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES))))
         config = yaml.safe_load((REPO / "cluster.local.yaml").read_text())
@@ -146,7 +156,10 @@ class FakeCluster:
                    "--object-store-memory=268435456", "--disable-usage-stats",
                    *[f"--{name}={port}" for name, port in self.ports.items()]]
         env = {**self.env, **(HEAD_START_ENV if self.autoscaling else {}), **self.head_env,
-               "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # react in 1 s, not 5: a shorter test
+               "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react in 1 s, not 5: a shorter test
+               # the autoscaler imports the test's provider module from the repository
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                           os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             self.stop()

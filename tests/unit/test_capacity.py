@@ -1,115 +1,236 @@
-"""fit_run's start plans without a cluster: spot first then on-demand, each start bounded by its
-own time, the timeout handed to Ray Train through the driver's environment, and a run whose last
-start times out ending with ResourcesUnavailableError. The trainer is a stand-in whose fit()
-raises what Ray Train's controller raises (ControllerError around
-WorkerGroupStartupTimeoutError)."""
+"""Getting a run its nodes, without a cluster: the start rules read autoscaler states built here
+(wait for a booting node, fall back on refused spot, give up when nothing comes), the policy's
+hooks fed Ray Train's own controller states and exceptions, `classify` of what fit() raises, and
+fit_run's loop around a stand-in trainer."""
 import os
 
 import pytest
 import ray.train
 from ray.train.v2._internal.exceptions import (WorkerGroupStartupFailedError,
                                                WorkerGroupStartupTimeoutError)
+from ray.train.v2._internal.execution.controller.state import (ReschedulingState,
+                                                               RestartingState, RunningState)
+from ray.train.v2.api.exceptions import WorkerGroupError
 
 from rn50.config import ConfigError, load_config
-from rn50.distributed import capacity, driver
+from rn50.data.common import DataError
+from rn50.distributed import capacity, driver, ray_adapter
+from rn50.distributed.cluster_view import Launch, LaunchView, NodeType
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.start_rules import StartRules, StartState, duration
+from rn50.errors import DeviceError, PermanentError
+
+BUNDLE = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
+TYPES = {name: NodeType(name, {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1},
+                        {"rn50/market": market}, 2)
+         for name, market in (("gpu.a100x8.spot", "spot"), ("gpu.a100x8.ondemand", "on-demand"))}
+TYPES["cpu.spot"] = NodeType("cpu.spot", {"CPU": 32}, {"rn50/market": "spot"}, 4)
+
+
+def _rules(*overrides):
+    scaling = load_config("demo", ["scaling.spot_wait_s=900", "scaling.start_timeout_s=600",
+                                   "scaling.node_start_timeout_s=1200", *overrides]).scaling
+    return StartRules(scaling, BUNDLE, TYPES)
+
+
+def test_a_node_booting_or_installing_is_waited_for_up_to_the_node_start_budget():
+    # Red if a cold node were abandoned on a wall clock (spot_wait_s here is far shorter than
+    # the boot) or waited for forever.
+    rules, state = _rules("scaling.spot_wait_s=60"), StartState("spot", since_s=0.0)
+    booting = LaunchView([Launch("gpu.a100x8.spot", "i-0abc", "installing Ray", 10.0)],
+                         autoscaler=True)
+    verdict = rules.decide(state, booting, now_s=200.0)
+    assert verdict.action == "wait", verdict
+    assert verdict.message.startswith("node i-0abc (gpu.a100x8.spot) installing Ray, 3m10s")
+    assert rules.decide(state, booting, now_s=1200.0).action == "wait"
+    late = rules.decide(state, booting, now_s=1300.0)
+    assert late.action == "fall_back" and "past scaling.node_start_timeout_s=1200" in late.message
+    assert _rules().decide(StartState("on-demand", 0.0), booting, 100.0).action == "wait", \
+        "a spot node does not count for an on-demand start"
+
+
+def test_refused_spot_launches_fall_back_at_once_after_the_configured_count():
+    rules, state = _rules("scaling.spot_refusals_to_fall_back=2"), StartState("spot", 100.0)
+    one = LaunchView([], [Launch("gpu.a100x8.spot", "", "refused", 101.0)], autoscaler=True)
+    assert rules.decide(state, one, 102.0).action == "wait"
+    two = LaunchView([], one.refused * 2, autoscaler=True)
+    verdict = rules.decide(state, two, 103.0,
+                           refusal_reason=lambda node_type: "InsufficientInstanceCapacity")
+    assert verdict.action == "fall_back"
+    assert verdict.message == ("spot refused by the cloud: 2 launches of gpu.a100x8.spot failed "
+                               "(InsufficientInstanceCapacity)")
+    old = LaunchView([], [Launch("gpu.a100x8.spot", "", "refused", 10.0)] * 5, autoscaler=True)
+    assert rules.decide(state, old, 103.0).action == "wait", "refusals before this start"
+    other = LaunchView([], [Launch("cpu.spot", "", "refused", 101.0)] * 5, autoscaler=True)
+    assert rules.decide(state, other, 103.0).action == "wait", "a type that cannot hold a worker"
+
+
+def test_with_nothing_launching_a_start_waits_its_own_limit_then_falls_back_or_gives_up():
+    rules = _rules("scaling.spot_wait_s=60", "scaling.start_timeout_s=90")
+    quiet = LaunchView(autoscaler=True)
+    spot = StartState("spot", since_s=0.0)
+    assert rules.decide(spot, quiet, 30.0).message == (
+        "waiting for room on spot nodes: no node being launched for them "
+        "(30s of scaling.spot_wait_s=60)")
+    assert rules.decide(spot, quiet, 61.0).action == "fall_back"
+    assert rules.decide(StartState("any", 0.0), quiet, 61.0).action == "wait"
+    gone = rules.decide(StartState("any", 0.0), LaunchView(), 91.0)
+    assert gone.action == "give_up" and "scaling.start_timeout_s=90" in gone.message
+    # The idle clock counts from the last launch seen, not from the start.
+    state = StartState("on-demand", 0.0)
+    rules.decide(state, LaunchView([Launch("gpu.a100x8.ondemand", "", "requested", 0.0)],
+                                   autoscaler=True), 80.0)
+    assert rules.decide(state, quiet, 150.0).action == "wait"
+
+
+def test_durations_read_as_people_write_them():
+    assert [duration(s) for s in (5, 190, 3725)] == ["5s", "3m10s", "1h02m"]
+
+
+def _policy(*overrides, market="spot"):
+    config = load_config("demo", ["scaling.use_gpu=true", "scaling.accelerator_type=A100",
+                                  *overrides])
+    scaling = ray.train.ScalingConfig(num_workers=2, use_gpu=True)
+    return ray_adapter.RunPolicy(scaling, config.scaling, capacity.worker_bundle(config.scaling),
+                                 TYPES, market)
+
+
+def test_the_policy_falls_back_on_refusals_and_asks_for_spot_again_at_the_next_restart(
+        monkeypatch, capsys):
+    # Red if the fallback were one-way for the life of the job, or the label selector of the
+    # next start did not follow the market.
+    policy = _policy("scaling.spot_refusals_to_fall_back=1")
+    monkeypatch.setattr(ray_adapter, "_gcs_address", lambda: "unused:1")
+    monkeypatch.setattr(policy, "_send_resource_request", lambda: None)
+    refused = LaunchView([], [Launch("gpu.a100x8.spot", "", "refused", 2e9)], autoscaler=True)
+    monkeypatch.setattr(ray_adapter.cluster_view, "launch_view", lambda address: refused)
+    monkeypatch.setattr(ray_adapter.cluster_view, "refusal_reason", lambda node_type: "")
+    policy.start.since_s = 2e9 - 1
+    assert policy.on_controller_start_worker_group(None, 2) == {"rn50/market": "spot"}
+    timeout = ray.train.ControllerError(WorkerGroupStartupTimeoutError(2))
+    policy.after_controller_state_update(None, ReschedulingState(timeout))
+    assert policy.on_controller_start_worker_group(None, 2) == {"rn50/market": "on-demand"}
+    assert "falling back to on-demand nodes" in capsys.readouterr().out
+    policy.after_controller_state_update(None, RunningState())
+    lost = WorkerGroupError("node died", {0: RuntimeError("node died")})
+    policy.after_controller_state_update(None, RestartingState(lost))
+    assert policy.on_controller_start_worker_group(None, 2) == {"rn50/market": "spot"}
+    assert "asking for spot nodes again" in capsys.readouterr().out
+
+
+def test_a_permanent_worker_error_ends_the_run_instead_of_a_restart():
+    # Red if a wrong data.root or a missing GPU were retried max_failures times (each restart
+    # costs minutes on a GPU cluster).
+    policy = _policy()
+    error = WorkerGroupError("bad root", {0: RuntimeError("collateral"),
+                                          1: DataError("no parquet shards for split 'train'")})
+    with pytest.raises(ray_adapter.PermanentRunFailure, match="rank 1: no parquet") as raised:
+        policy.after_controller_state_update(None, RestartingState(error))
+    assert raised.value.exit_code == 2
+    failure = ray_adapter.classify(ray.train.ControllerError(raised.value))
+    assert (failure.kind, failure.exit_code) == ("permanent", 2)
+    gpu = WorkerGroupError("no gpu", {0: DeviceError("torch sees none")})
+    assert ray_adapter.classify(gpu) == ray_adapter.Failure("permanent", "rank 0: torch sees none",
+                                                            6)
+
+
+def test_workers_dying_while_starting_are_retried_a_few_times_in_a_row(monkeypatch):
+    policy = _policy()
+    died = ReschedulingState(ray.train.ControllerError(WorkerGroupStartupFailedError("died")))
+    for _ in range(ray_adapter.START_FAILURE_RETRIES):
+        policy.after_controller_state_update(None, died)
+    policy.after_controller_state_update(None, RunningState())  # the group ran: count again
+    for _ in range(ray_adapter.START_FAILURE_RETRIES):
+        policy.after_controller_state_update(None, died)
+    with pytest.raises(ray_adapter.PermanentRunFailure, match="failed to start 4 times in a row"):
+        policy.after_controller_state_update(None, died)
 
 
 class Starts:
-    """build_trainer's stand-in: records each start; fit() raises `error` `timeouts` times."""
+    """build_trainer's stand-in: fit() raises each of `errors` in turn, then returns."""
 
-    def __init__(self, timeouts: int, error=lambda: WorkerGroupStartupTimeoutError(2)):
-        self.timeouts, self.calls, self.error = timeouts, [], error
+    def __init__(self, *errors):
+        self.errors, self.calls = list(errors), []
 
-    def __call__(self, run, name, storage_uri, callbacks=None, label_selector=None):
+    def __call__(self, run, name, storage_uri, callbacks=None, market="any"):
         starts = self
 
         class Trainer:
             def fit(self):
-                starts.calls.append((label_selector, os.environ[capacity.START_TIMEOUT_ENV],
-                                     os.environ[capacity.PREEMPTION_POLL_ENV]))
-                if len(starts.calls) <= starts.timeouts:
-                    raise ray.train.ControllerError(starts.error())
+                starts.calls.append((market, os.environ[capacity.START_TIMEOUT_ENV]))
+                if starts.errors:
+                    raise starts.errors.pop(0)
                 return "result"
         return Trainer()
 
 
 @pytest.fixture
-def tags(monkeypatch):
-    recorded = []
-    monkeypatch.setattr(driver.tracking, "set_tags", lambda uri, run_id, t: recorded.append(t))
-    monkeypatch.setattr(capacity, "shortfall_message", lambda scaling, plan, waited_s:
-                        f"nothing for {plan.market} in {waited_s:.0f} s")
+def quiet_driver(monkeypatch):
+    tags = []
+    monkeypatch.setattr(driver.tracking, "set_tags", lambda uri, run_id, t: tags.append(t))
+    monkeypatch.setattr(driver.capacity, "refuse_if_never_fits", lambda scaling: None)
+    monkeypatch.setattr(driver.capacity, "initial_market", lambda scaling: "spot")
+    monkeypatch.setattr(driver, "_wait_for_storage", lambda uri, timeout_s: None)
     monkeypatch.delenv(capacity.START_TIMEOUT_ENV, raising=False)
-    return recorded
+    return tags
 
 
 def _run(*overrides):
     return RunContext(load_config("demo", list(overrides)), "sqlite:///unused.db", "run-id")
 
 
-def test_spot_first_then_on_demand_each_with_its_own_wait(monkeypatch, tags, capsys):
-    starts = Starts(timeouts=1)
-    monkeypatch.setattr(driver, "build_trainer", starts)
-    run = _run("scaling.prefer_spot=true", "scaling.spot_wait_s=30", "scaling.start_timeout_s=90",
-               "checkpoint.preemption_poll_s=2")
-    assert driver.fit_run(run, "r", "/tmp/unused") == "result"
-    assert starts.calls == [({"rn50/market": "spot"}, "30.0", "2.0"),
-                            ({"rn50/market": "on-demand"}, "90.0", "2.0")]
-    assert [t["rn50.market"] for t in tags] == ["spot", "on-demand"]
-    assert tags[-1]["rn50.fallback_reason"].startswith("no spot capacity: nothing for spot")
-    assert "falling back to on-demand nodes" in capsys.readouterr().out
+def test_fit_run_turns_the_policys_verdicts_into_the_projects_errors(monkeypatch, quiet_driver):
+    gave_up = ray.train.ControllerError(ray_adapter.StartGaveUp("nothing came"))
+    monkeypatch.setattr(driver, "build_trainer", Starts(gave_up))
+    with pytest.raises(capacity.ResourcesUnavailableError, match="nothing came"):
+        driver.fit_run(_run("scaling.start_check_s=7"), "r", "/tmp/unused")
+    permanent = ray.train.ControllerError(ray_adapter.PermanentRunFailure("no GPU", 6))
+    monkeypatch.setattr(driver, "build_trainer", Starts(permanent))
+    with pytest.raises(PermanentError, match="no GPU") as raised:
+        driver.fit_run(_run(), "r", "/tmp/unused")
+    assert raised.value.exit_code == 6
+    assert quiet_driver[0] == {"rn50.market": "spot", "rn50.fallback_reason": ""}
     assert capacity.START_TIMEOUT_ENV not in os.environ, "the driver's environment is restored"
 
 
-def test_a_run_without_a_market_preference_asks_for_any_node_and_ends_when_it_times_out(
-        monkeypatch, tags):
-    starts = Starts(timeouts=1)
+def test_a_dead_controller_is_restarted_and_progress_resets_the_count(monkeypatch, quiet_driver):
+    # Red if a week-long run were limited to max_failures controller deaths in its life.
+    died = lambda: ray.train.ControllerError(RuntimeError("storage unreachable"))  # noqa: E731
+    marks = iter(["c1", "c2", "c3", "c4"])  # newest checkpoint before, then after each death
+    monkeypatch.setattr(driver, "_progress", lambda uri, name: next(marks))
+    starts = Starts(died(), died(), died())
     monkeypatch.setattr(driver, "build_trainer", starts)
-    with pytest.raises(capacity.ResourcesUnavailableError, match="nothing for any"):
-        driver.fit_run(_run("scaling.start_timeout_s=45"), "r", "/tmp/unused")
-    assert starts.calls == [(None, "45.0", "5.0")], "no second start, no retry by the controller"
-    assert tags == [{"rn50.market": "any", "rn50.fallback_reason": ""}]
+    assert driver.fit_run(_run("checkpoint.max_failures=1"), "r", "/tmp/x") == "result"
+    assert [call[1] for call in starts.calls] == ["30.0"] * 4  # scaling.start_check_s
+    marks = iter(["c1", "c1", "c1"])
+    monkeypatch.setattr(driver, "_progress", lambda uri, name: next(marks))
+    monkeypatch.setattr(driver, "build_trainer", Starts(died(), died()))
+    with pytest.raises(ray.train.ControllerError, match="storage unreachable"):
+        driver.fit_run(_run("checkpoint.max_failures=1"), "r", "/tmp/x")
 
 
-def test_when_on_demand_times_out_too_the_run_ends_naming_it(monkeypatch, tags):
-    starts = Starts(timeouts=2)
-    monkeypatch.setattr(driver, "build_trainer", starts)
-    with pytest.raises(capacity.ResourcesUnavailableError, match="nothing for on-demand"):
-        driver.fit_run(_run("scaling.prefer_spot=true"), "r", "/tmp/unused")
-    assert len(starts.calls) == 2
-
-
-@pytest.mark.parametrize("failures, succeeds", [(driver.START_FAILURE_RETRIES, True),
-                                                (driver.START_FAILURE_RETRIES + 1, False)])
-def test_a_worker_dying_while_the_group_starts_is_retried_a_few_times_not_forever(
-        monkeypatch, tags, failures, succeeds):
-    starts = Starts(timeouts=failures, error=lambda: WorkerGroupStartupFailedError("died"))
-    monkeypatch.setattr(driver, "build_trainer", starts)
-    run = _run("checkpoint.max_failures=0")  # not charged to max_failures
-    if succeeds:
-        assert driver.fit_run(run, "r", "/tmp/unused") == "result"
-    else:
-        with pytest.raises(ray.train.ControllerError, match="died"):
-            driver.fit_run(run, "r", "/tmp/unused")
-    assert len(starts.calls) == min(failures + 1, driver.START_FAILURE_RETRIES + 1)
-
-
-def test_the_trainer_bounds_controller_retries_and_carries_the_preemption_settings(tmp_path):
+def test_the_trainer_runs_the_start_policy_and_carries_the_preemption_settings(tmp_path):
     run = _run("checkpoint.max_preemption_failures=7", "checkpoint.preemption_grace_s=15",
                "checkpoint.relax_collectives_on_preemption=true")
-    trainer = driver.build_trainer(run, "r", str(tmp_path), label_selector={"rn50/market": "spot"})
+    trainer = driver.build_trainer(run, "r", str(tmp_path), market="spot")
     failure = trainer.run_config.failure_config
-    assert failure.controller_failure_limit == 0
+    assert failure.controller_failure_limit == -1, "start timeouts are the policy's to bound"
     assert (failure.max_preemption_failures, failure.preemption_grace_s,
             failure.relax_collectives_on_preemption) == (7, 15.0, True)
     assert failure.max_failures == run.config.checkpoint.max_failures
-    assert trainer.scaling_config.label_selector == {"rn50/market": "spot"}
+    assert isinstance(trainer._rn50_policy, ray_adapter.RunPolicy)
+    assert trainer._rn50_policy.on_controller_start_worker_group(None, 2) == \
+        {"rn50/market": "spot"}
+    elastic = driver.build_trainer(_run("scaling.num_workers=[1,2]"), "r", str(tmp_path))
+    assert isinstance(elastic._rn50_policy, ray_adapter.ElasticRunPolicy)
 
 
 @pytest.mark.parametrize("override, key", [
     ("scaling.start_timeout_s=0", "scaling.start_timeout_s"),
     ("scaling.spot_wait_s=-1", "scaling.spot_wait_s"),
+    ("scaling.node_start_timeout_s=0", "scaling.node_start_timeout_s"),
+    ("scaling.start_check_s=0", "scaling.start_check_s"),
+    ("scaling.spot_refusals_to_fall_back=0", "scaling.spot_refusals_to_fall_back"),
     ("checkpoint.preemption_poll_s=0", "checkpoint.preemption_poll_s"),
     ("checkpoint.preemption_grace_s=-5", "checkpoint.preemption_grace_s"),
     ("checkpoint.max_preemption_failures=-2", "checkpoint.max_preemption_failures")])
