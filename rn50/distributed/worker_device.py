@@ -44,14 +44,12 @@ def pick_device(config: Config) -> torch.device:
 
 
 def node_description(config: Config) -> str:
-    """`node 1a2b3c4d5e6f (gpu.a100x8.spot, p4d.24xlarge) on host ip-10-0-0-5`."""
-    node_id = ray.get_runtime_context().get_node_id()
-    labels = next((node.get("Labels") or {} for node in ray.nodes()
-                   if node["NodeID"] == node_id), {})
-    node_type = labels.get(NODE_GROUP_LABEL, "")
+    """`node 1a2b...9f (gpu.a100x8.spot, p4d.24xlarge) on host ip-10-0-0-5`."""
+    context = ray.get_runtime_context()
+    node_type = context.get_node_labels().get(NODE_GROUP_LABEL, "")
     kind = ", ".join(filter(None, [node_type or "no node type",
                                    pricing.instance_type_of(node_type, config.cost)]))
-    return f"node {node_id[:12]} ({kind}) on host {socket.gethostname()}"
+    return f"node {context.get_node_id()} ({kind}) on host {socket.gethostname()}"
 
 
 def report_device(run: RunContext, device: torch.device, rank: int) -> None:

@@ -131,7 +131,7 @@ class FakeCluster:
         config["provider"]["gcs_address"] = f"{self.node_ip}:{self.ports['port']}"
         for name, fields in self.node_types.items():
             config["available_node_types"][name].update(fields)
-        if self.provider:
+        if self.provider:  # the same provider, with the cloud's faults
             config["provider"].update(self.provider, module=f"{PROVIDER}.RehearsalProvider")
         path = self.temp_dir / "cluster.local.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -149,7 +149,8 @@ class FakeCluster:
         config = yaml.safe_load((REPO / "cluster.local.yaml").read_text())
         head = config["available_node_types"][config["head_node_type"]]["resources"]
         extra = {k: v for k, v in head.items() if k not in ("CPU", "GPU")}
-        autoscaler = [f"--autoscaling-config={self._config()}"] if self.autoscaling else []
+        config_path = self._config()
+        autoscaler = [f"--autoscaling-config={config_path}"] if self.autoscaling else []
         command = [RAY, "start", "--head", f"--num-cpus={head.get('CPU', 0)}",
                    f"--resources={json.dumps(extra)}", *autoscaler,
                    f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
@@ -159,7 +160,10 @@ class FakeCluster:
                "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # react in 1 s, not 5: a shorter test
                # the autoscaler imports the test's provider module from the repository
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                           os.environ.get("PYTHONPATH")]))}
+                                                           os.environ.get("PYTHONPATH")])),
+               # where the jobs' drivers read the node types (cluster.yaml's head: ray up's
+               # ~/ray_bootstrap_config.yaml), as docs/aws.md's rehearsal sets it
+               **({"RN50_CLUSTER_CONFIG": str(config_path)} if self.autoscaling else {})}
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             self.stop()

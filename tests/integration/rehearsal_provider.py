@@ -1,4 +1,5 @@
-"""Ray's fake multi-node provider with two faults of the real cloud, set from the test's copy of
+"""The rehearsal's node provider (rn50.distributed.rehearsal_provider) with two faults of the real
+cloud, set from the test's copy of
 cluster.local.yaml (`provider:`), never from the product:
 
 - `refuse_node_types: [gpu.a100x8.spot]`: every launch of those types fails as EC2 fails a spot
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import time
 
-from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+
+from rn50.distributed.rehearsal_provider import RehearsalNodeProvider
 
 
 class InsufficientInstanceCapacity(Exception):
     """What botocore raises for EC2's error code of that name (its ClientError's message)."""
 
 
-class RehearsalProvider(FakeMultiNodeProvider):
-    """FakeMultiNodeProvider that refuses or delays the launches its config names."""
+class RehearsalProvider(RehearsalNodeProvider):
+    """The rehearsal's provider, refusing or delaying the launches its config names."""
 
     def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
         node_type = tags[TAG_RAY_USER_NODE_TYPE]

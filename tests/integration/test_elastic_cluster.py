@@ -1,8 +1,12 @@
 """An elastic run (`scaling.num_workers=[1, 2]`) on a real multi-node Ray cluster (a head and one
-raylet per node, on this machine): a node is taken (its raylet and everything on it SIGKILLed),
-the run goes on with the surviving worker without waiting for a replacement, grows back to two
-workers when a node joins, and ends where a fixed-size run would: the demo's >= 90% val top-1,
-with `world_size` over time in MLflow.
+raylet per node, on this machine, one cluster for the module):
+
+- started while another job holds one of the two CPUs, it trains at once with one worker (sized
+  from what is free, not from the cluster's totals) and grows to two when that job ends;
+- a node is taken (its raylet and everything on it SIGKILLed): the run goes on with the surviving
+  worker without waiting for a replacement (nor for Ray to notice the node is dead), grows back
+  to two workers when a node joins, and ends where a fixed-size run would: the demo's >= 90% val
+  top-1, with `world_size` over time in MLflow.
 """
 import json
 import os
@@ -20,13 +24,15 @@ from tests.integration.fake_cluster import REPO, FakeCluster, kill_tree
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
+    """A head without CPUs and two 1-CPU nodes."""
     with FakeCluster(autoscaling=False) as started:
+        started.add_node(), started.add_node()
         yield started
 
 
-def _start_driver(cluster, tmp_path, name):
+def _start_driver(cluster, tmp_path, name, *extra):
     """The demo recipe as an elastic run of 1 to 2 CPU workers, its driver on this machine
     joined to the cluster (RAY_ADDRESS); the head has no CPU for the workers."""
     command = [sys.executable, "ray_jobs/train_full.py", "--recipe", "demo", "--name", name,
@@ -34,12 +40,14 @@ def _start_driver(cluster, tmp_path, name):
                "train.epochs=6", "scaling.num_workers=[1,2]", "scaling.resize_check_s=10",
                "checkpoint.every_steps=5", "train.log_every_steps=1", "tracking.log_model=false",
                "checkpoint.keep_best_by=none", "scaling.start_timeout_s=45",
-               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
     log = open(tmp_path / "job.log", "w")
     # Every step line (Ray would fold repeats into "[repeated Nx across cluster]").
     env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "RAY_DEDUP_LOGS": "0"}
-    return subprocess.Popen(command, cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True), log
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           text=True)
+    job.launched = time.monotonic()
+    return job, log
 
 
 def _log_text(tmp_path) -> str:
@@ -95,12 +103,57 @@ def _global_steps(epoch_and_step: tuple, per_epoch: int, done: bool = False) -> 
     return int(epoch_and_step[0]) * per_epoch + int(epoch_and_step[1]) + (1 if done else 0)
 
 
+HOLDER = """
+import ray, sys
+ray.init(address=sys.argv[1])
+holder = ray.remote(num_cpus=1)(type("OtherJob", (), {"ready": lambda self: True})).remote()
+ray.get(holder.ready.remote())
+print("holding one CPU", flush=True)
+sys.stdin.read()  # until the test ends this job
+"""
+
+
+def test_an_elastic_run_starts_with_what_is_free_and_grows_when_another_job_ends(cluster,
+                                                                                tmp_path):
+    """Red if the group were sized from the cluster's totals (Ray 2.60's elastic policy: it asks
+    for 2 workers and waits until the other job ends), or never grew."""
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, cluster.gcs_address],
+                             env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    assert "holding one CPU" in other.stdout.readline(), "the other job did not start"
+    job, log = _start_driver(cluster, tmp_path, "beside", "train.epochs=3",
+                             "checkpoint.every_steps=2", "scaling.resize_check_s=5")
+    try:
+        _wait_for(r"starting the worker group with 1 workers", job, tmp_path, 240)
+        _wait_for(STEP, job, tmp_path, 120)
+        trained_after_s = time.monotonic() - job.launched
+        other.stdin.close()  # the other job ends: its CPU is free
+        other.wait(timeout=60)
+        _wait_for(r"room for 2 workers now: growing the group from 1", job, tmp_path, 180)
+        _wait_for(r"saved by 1 workers, now 2\)", job, tmp_path, 240)
+        job.wait(timeout=900)
+    finally:
+        other.kill()
+        if job.poll() is None:
+            job.kill()
+        log.close()
+    output = _log_text(tmp_path)
+    assert job.returncode == 0, output[-4000:]
+    assert "Detected ready resources for 2 workers" not in output
+    result = json.loads(next(line for line in output.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    sizes = [int(m.value) for m in sorted(MlflowClient(result["tracking_uri"]).get_metric_history(
+        result["mlflow_run_id"], "world_size"), key=lambda m: (m.step, m.timestamp))]
+    assert sizes[0] == 1 and sizes[-1] == 2, sizes
+    print(f"trained with 1 worker {trained_after_s:.0f} s after its launch, then grew to 2")
+
+
 def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_path):
     """Turns red if an elastic run waits for a replacement instead of going on with the survivor,
     if it never grows back, if a resume on another world size loses or repeats steps (the run
     would not end on the demo's accuracy, or the resume points would not be checkpoints'), or if
     world_size is not in MLflow over time."""
-    survivor, victim = cluster.add_node(), cluster.add_node()
+    survivor, victim = sorted(cluster.worker_raylets())
     job, log = _start_driver(cluster, tmp_path, "elastic")
     try:
         _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training

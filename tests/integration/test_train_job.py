@@ -120,3 +120,24 @@ def test_wrong_s3_key_fails_fast_with_a_clear_message(tmp_path, s3_server):
                                f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], env, timeout=180)
     assert code == 3 and "AWS_SECRET_ACCESS_KEY" in output
     assert "definitely-wrong-secret" not in output
+
+
+def test_a_wrong_data_root_ends_before_ray_starts_saying_what_it_found(tmp_path, s3_server):
+    # The first run's classic mistake: an ImageNet recipe pointed at the class-folder tree. Red if
+    # it reached the workers (every one failing, restarted again and again) or said nothing useful.
+    folders = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (folders / split / "n01440764").mkdir(parents=True)
+    args = ["--recipe", "imagenet_fast_16", "--storage", str(tmp_path / "runs"),
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    code, output, result = run_job([*args, f"data.root={folders}"], timeout=180)
+    assert code == 2 and result is None, output[-3000:]
+    assert "it holds class folders: set data.dataset=imagefolder" in output, output[-3000:]
+    assert "Started a local Ray instance" not in output
+    # Shards in S3 that these credentials cannot read: named, with what to fix, exit 2.
+    env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "definitely-wrong-secret"}
+    code, output, _ = run_job([*args, f"data.root=s3://{s3_server.bucket}/imagenet-parquet"],
+                              env, timeout=180)
+    assert code == 2 and "cannot list data.root='s3://" in output, output[-3000:]
+    assert "AWS_SECRET_ACCESS_KEY" in output and "definitely-wrong-secret" not in output
+    assert "Started a local Ray instance" not in output

@@ -173,7 +173,10 @@ def test_the_local_rehearsal_has_the_same_node_types(cluster):
     local = prepare_config(yaml.safe_load((REPO / "cluster.local.yaml").read_text()))
     validate_config(local)
     provider = local["provider"]["module"]
-    assert provider.endswith("fake_multi_node.node_provider.FakeMultiNodeProvider"), provider
+    assert provider == "rn50.distributed.rehearsal_provider.RehearsalNodeProvider", provider
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from rn50.distributed.rehearsal_provider import RehearsalNodeProvider
+    assert issubclass(RehearsalNodeProvider, FakeMultiNodeProvider)
     assert local["available_node_types"].keys() == cluster["available_node_types"].keys()
     assert local["head_node_type"] == cluster["head_node_type"] == "ray.head.default"
     for name, node_type in cluster["available_node_types"].items():
@@ -189,7 +192,7 @@ MARKET = "rn50/market"
 
 
 def test_worker_types_carry_the_market_label_that_label_selectors_ask_for(cluster):
-    # capacity.start_plans asks for {rn50/market: spot}, then {rn50/market: on-demand}; v2
+    # The start policy asks for {rn50/market: spot}, then {rn50/market: on-demand}; v2
     # launches only a node type whose `labels` match a pending request's selector.
     for name, node_type in _workers(cluster).items():
         expected = "spot" if _is_spot(node_type) else "on-demand"

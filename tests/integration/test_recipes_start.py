@@ -1,0 +1,92 @@
+"""Every recipe in rn50/recipes starts training on a workstation's local Ray (no market labels, no
+autoscaler, no GPU) within a minute: shrunk for the CPU (tiny images and batches, one worker,
+`scaling.use_gpu=false`, a 4-class parquet ImageNet or the digits), its scaling, spot, schedule
+and regularizer settings left as they are. Red for a recipe that waits for nodes that never come
+(the GPU recipes' `prefer_spot` once asked a workstation for spot-labelled nodes for 15 minutes)
+or fails to build. Each driver is killed once its first step is logged; one `ray start --head`
+serves them all, as on a workstation."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rn50.config import RECIPES_DIR, load_config
+from rn50.data.small_datasets import prepare_digits
+from tests.ilsvrc_fixture import make_hf_parquet, make_ilsvrc
+from tests.integration.fake_cluster import FakeCluster, kill_tree
+from tests.integration.jobs import REPO
+
+pytestmark = pytest.mark.integration
+RECIPES = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+FIRST_STEP_S = 60
+
+
+@pytest.fixture(scope="module")
+def workstation(module_tmp):
+    """A one-node Ray with 2 CPUs, started with `ray start --head` (no labels, no autoscaler)."""
+    cluster = FakeCluster(autoscaling=False)
+    cluster.start()
+    cluster.add_node(num_cpus=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def data(module_tmp):
+    """{dataset kind: overrides}: a 4-class ImageNet as HF parquet, and the digits."""
+    tree = module_tmp / "ilsvrc"
+    labels = make_ilsvrc(tree, per_class=4, val_per_class=2)
+    make_hf_parquet(tree, labels, module_tmp / "parquet")
+    digits = prepare_digits(module_tmp / "digits")  # {train,val}/<digit>/*.jpg
+    return {"parquet": [f"data.root={module_tmp / 'parquet'}", "data.num_classes=4"],
+            "digits": [f"data.root={digits}"],
+            "imagefolder": [f"data.root={digits}", "data.num_classes=10"]}
+
+
+def _shrunk(recipe: str, data: dict, tmp_path) -> list[str]:
+    dataset = load_config(recipe).data.dataset
+    source = data[dataset] if dataset in data else \
+        ["data.dataset=imagefolder", *data["imagefolder"]]  # imagenette would download
+    return [*source, "train.epochs=1", "data.max_train_samples=16", "data.max_val_samples=8",
+            "train.global_batch_size=8", "train.micro_batch_size=0", "scaling.num_workers=1",
+            "scaling.cpus_per_worker=1", "scaling.use_gpu=false", "scaling.accelerator_type=''",
+            "data.train_crop_px=32", "data.val_resize_px=32", "data.val_crop_px=32",
+            "data.progressive_min_px=0", "data.loader_workers=0", "train.torch_threads=1",
+            "train.log_every_steps=1", "tracking.log_model=false",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_starts_training_on_a_local_ray_within_a_minute(recipe, workstation, data,
+                                                                     tmp_path):
+    log_path = tmp_path / "job.log"
+    env = {**workstation.env, "RAY_ADDRESS": workstation.gcs_address, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "ray_jobs/train_full.py", "--recipe", recipe,
+                                "--name", recipe, "--storage", str(tmp_path / "runs"),
+                                *_shrunk(recipe, data, tmp_path)], cwd=REPO, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    launched, first_step_s = time.monotonic(), None
+    try:
+        while time.monotonic() - launched < FIRST_STEP_S + 120 and job.poll() is None:
+            if "epoch 0 step 0 " in log_path.read_text(errors="replace"):
+                first_step_s = time.monotonic() - launched
+                break
+            time.sleep(0.5)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            kill_tree(job.pid)
+        job.wait(timeout=60)
+    output = log_path.read_text(errors="replace")
+    assert first_step_s is not None, f"{recipe} never trained:\n{output[-4000:]}"
+    print(f"{recipe}: first step {first_step_s:.0f} s after the launch")
+    assert first_step_s < FIRST_STEP_S, output[-4000:]
+    if load_config(recipe).scaling.prefer_spot:
+        assert "scaling.prefer_spot ignored: no node of this cluster carries a rn50/market " \
+               "label" in output, output[-4000:]
