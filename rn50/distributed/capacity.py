@@ -62,7 +62,8 @@ def refuse_if_never_fits(scaling: ScalingConfig) -> None:
         total = {key: ray.cluster_resources().get(key, 0.0) for key in bundle}
         gpu_hint = " (scaling.use_gpu=false trains on the CPU)" if scaling.use_gpu else ""
         raise ResourcesUnavailableError(
-            f"{scaling.min_workers} workers x {fmt_resources(bundle)} can never start here: this "
+            f"the worker group could not start: {'at least ' if scaling.elastic else ''}"
+            f"{scaling.min_workers} workers x {fmt_resources(bundle)} can never fit here: this "
             f"Ray cluster has {fmt_resources(total)} in all, room for {room}, and no autoscaler "
             f"to add nodes; lower scaling.num_workers / scaling.cpus_per_worker{gpu_hint}, or "
             "run on a cluster that has them")

@@ -118,6 +118,11 @@ class _StartControl:
         self.start = StartState(market, time.time())
         self.start_failures, self._said_s = 0, 0.0
 
+    def after_controller_start(self, train_run_context):
+        """The first start's wait begins now, in the controller (not when the driver built us)."""
+        super().after_controller_start(train_run_context)
+        self.start = StartState(self.start.market, time.time())
+
     def on_controller_start_worker_group(self, scaling_config, num_workers):
         """The label selector of this start: the market's (None: any node)."""
         return None if self.start.market == "any" else {MARKET_LABEL: self.start.market}

@@ -1,9 +1,10 @@
 """Never wait forever: a run and a sweep started while another job holds the CPUs they need.
 
-A 2-CPU cluster this test starts; the other job is a Ray actor reserving both CPUs. Each run or
-sweep either completes after the CPUs are released or ends, within its start timeout, with exit
-code 4 and a message naming what it asked for and who holds it; neither hangs, and nothing a
-timed-out start reserved is left behind."""
+A 2-CPU cluster this test starts (no autoscaler); the other job is a Ray actor reserving both CPUs,
+made by this test process. Each run or sweep either completes after the CPUs are released or
+ends, once its start timeout has passed with nothing launching for it, with exit code 4 and a
+message naming what it asked for and who holds it; one that could never fit ends at once; none
+hangs, and nothing a timed-out start reserved is left behind."""
 import os
 import re
 import socket
@@ -18,8 +19,10 @@ import yaml
 from tests.integration.jobs import REPO, small
 
 START_TIMEOUT_S = 30
+CHECK_S = 5  # scaling.start_check_s: how often a waiting start looks again
 # Python, MLflow, Ray and Train controller start-up on a busy shared 2-core machine (seen: 80 s):
-# what a job may take beyond its start timeout, counted from the moment it was launched.
+# what a job may take before it starts waiting, counted from the moment it was launched. The wait
+# itself is timed from the first "waiting for" line the job prints to its exit.
 OVERHEAD_S = 180
 
 
@@ -69,7 +72,8 @@ def _run_job(tmp_path, address: str, name: str, *extra: str):
     return _start(["ray_jobs/train_full.py", "--recipe", "demo", "--name", name,
                    "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=1),
                    f"tracking.uri=sqlite:///{tmp_path / 'run-mlflow.db'}",
-                   f"scaling.start_timeout_s={START_TIMEOUT_S}", *extra], address,
+                   f"scaling.start_timeout_s={START_TIMEOUT_S}", f"scaling.start_check_s={CHECK_S}",
+                   *extra], address,
                   tmp_path / f"{name}.log")
 
 
@@ -78,22 +82,28 @@ def _sweep_job(tmp_path, address: str):
     space.write_text(yaml.safe_dump({
         "base_recipe": "demo", "metric": "val_top1", "num_samples": 1, "search": "random",
         "overrides": [*small(tmp_path, epochs=1), f"scaling.start_timeout_s={START_TIMEOUT_S}",
+                      f"scaling.start_check_s={CHECK_S}",
                       f"tracking.uri=sqlite:///{tmp_path / 'sweep-mlflow.db'}"],
         "space": {"optim.lr": {"grid": [0.05]}}}))
     return _start(["ray_jobs/tune_imagenette.py", "--space", str(space), "--name", "sweep",
                    "--storage", str(tmp_path / "sweeps")], address, tmp_path / "sweep.log")
 
 
-def _wait(job, timeout_s: float) -> float:
-    """Seconds from `job`'s launch until it ended; fails (after killing it) if it is still running
+def _wait(job, log_path, timeout_s: float) -> tuple[float, float | None]:
+    """(seconds from `job`'s launch until it ended, seconds from its first "waiting for" line
+    until it ended, None if it printed none); fails (after killing it) if it is still running
     `timeout_s` after its launch."""
-    try:
-        job.wait(timeout=max(0.0, job.launched + timeout_s - time.monotonic()))
-    except subprocess.TimeoutExpired:
+    waiting_since = None
+    while job.poll() is None and time.monotonic() < job.launched + timeout_s:
+        if waiting_since is None and "[rn50] waiting for " in log_path.read_text(errors="replace"):
+            waiting_since = time.monotonic()
+        time.sleep(0.5)
+    if job.poll() is None:
         job.kill()
         job.wait()
         pytest.fail(f"still waiting {timeout_s:.0f} s after its launch: it would have hung")
-    return time.monotonic() - job.launched
+    ended = time.monotonic()
+    return ended - job.launched, None if waiting_since is None else ended - waiting_since
 
 
 def _no_reservation_left() -> None:
@@ -103,16 +113,18 @@ def _no_reservation_left() -> None:
 
 
 def _assert_clear_failure(output: str) -> None:
-    assert "the worker group did not start within" in output, output[-3000:]
+    assert "the worker group could not start: no room for the workers on nodes and no node " \
+           f"launched for them within scaling.start_timeout_s={START_TIMEOUT_S}" in output, \
+        output[-3000:]
     assert re.search(r"(?:at least )?\d workers x \{CPU: 1\}", output), output[-3000:]
-    assert "scaling.start_timeout_s" in output, output[-3000:]
+    # Who holds the CPUs: the other job's actor, of this test process's job (its driver pid).
+    assert "actor Blocker" in output and f"({os.getpid()})" in output, output[-3000:]
 
 
 def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tmp_path,
                                                                                two_cpus):
     blocker = _blocker()
-    # Elastic runs: [2, 4] tries a group of 2 (the held CPUs count as the cluster's); [3, 4] can
-    # never start (Ray 2.60 then waits without a deadline; ours is the same start timeout).
+    # Elastic runs: [2, 4] waits for 2 (both held); [3, 4] can never fit on this cluster.
     jobs = {"starved": _run_job(tmp_path, two_cpus, "starved"),
             "elastic": _run_job(tmp_path, two_cpus, "elastic", "scaling.num_workers=[2,4]",
                                 f"tracking.uri=sqlite:///{tmp_path / 'elastic-mlflow.db'}"),
@@ -120,17 +132,20 @@ def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tm
                                  f"tracking.uri=sqlite:///{tmp_path / 'elastic3-mlflow.db'}"),
             "sweep": _sweep_job(tmp_path, two_cpus)}
     for name, job in jobs.items():
-        seconds = _wait(job, START_TIMEOUT_S + OVERHEAD_S)
-        output = (tmp_path / f"{name}.log").read_text(errors="replace")
-        assert job.returncode == 4, output[-3000:]
-        _assert_clear_failure(output)
-        # Who holds the CPUs: the other job's actor, named with its job's entrypoint.
-        assert "actor Blocker" in output and "pytest" in output and "free" in output, output[-3000:]
-        assert "RESULT" not in output
-        print(f"{name} ended with exit 4 after {seconds:.0f} s")
-    # More than the cluster has: Ray's elastic policy starts nothing and would wait forever.
-    assert "fewer workers than the elastic minimum fit for" in \
-        (tmp_path / "elastic3.log").read_text()
+        log_path = tmp_path / f"{name}.log"
+        seconds, waited_s = _wait(job, log_path, START_TIMEOUT_S + OVERHEAD_S)
+        output = log_path.read_text(errors="replace")
+        assert job.returncode == 4 and "RESULT" not in output, output[-3000:]
+        if name == "elastic3":  # more than the cluster has, and no autoscaler: no wait at all
+            assert "at least 3 workers x {CPU: 1} can never fit here: this Ray cluster has " \
+                   "{CPU: 2} in all, room for 2, and no autoscaler" in output, output[-3000:]
+            assert waited_s is None, "it waited for what could never come"
+        else:
+            _assert_clear_failure(output)
+            # The deadline applies once (give or take a look), not three times, nor early.
+            assert START_TIMEOUT_S - 2 * CHECK_S <= waited_s <= START_TIMEOUT_S + 2 * CHECK_S + 15, \
+                waited_s
+        print(f"{name} ended with exit 4 after {seconds:.0f} s (waited {waited_s} s)")
     assert "no trial of the sweep could get its resources" in (tmp_path / "sweep.log").read_text()
     _no_reservation_left()
     del blocker
@@ -146,7 +161,7 @@ def test_a_sweep_and_a_run_beside_a_job_holding_their_cpus_finish_or_fail_clearl
     for name, job in jobs.items():
         # A completing job trains one small epoch after the release; a failing one has its
         # start timeout; both get the same start-up allowance.
-        seconds = _wait(job, START_TIMEOUT_S + OVERHEAD_S + 300)
+        seconds, _ = _wait(job, tmp_path / f"{name}.log", START_TIMEOUT_S + OVERHEAD_S + 300)
         output = (tmp_path / f"{name}.log").read_text(errors="replace")
         outcomes[name] = job.returncode
         assert job.returncode in (0, 4), f"{name}: {output[-3000:]}"
