@@ -226,3 +226,20 @@ def test_every_worker_starts_the_spot_watcher_after_ray_once(cluster):
     args = spot_watcher.parser().parse_args(words)
     assert args.address == "$RAY_HEAD_IP:6379" and args.imds_url == spot_watcher.DEFAULT_IMDS_URL
     assert 0 < args.poll_s <= 10, "the notice comes 120 s ahead: poll well inside that"
+
+
+def test_a_bare_job_trains_the_recipe_the_head_names(cluster):
+    # `ray job submit -- python ray_jobs/train_full.py` with no --recipe trains $RN50_RECIPE
+    # (rn50/io/job_defaults.py). Red if the head names none (the GPU cluster would train the
+    # digits demo on two CPUs), a recipe that does not load, or one reading another bucket.
+    start = next(c for c in cluster["head_start_ray_commands"] if "ray start --head" in c)
+    named = dict(re.findall(r"\b(RN50_RECIPE|RN50_STORAGE)=(\S+)", start))
+    assert named.keys() == {"RN50_RECIPE", "RN50_STORAGE"}, start
+    config = load_config(named["RN50_RECIPE"])
+    assert config.scaling.use_gpu, f"{named['RN50_RECIPE']}: the cluster is for GPU training"
+    # docs/aws.md's one sed fills the bucket in cluster.yaml and the recipes alike.
+    bucket = re.match(r"s3://([^/]+)/", named["RN50_STORAGE"]).group(1)
+    assert config.data.root.startswith(f"s3://{bucket}/"), config.data.root
+    fill_in = next(line for line in (REPO / "docs/aws.md").read_text().splitlines()
+                   if line.startswith("sed -i") and "YOUR-BUCKET" in line)
+    assert fill_in.endswith("cluster.yaml rn50/recipes/*.yaml"), fill_in
