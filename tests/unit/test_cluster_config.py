@@ -243,3 +243,30 @@ def test_a_bare_job_trains_the_recipe_the_head_names(cluster):
     fill_in = next(line for line in (REPO / "docs/aws.md").read_text().splitlines()
                    if line.startswith("sed -i") and "YOUR-BUCKET" in line)
     assert fill_in.endswith("cluster.yaml rn50/recipes/*.yaml"), fill_in
+
+
+def test_the_heads_mlflow_folder_is_the_hosts_so_a_new_container_keeps_it(cluster):
+    # Red if the sqlite database (or the backup status a job reads) lives in the container's own
+    # filesystem, which a re-created container loses, or if a pid file is kept where it outlives
+    # its process (a new container would trust a pid that names another process, or none).
+    folder = "/home/ray/mlflow"
+    mounts = [option.split()[1].split(":") for option in cluster["docker"]["head_run_options"]
+              if option.startswith("-v ")]
+    hosts = [host for host, inside in mounts if inside == folder]
+    assert len(hosts) == 1 and hosts[0].startswith("/") and not hosts[0].startswith("/tmp"), \
+        mounts  # /tmp is emptied at boot
+    assert not any(folder in o for o in cluster["docker"]["run_options"] +
+                   cluster["docker"].get("worker_run_options", [])), "the head's alone"
+    commands = cluster["head_start_ray_commands"]
+    server = next(c for c in commands if "mlflow server" in c)
+    assert f"sqlite:///{folder}/mlflow.db" in server and f">> {folder}/server.log" in server
+    start = next(c for c in commands if "ray start --head" in c)
+    assert f"RN50_MLFLOW_BACKUP_STATUS={folder}/mlflow.db.backup-status.json" in start
+    restore, loop = (next(c for c in commands if f"mlflow_backup {action}" in c)
+                     for action in ("restore", "loop"))
+    assert f"--db {folder}/mlflow.db" in restore and f"--db {folder}/mlflow.db" in loop
+    assert commands.index(restore) < commands.index(server), "restore before the server opens it"
+    pid_files = re.findall(r"echo \$! > (\S+)\)", " ".join(commands))
+    assert pid_files and not any(p.startswith(folder) for p in pid_files), pid_files
+    # Docker creates a missing host folder as root: the container's user must own it.
+    assert any("chown" in c and folder in c for c in cluster["head_setup_commands"])
