@@ -17,6 +17,7 @@ from rn50.io.storage import LOCAL_STORAGE, STORAGE_ENV
 RECIPE_ENV = "RN50_RECIPE"
 LOCAL_RECIPE = "demo"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+CLUSTER_SETS = "which cluster.yaml sets on the head"
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ def _choose(given: str | None, flag: str, env: str, default: str) -> Chosen:
     if given:
         return Chosen(given, f"from {flag}")
     if os.environ.get(env):
-        return Chosen(os.environ[env],
-                      f"from ${env}, set where Ray was started; {flag} overrides it")
+        return Chosen(os.environ[env], f"from ${env} in the environment, {CLUSTER_SETS}; {flag} "
+                      "overrides it")
     return Chosen(default, f"the default: no {flag}, and ${env} is not set")
 
 
@@ -59,5 +60,5 @@ def tracking(configured: str, overrides: list[str]) -> Chosen:
         return Chosen(uri, "from the override tracking.uri=" if given else "from the recipe's "
                       "tracking.uri")
     if os.environ.get(TRACKING_ENV):
-        return Chosen(uri, f"from ${TRACKING_ENV}, set where Ray was started")
+        return Chosen(uri, f"from ${TRACKING_ENV} in the environment, {CLUSTER_SETS}")
     return Chosen(uri, f"the default: no tracking.uri, and ${TRACKING_ENV} is not set")

@@ -73,13 +73,13 @@ def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_ml
     # would train the local demo) or chooses without saying so.
     log = proc.stdout.split("Running entrypoint for job ", 1)[1].splitlines()[1:]  # Ray's, then
     lines = [line for line in log if line.strip()]                                 # the job's
-    head_set = "set where Ray was started"
+    head_set = "in the environment, which cluster.yaml sets on the head"
     assert lines[:3] == [
-        f"[rn50] recipe: {env['RN50_RECIPE']} (from $RN50_RECIPE, {head_set}; --recipe "
+        f"[rn50] recipe: {env['RN50_RECIPE']} (from $RN50_RECIPE {head_set}; --recipe overrides "
+        "it)",
+        f"[rn50] storage: {env['RN50_STORAGE']} (from $RN50_STORAGE {head_set}; --storage "
         "overrides it)",
-        f"[rn50] storage: {env['RN50_STORAGE']} (from $RN50_STORAGE, {head_set}; --storage "
-        "overrides it)",
-        f"[rn50] tracking: {env['MLFLOW_TRACKING_URI']} (from $MLFLOW_TRACKING_URI, {head_set})"
+        f"[rn50] tracking: {env['MLFLOW_TRACKING_URI']} (from $MLFLOW_TRACKING_URI {head_set})"
     ], "\n".join(lines[:10])
     result = json.loads(next(line for line in output.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])

@@ -29,8 +29,8 @@ def test_a_flag_beats_the_heads_variable_which_beats_the_local_default(bare_env)
     recipe, storage = job_defaults.recipe(None), job_defaults.storage(None)
     assert (recipe.value, storage.value) == ("imagenet_fast_16", "s3://bucket/rn50/runs")
     assert recipe.line("recipe") == (
-        "[rn50] recipe: imagenet_fast_16 (from $RN50_RECIPE, set where Ray was started; "
-        "--recipe overrides it)")
+        "[rn50] recipe: imagenet_fast_16 (from $RN50_RECIPE in the environment, which "
+        "cluster.yaml sets on the head; --recipe overrides it)")
     assert "from $RN50_STORAGE" in storage.reason
     recipe, storage = job_defaults.recipe("imagenette"), job_defaults.storage("/data/runs")
     assert (recipe.value, recipe.reason) == ("imagenette", "from --recipe")
@@ -66,7 +66,7 @@ def test_the_entrypoint_says_first_which_recipe_it_runs_and_why(tmp_path):
     proc = _train_full({"RN50_RECIPE": "no_such_recipe"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0] == (
-        "[rn50] recipe: no_such_recipe (from $RN50_RECIPE, set where Ray was started; --recipe "
-        "overrides it)")
+        "[rn50] recipe: no_such_recipe (from $RN50_RECIPE in the environment, which cluster.yaml "
+        "sets on the head; --recipe overrides it)")
     assert "unknown recipe 'no_such_recipe'" in proc.stderr
     # The storage and tracking lines after a valid recipe: tests/integration/test_job_submit.py.
