@@ -1,6 +1,8 @@
 """Train ResNet-50 with Ray Train: `python ray_jobs/train_full.py --recipe demo optim.lr=0.1`.
 
 Works the same on a laptop (starts a local Ray) and under `ray job submit` (joins the cluster).
+Without --recipe/--storage it runs what the Ray head names ($RN50_RECIPE, $RN50_STORAGE, set by
+cluster.yaml), else `demo` into ./runs; its first lines say which and why (rn50/io/job_defaults.py).
 Re-running with the same --name and --storage resumes that run and its MLflow run.
 Exit codes: 2 bad config, data or budget, 3 storage, 4 no resources, 5 stopped by
 train.budget_usd, 6 a GPU run on a node whose GPU torch cannot use.
@@ -15,39 +17,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from rn50.config import ConfigError, load_config  # noqa: E402
 from rn50.errors import PermanentError  # noqa: E402
-from rn50.io.storage import STORAGE_ENV, StorageError, default_storage  # noqa: E402
+from rn50.io import job_defaults  # noqa: E402
+from rn50.io.storage import StorageError  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="demo", help="recipe name (rn50/recipes) or YAML path")
+    parser.add_argument("--recipe", help="recipe name (rn50/recipes) or YAML path (default: "
+                        f"${job_defaults.RECIPE_ENV}, else {job_defaults.LOCAL_RECIPE})")
     parser.add_argument("--name", help="run name; the same name + storage resumes the run")
-    parser.add_argument("--storage", default=default_storage(),
-                        help=f"local folder or s3://bucket/prefix (default: ${STORAGE_ENV}, "
-                        "else ./runs)")
+    parser.add_argument("--storage", help="local folder or s3://bucket/prefix (default: "
+                        f"${job_defaults.STORAGE_ENV}, else {job_defaults.LOCAL_STORAGE})")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
     args = parser.parse_args()
+    recipe, storage = job_defaults.recipe(args.recipe), job_defaults.storage(args.storage)
+    print(recipe.line("recipe"), flush=True)
     try:
-        config = load_config(args.recipe, args.overrides)
+        config = load_config(recipe.value, args.overrides)
     except ConfigError as err:  # before Ray starts: a typo costs a second, not a cluster spin-up
         print(f"error: {err}", file=sys.stderr)
         return 2
-    name = args.name or f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(storage.line("storage") + "\n" + job_defaults.tracking(
+        config.tracking.uri, args.overrides).line("tracking"), flush=True)
+    name = args.name or f"{Path(recipe.value).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from rn50.distributed.capacity import ResourcesUnavailableError
     from rn50.distributed.driver import run_training  # imports Ray; only needed once the config is valid
     try:
-        summary = run_training(config, name, args.storage)
-    except StorageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except ResourcesUnavailableError as err:  # the cluster could not give the workers their nodes
-        print(f"error: {err}", file=sys.stderr)
-        return 4
-    except ConfigError as err:  # a budget already spent, a node type the price table lacks
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except PermanentError as err:  # no restart fixes it: wrong data, a GPU torch cannot see
-        print(f"error: {err}", file=sys.stderr)
+        summary = run_training(config, name, storage.value)
+    except (ConfigError, StorageError, ResourcesUnavailableError, PermanentError) as err:
+        print(f"error: {err}", file=sys.stderr)  # each says what to fix; its class, the exit code
         return err.exit_code
     print("RESULT " + json.dumps(summary), flush=True)
     if summary.get("stopped") == "budget":  # checkpointed, not finished: the same command resumes

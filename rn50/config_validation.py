@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 class ConfigError(ValueError):
     """A configuration value or key the user supplied is wrong; the message says which and why."""
+    exit_code = 2
+    """What `ray_jobs/train_full.py` exits with when a run ends on it."""
 
 
 _CHOICES = {

@@ -38,6 +38,10 @@ CHECKPOINT_DIR_NAME = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
 # The best checkpoint by validation metric (checkpoint.keep_best_by) is copied into this folder of
 # the run; Ray neither sees nor prunes it, and resume never reads it.
 BEST_DIR = "best"
+# What the run had cost when the checkpoint was taken (US$, and the run's seconds over all its
+# starts), kept in the state and copied into the manifest: a resumed run's budget reads it from
+# storage, which outlives a head whose MLflow records were lost, without downloading the state.
+SPENT_KEYS = ("spent_usd", "spent_run_s")
 
 log = logging.getLogger(__name__)
 Location = tuple[pafs.FileSystem, str]
@@ -54,8 +58,10 @@ def _locate(where: str | Path | Location) -> Location:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
-    """Write `state` (tensors, dicts, numbers) and then a manifest with `summary` into `directory`."""
+    """Write `state` (tensors, dicts, numbers) and then a manifest with `summary` (and the state's
+    `SPENT_KEYS`) into `directory`."""
     directory = Path(directory)
+    summary = {**summary, **{key: state[key] for key in SPENT_KEYS if key in state}}
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / STATE_FILE
     torch.save(state, state_path)
@@ -187,6 +193,22 @@ def load_newest_good(run: str | Location, registered: str | None = None
         log.warning("no checkpoint of this run is complete (all were cut short mid-upload): "
                     "starting from the beginning")
     return None, None
+
+
+def spent_of_run(run: str | Location) -> tuple[float, int] | None:
+    """(US$, run seconds) the run had cost at its newest checkpoint that records it and whose
+    manifest verifies (file sizes only: nothing is downloaded); None when none does."""
+    filesystem, _ = _locate(run)
+    for path in checkpoints_newest_first(run):
+        try:
+            summary = _with_retries(f"reading checkpoint {path}", lambda path=path: verify(
+                (filesystem, path), hashes=False), READ_ATTEMPTS)["summary"]
+        except CheckpointError as err:
+            log.warning("not reading the cost recorded in %s: %s", path, err)
+            continue
+        if all(key in summary for key in SPENT_KEYS):
+            return float(summary[SPENT_KEYS[0]]), int(summary[SPENT_KEYS[1]])
+    return None
 
 
 def load_state(path: str | Location) -> dict[str, Any]:

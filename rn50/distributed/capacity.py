@@ -29,6 +29,7 @@ PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
 
 class ResourcesUnavailableError(RuntimeError):
     """A run's workers could not get their resources within the configured time."""
+    exit_code = 4
 
 
 def initial_market(scaling: ScalingConfig) -> str:

@@ -19,6 +19,7 @@ import ray
 import torch.distributed as dist
 
 from rn50.config import Config
+from rn50.core import checkpoint as ckpt
 from rn50.distributed import cluster_view
 from rn50.distributed.cluster_view import MARKET_LABEL
 from rn50.io import pricing, tracking
@@ -52,12 +53,22 @@ def _span(node_id: str, labels: dict | None, start_ms, end_ms) -> NodeSpan:
 
 
 def spent_before(config: Config, tracking_uri: str, run_key: str, name: str) -> tuple[float, int]:
-    """(US$, run seconds) the run being resumed has cost so far; raises BudgetError when that is
-    already at the budget. Reads MLflow only: nothing is started or changed."""
-    spent, run_s = tracking.latest_metric(tracking_uri, config.tracking.experiment, run_key,
-                                          "cost/usd") or (0.0, 0)
-    pricing.check_budget(config.train.budget_usd, spent, name)
-    return spent, run_s
+    """(US$, run seconds) the run being resumed has cost so far: the larger of MLflow's last
+    `cost/usd` and the figure in its newest checkpoint (`run_key` is also the run's folder in
+    storage), which survives a head that lost MLflow's newest records. Raises BudgetError when
+    that is already at the budget. Reads only: nothing is started or changed."""
+    tracked = tracking.latest_metric(tracking_uri, config.tracking.experiment, run_key,
+                                     "cost/usd") or (0.0, 0)
+    saved = ckpt.spent_of_run(run_key) or (0.0, 0)
+    spent = (max(tracked[0], saved[0]), max(tracked[1], saved[1]))
+    source = "MLflow's cost/usd"
+    if saved[0] > tracked[0]:
+        source = "recorded in its newest checkpoint"
+        print(f"[rn50] run '{name}' had cost ${saved[0]:.2f} by its newest checkpoint, more than "
+              f"MLflow's records say (${tracked[0]:.2f}: they end earlier, as after a restore from "
+              "an older backup); its cost and budget count on from the checkpoint's", flush=True)
+    pricing.check_budget(config.train.budget_usd, spent[0], name, source)
+    return spent
 
 
 def prepare(config: Config, since_s: float, spent: tuple[float, int]) -> CostBasis:
@@ -74,6 +85,21 @@ def prepare(config: Config, since_s: float, spent: tuple[float, int]) -> CostBas
     return CostBasis(pricing.with_spot_prices(prices, live), since_s,
                      spent_before_usd=spent[0], run_s_before=spent[1],
                      budget_usd=config.train.budget_usd)
+
+
+def spent_now(basis: CostBasis | None) -> dict:
+    """What the run has cost so far, as its checkpoints record it (`checkpoint.SPENT_KEYS`);
+    {} without a basis (sweep trials) or when Ray cannot list the nodes."""
+    if basis is None:
+        return {}
+    now = time.time()
+    try:  # a price table of zeros (a laptop): nothing to ask Ray
+        free = not basis.prices.by_type and not basis.prices.local
+        usd = basis.spent_before_usd if free else basis.total_usd(node_spans(), now)
+    except Exception as err:  # noqa: BLE001 - a missing figure must never fail a checkpoint
+        logger.warning("this checkpoint does not record the run's cost: %s", err)
+        return {}
+    return dict(zip(ckpt.SPENT_KEYS, (usd, basis.run_s(now))))
 
 
 class CostMeter:

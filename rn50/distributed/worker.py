@@ -33,12 +33,13 @@ from rn50.data.samplers import micro_batch_slots
 from rn50.data.transforms import train_crop_px_at
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.reporting import report
-from rn50.distributed.cost import BudgetGuard
+from rn50.distributed.cost import BudgetGuard, spent_now
 from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_metrics_logger,
                                           system_metrics)
 from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
 from rn50.io import tracking
+from rn50.io.pricing import CostBasis
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class _Worker:
     start_step: int = 0
     best_value: float | None = None
     """The best `checkpoint.keep_best_by` value so far (saved in checkpoints, so it resumes)."""
+    cost: CostBasis | None = None
+    """The run's cost basis (`RunContext.cost`): rank 0's checkpoints record the cost so far."""
 
     def loader(self, dataset: Dataset, epoch: int, train: bool, skip_steps: int = 0):
         """This rank's loader of `dataset` for `epoch` (see `rn50.data.loaders.build_loader`)."""
@@ -86,7 +89,8 @@ class _Worker:
                                           "world_size": self.world_size,
                                           "class_names": self.class_names,
                                           "class_wnids": dataset_classes(self.train_set)[1],
-                                          "best_value": self.best_value})
+                                          "best_value": self.best_value,
+                                          **(spent_now(self.cost) if self.rank == 0 else {})})
 
     def improves_best(self, metrics: dict) -> bool:
         """Whether this epoch's `checkpoint.keep_best_by` metric beats the best so far (and if
@@ -106,6 +110,7 @@ def train_loop_per_worker(run: RunContext) -> None:
     device = pick_device(run.config)  # before anything else: a node without its GPU stops here
     with system_metrics(run):
         worker = _set_up(run.config, device)
+        worker.cost = run.cost
         report_device(run, device, worker.rank)
         if worker.rank == 0:
             tracking.set_tags(run.tracking_uri, run.mlflow_run_id,

@@ -154,7 +154,7 @@ class CostBasis:
     since_s: float
     """When this start of the run began (epoch seconds): its nodes are counted from then."""
     spent_before_usd: float = 0.0
-    """What earlier starts of the run cost (MLflow's last `cost/usd` of the resumed run)."""
+    """What earlier starts of the run cost (`rn50.distributed.cost.spent_before`)."""
     run_s_before: float = 0.0
     """How long earlier starts ran (that value's step), so `cost/usd`'s step keeps growing."""
     budget_usd: float = 0.0
@@ -174,12 +174,14 @@ class CostBasis:
         return cost_now_usd + rate_usd_per_h * epoch_s / 3600.0 > self.budget_usd
 
 
-def check_budget(budget_usd: float, spent_usd: float, name: str) -> None:
-    """Raise BudgetError when a budget is set that the run has already spent."""
+def check_budget(budget_usd: float, spent_usd: float, name: str,
+                 source: str = "MLflow's cost/usd") -> None:
+    """Raise BudgetError when a budget is set that the run has already spent (`source`: where
+    that figure was read, for the message)."""
     if budget_usd > 0 and spent_usd >= budget_usd:
         raise BudgetError(
             f"train.budget_usd={budget_usd:g} but run '{name}' has already cost "
-            f"${spent_usd:.2f} (MLflow's cost/usd); set train.budget_usd above {spent_usd:.2f} "
+            f"${spent_usd:.2f} ({source}); set train.budget_usd above {spent_usd:.2f} "
             "to continue it (or 0 for no budget). Nothing was changed.")
 
 

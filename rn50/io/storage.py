@@ -26,11 +26,12 @@ RETRY_ATTEMPTS = 3
 # Set on the head (cluster.yaml does, beside MLFLOW_TRACKING_URI): where runs go when a command
 # is not given --storage, so `ray job submit ... train_full.py` typed bare keeps its work.
 STORAGE_ENV = "RN50_STORAGE"
+LOCAL_STORAGE = "./runs"
 
 
 def default_storage() -> str:
     """Where runs go without --storage: $RN50_STORAGE, else ./runs."""
-    return os.environ.get(STORAGE_ENV) or "./runs"
+    return os.environ.get(STORAGE_ENV) or LOCAL_STORAGE
 
 
 def refuse_job_scratch(storage: str, tracking_uri: str) -> None:
@@ -60,6 +61,7 @@ def _in_job_scratch(path: str) -> bool:
 
 class StorageError(RuntimeError):
     """Storage is unusable; the message says what is wrong and what to do about it."""
+    exit_code = 3
 
 
 def _env(*names: str) -> str:

@@ -1,6 +1,7 @@
 """`ray job submit --working-dir . -- python ray_jobs/train_full.py` against `ray start --head`:
-with the storage and tracking the head's environment names (as cluster.yaml sets them), and, with
-neither, refused before it writes into the job's working directory (which Ray deletes)."""
+with the recipe, storage and tracking the head's environment names (as cluster.yaml sets them),
+and, with no storage and tracking, refused before it writes into the job's working directory
+(which Ray deletes)."""
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from rn50.io import mlflow_backup
 from tests.integration.jobs import REPO, small
 
 pytestmark = pytest.mark.integration
+HEAD_EXPERIMENT = "rn50-head-recipe"
 
 
 def _free_port() -> int:
@@ -26,8 +28,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(module_tmp, s3_server):
     """A real `ray start --head` (token authentication left on, as Ray 2.60 ships it), its
-    environment naming the storage and tracking store jobs default to; yields (dashboard
-    address, environment, ray CLI, that folder)."""
+    environment naming the recipe, storage and tracking store jobs default to; yields (dashboard
+    address, environment, ray CLI, that folder, the MLflow backup)."""
     tmp_path = module_tmp
     # As cluster.yaml's head start: restore the MLflow database (none yet), then start Ray with
     # the backup status file named, so every job backs the database up when it ends.
@@ -37,8 +39,13 @@ def ray_head(module_tmp, s3_server):
                    check=True, timeout=120, capture_output=True)
     # Ray 2.60's `ray start --head` turns token auth on and writes ~/.ray/auth_token; the job CLI
     # only sends that token when RAY_AUTH_MODE=token is set (it does not fall back on its own).
+    # The head's recipe (cluster.yaml names a built-in one): the demo in an experiment of its
+    # own, so that a job that ran the local default instead is told apart.
+    recipe = tmp_path / "head_recipe.yaml"
+    recipe.write_text(f"base: demo\ntracking:\n  experiment: {HEAD_EXPERIMENT}\n")
     env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
-           "RN50_STORAGE": str(tmp_path / "durable-runs"),  # as cluster.yaml's head start sets
+           "RN50_RECIPE": str(recipe),  # as cluster.yaml's head start sets, like the two below
+           "RN50_STORAGE": str(tmp_path / "durable-runs"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
            "RN50_MLFLOW_BACKUP_STATUS": str(mlflow_backup.status_path(db))}
     env.pop("RAY_ADDRESS", None)
@@ -58,10 +65,22 @@ def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_ml
     address, env, ray_bin, tmp_path, backup = ray_head
     command = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                "python", "ray_jobs/train_full.py", "--name", "submitted",
-               *small(tmp_path, epochs=1)]  # no --storage, no tracking.uri: the head's defaults
+               *small(tmp_path, epochs=1)]  # no --recipe, --storage, tracking.uri: the head's
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    # The job's log opens with what it chose and why. Red if a bare job ignores RN50_RECIPE (it
+    # would train the local demo) or chooses without saying so.
+    log = proc.stdout.split("Running entrypoint for job ", 1)[1].splitlines()[1:]  # Ray's, then
+    lines = [line for line in log if line.strip()]                                 # the job's
+    head_set = "in the environment, which cluster.yaml sets on the head"
+    assert lines[:3] == [
+        f"[rn50] recipe: {env['RN50_RECIPE']} (from $RN50_RECIPE {head_set}; --recipe overrides "
+        "it)",
+        f"[rn50] storage: {env['RN50_STORAGE']} (from $RN50_STORAGE {head_set}; --storage "
+        "overrides it)",
+        f"[rn50] tracking: {env['MLFLOW_TRACKING_URI']} (from $MLFLOW_TRACKING_URI {head_set})"
+    ], "\n".join(lines[:10])
     result = json.loads(next(line for line in output.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     assert result["epochs"] == 1 and result["name"] == "submitted"
@@ -79,6 +98,8 @@ def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_ml
                    capture_output=True)
     run = MlflowClient(f"sqlite:///{db}").get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED", run.info.status
+    experiment = MlflowClient(f"sqlite:///{db}").get_experiment(run.info.experiment_id)
+    assert experiment.name == HEAD_EXPERIMENT  # the head's recipe, not the demo's experiment
     history = MlflowClient(f"sqlite:///{db}").get_metric_history(run.info.run_id, "val/top1")
     assert [m.step for m in history] == [0] and history[0].value == result["val_top1"]
     assert {"train/loss", "data_wait_fraction", "train/epoch_loss"} <= set(run.data.metrics)

@@ -229,3 +229,47 @@ def test_every_worker_starts_the_spot_watcher_after_ray_once(cluster):
     args = spot_watcher.parser().parse_args(words)
     assert args.address == "$RAY_HEAD_IP:6379" and args.imds_url == spot_watcher.DEFAULT_IMDS_URL
     assert 0 < args.poll_s <= 10, "the notice comes 120 s ahead: poll well inside that"
+
+
+def test_a_bare_job_trains_the_recipe_the_head_names(cluster):
+    # `ray job submit -- python ray_jobs/train_full.py` with no --recipe trains $RN50_RECIPE
+    # (rn50/io/job_defaults.py). Red if the head names none (the GPU cluster would train the
+    # digits demo on two CPUs), a recipe that does not load, or one reading another bucket.
+    start = next(c for c in cluster["head_start_ray_commands"] if "ray start --head" in c)
+    named = dict(re.findall(r"\b(RN50_RECIPE|RN50_STORAGE)=(\S+)", start))
+    assert named.keys() == {"RN50_RECIPE", "RN50_STORAGE"}, start
+    config = load_config(named["RN50_RECIPE"])
+    assert config.scaling.use_gpu, f"{named['RN50_RECIPE']}: the cluster is for GPU training"
+    # docs/aws.md's one sed fills the bucket in cluster.yaml and the recipes alike.
+    bucket = re.match(r"s3://([^/]+)/", named["RN50_STORAGE"]).group(1)
+    assert config.data.root.startswith(f"s3://{bucket}/"), config.data.root
+    fill_in = next(line for line in (REPO / "docs/aws.md").read_text().splitlines()
+                   if line.startswith("sed -i") and "YOUR-BUCKET" in line)
+    assert fill_in.endswith("cluster.yaml rn50/recipes/*.yaml"), fill_in
+
+
+def test_the_heads_mlflow_folder_is_the_hosts_so_a_new_container_keeps_it(cluster):
+    # Red if the sqlite database (or the backup status a job reads) lives in the container's own
+    # filesystem, which a re-created container loses, or if a pid file is kept where it outlives
+    # its process (a new container would trust a pid that names another process, or none).
+    folder = "/home/ray/mlflow"
+    mounts = [option.split()[1].split(":") for option in cluster["docker"]["head_run_options"]
+              if option.startswith("-v ")]
+    hosts = [host for host, inside in mounts if inside == folder]
+    assert len(hosts) == 1 and hosts[0].startswith("/") and not hosts[0].startswith("/tmp"), \
+        mounts  # /tmp is emptied at boot
+    assert not any(folder in o for o in cluster["docker"]["run_options"] +
+                   cluster["docker"].get("worker_run_options", [])), "the head's alone"
+    commands = cluster["head_start_ray_commands"]
+    server = next(c for c in commands if "mlflow server" in c)
+    assert f"sqlite:///{folder}/mlflow.db" in server and f">> {folder}/server.log" in server
+    start = next(c for c in commands if "ray start --head" in c)
+    assert f"RN50_MLFLOW_BACKUP_STATUS={folder}/mlflow.db.backup-status.json" in start
+    restore, loop = (next(c for c in commands if f"mlflow_backup {action}" in c)
+                     for action in ("restore", "loop"))
+    assert f"--db {folder}/mlflow.db" in restore and f"--db {folder}/mlflow.db" in loop
+    assert commands.index(restore) < commands.index(server), "restore before the server opens it"
+    pid_files = re.findall(r"echo \$! > (\S+)\)", " ".join(commands))
+    assert pid_files and not any(p.startswith(folder) for p in pid_files), pid_files
+    # Docker creates a missing host folder as root: the container's user must own it.
+    assert any("chown" in c and folder in c for c in cluster["head_setup_commands"])
