@@ -54,7 +54,7 @@ def _shrunk(recipe: str, data: dict, tmp_path) -> list[str]:
         ["data.dataset=imagefolder", *data["imagefolder"]]  # imagenette would download
     return [*source, "train.epochs=1", "data.max_train_samples=16", "data.max_val_samples=8",
             "train.global_batch_size=8", "train.micro_batch_size=0", "scaling.num_workers=1",
-            "scaling.cpus_per_worker=1", "scaling.use_gpu=false", "scaling.accelerator_type=''",
+            "scaling.cpus_per_worker=1", "scaling.use_gpu=false", "scaling.accelerator_type=",
             "data.train_crop_px=32", "data.val_resize_px=32", "data.val_crop_px=32",
             "data.progressive_min_px=0", "data.loader_workers=0", "train.torch_threads=1",
             "train.log_every_steps=1", "tracking.log_model=false",
