@@ -139,7 +139,8 @@ def _holders(keys: set[str], limit: int = 8) -> list[str]:
     for group_id, group in ray.util.placement_group_table().items():
         held = _sum_bundles(group.get("bundles", {}).values(), keys)
         if group.get("state") == "CREATED" and held:
-            found.append(f"placement group {group.get('name') or group_id[:12]} {fmt_resources(held)}")
+            name = group.get("name") or group_id[:12]
+            found.append(f"placement group {name} {fmt_resources(held)}")
     return found[:limit]
 
 

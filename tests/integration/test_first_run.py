@@ -105,7 +105,8 @@ def test_a_gpu_run_where_torch_sees_no_gpu_stops_at_once_naming_the_node(cluster
     output = _log(tmp_path)
     assert "Job entrypoint command failed with exit code 6" in output, output[-4000:]
     message = re.search(r"error: rank 0: this run asked for GPUs \(scaling\.use_gpu\) but torch "
-                        r"sees none on node \w+ \(gpu\.a10g\.spot, g5\.2xlarge\) on host .+", output)
+                        r"sees none on node \w+ \(gpu\.a10g\.spot, g5\.2xlarge\) on host .+",
+                        output)
     assert message, output[-4000:]
     assert "nvidia-smi says: nvidia-smi is not installed" in message.group(0)
     assert "Fix: " in message.group(0) and "scaling.cpu_stands_in_for_gpu" in message.group(0)

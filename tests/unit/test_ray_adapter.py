@@ -15,7 +15,8 @@ from rn50.distributed import ray_adapter
 def test_fit_hands_the_controller_a_scaling_policy_we_can_replace():
     fit = inspect.getsource(data_parallel_trainer.DataParallelTrainer.fit)
     assert "self._initialize_and_run_controller(" in fit and "scaling_policy=" in fit
-    run = inspect.signature(data_parallel_trainer.DataParallelTrainer._initialize_and_run_controller)
+    trainer = data_parallel_trainer.DataParallelTrainer
+    run = inspect.signature(trainer._initialize_and_run_controller)
     assert any(p.kind == p.VAR_KEYWORD for p in run.parameters.values())
     assert "scaling_policy" in inspect.signature(controller.TrainController.__init__).parameters
 
@@ -25,7 +26,8 @@ def test_the_controller_asks_its_scaling_policy_for_labels_and_tells_it_every_st
     assert "on_controller_start_worker_group" in start and "self._controller_callbacks" in start
     init = inspect.getsource(controller.TrainController.__init__)
     assert "self._scaling_policy,\n" in init  # the policy is one of the controller callbacks
-    assert "after_controller_state_update" in inspect.getsource(controller.TrainController._set_state)
+    set_state = inspect.getsource(controller.TrainController._set_state)
+    assert "after_controller_state_update" in set_state
     for state in (ReschedulingState, RestartingState):
         assert "training_failed_error" in inspect.signature(state.__init__).parameters
 
@@ -51,5 +53,6 @@ def test_the_cluster_state_readers_exist():
     assert callable(InnerGcsClient.get_cluster_status)  # GcsClient forwards to it
     assert {"pending_instance_requests", "pending_instances", "failed_instance_requests",
             "autoscaler_state_version"} <= set(AutoscalingState.DESCRIPTOR.fields_by_name)
-    assert {"ray_node_type_name", "start_ts"} <= set(FailedInstanceRequest.DESCRIPTOR.fields_by_name)
+    failed = set(FailedInstanceRequest.DESCRIPTOR.fields_by_name)
+    assert {"ray_node_type_name", "start_ts"} <= failed
     assert "get_logs_dir_path" in dir(worker.ray._private.node.Node)
