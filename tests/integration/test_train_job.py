@@ -46,6 +46,9 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["scaling.num_workers"] == "2"
     for tag in ("git_commit", "ray_version", "torch_version", "num_workers", "device"):
         assert run.data.tags.get(tag), tag
+    # Each node says once what it trained on (one node here: the local Ray).
+    devices = {k: v for k, v in run.data.tags.items() if k.startswith("device/node-")}
+    assert len(devices) == 1 and list(devices.values())[0].startswith("cpu (torch "), devices
     history = client.get_metric_history(run.info.run_id, "val/top1")
     assert sorted(m.step for m in history) == list(range(8))
     # The best epoch's checkpoint is kept apart and named in RESULT beside the last one.
