@@ -122,6 +122,7 @@ class _StartControl:
         """The first start's wait begins now, in the controller (not when the driver built us)."""
         super().after_controller_start(train_run_context)
         self.start = StartState(self.start.market, time.time())
+        _quiet_expected_ends()
 
     def on_controller_start_worker_group(self, scaling_config, num_workers):
         """The label selector of this start: the market's (None: any node)."""
@@ -207,6 +208,29 @@ class _StartControl:
                                                "rn50.fallback_reason": reason[:500]})
         except Exception as err:  # noqa: BLE001 - a tag must never end the run
             logger.warning("could not tag the run's market: %s", err)
+
+
+def _expected_end(record: logging.LogRecord) -> bool:
+    """Whether a log record is Ray's traceback of an end the policy decided (not a crash)."""
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if isinstance(error, (StartGaveUp, PermanentRunFailure)):
+            return True
+        error = getattr(error, "controller_failure", None) or error.__cause__
+    return False
+
+
+def _quiet_expected_ends() -> None:
+    """Drop Ray's tracebacks of the policy's own decisions (a start that gave up, a permanent
+    error): they are not crashes, and the driver prints the message once, with what to do."""
+    for name in ("ray.train.v2._internal.execution.callback_manager",
+                 "ray.train.v2._internal.execution.controller.controller",
+                 "ray.train.v2._internal.execution.failure_handling.default"):
+        target = logging.getLogger(name)
+        if not any(getattr(f, "__name__", "") == "_keep" for f in target.filters):
+            def _keep(record: logging.LogRecord) -> bool:
+                return not _expected_end(record)
+            target.addFilter(_keep)
 
 
 def _say(message: str) -> None:

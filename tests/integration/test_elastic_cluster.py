@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 def cluster():
     """A head without CPUs and two 1-CPU nodes."""
     with FakeCluster(autoscaling=False) as started:
-        started.add_node(), started.add_node()
+        started.added = [started.add_node(), started.add_node()]  # Ray node ids
         yield started
 
 
@@ -130,6 +130,9 @@ def test_an_elastic_run_starts_with_what_is_free_and_grows_when_another_job_ends
         _wait_for(r"starting the worker group with 1 workers", job, tmp_path, 240)
         _wait_for(STEP, job, tmp_path, 120)
         trained_after_s = time.monotonic() - job.launched
+        # A checkpoint in storage first: growing restarts the group from the newest one.
+        _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "beside"), job, tmp_path,
+                    120, "a checkpoint in storage")
         other.stdin.close()  # the other job ends: its CPU is free
         other.wait(timeout=60)
         _wait_for(r"room for 2 workers now: growing the group from 1", job, tmp_path, 180)
@@ -156,7 +159,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(cluster, tmp_pa
     if it never grows back, if a resume on another world size loses or repeats steps (the run
     would not end on the demo's accuracy, or the resume points would not be checkpoints'), or if
     world_size is not in MLflow over time."""
-    survivor, victim = sorted(cluster.worker_raylets())
+    survivor, victim = cluster.added
     job, log = _start_driver(cluster, tmp_path, "elastic")
     try:
         _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training

@@ -52,10 +52,14 @@ class Blocker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def _blocker():
     blocker = Blocker.remote()
     ray.get(blocker.ready.remote(), timeout=60)
+    blocker.process_id = ray.get(blocker.pid.remote(), timeout=60)
     return blocker
 
 
@@ -112,13 +116,14 @@ def _no_reservation_left() -> None:
     assert not left, f"placement groups left behind by ended runs: {left}"
 
 
-def _assert_clear_failure(output: str) -> None:
+def _assert_clear_failure(output: str, blocker) -> None:
     assert "the worker group could not start: no room for the workers on nodes and no node " \
            f"launched for them within scaling.start_timeout_s={START_TIMEOUT_S}" in output, \
         output[-3000:]
     assert re.search(r"(?:at least )?\d workers x \{CPU: 1\}", output), output[-3000:]
-    # Who holds the CPUs: the other job's actor, of this test process's job (its driver pid).
-    assert "actor Blocker" in output and f"({os.getpid()})" in output, output[-3000:]
+    # Who holds the CPUs: the other job's actor, by its own process id.
+    assert f"actor Blocker (pid {blocker.process_id}) {{CPU: 2}}" in output, output[-3000:]
+    assert "Traceback" not in output, "an expected end shown as a crash"
 
 
 def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tmp_path,
@@ -141,7 +146,7 @@ def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tm
                    "{CPU: 2} in all, room for 2, and no autoscaler" in output, output[-3000:]
             assert waited_s is None, "it waited for what could never come"
         else:
-            _assert_clear_failure(output)
+            _assert_clear_failure(output, blocker)
             # The deadline applies once (give or take a look), not three times, nor early.
             slack_s = 2 * CHECK_S
             assert START_TIMEOUT_S - slack_s <= waited_s <= START_TIMEOUT_S + slack_s + 15, waited_s
@@ -168,7 +173,7 @@ def test_a_sweep_and_a_run_beside_a_job_holding_their_cpus_finish_or_fail_clearl
         if job.returncode == 0:
             assert "RESULT " in output
         else:
-            _assert_clear_failure(output)
+            _assert_clear_failure(output, blocker)
         print(f"{name}: exit {job.returncode} after {seconds:.0f} s")
     assert 0 in outcomes.values(), f"the released CPUs went to neither job: {outcomes}"
     _no_reservation_left()
