@@ -96,11 +96,11 @@ class FixedShapeCompile(nn.Module):
     dynamo would silently fall back to eager. A new compiled shape (progressive resizing: one per
     resolution) is logged, a recompile being seconds to minutes of an idle GPU."""
 
-    def __init__(self, model: nn.Module, micro_batch: int = 0):
+    def __init__(self, model: nn.Module, micro_batch: int = 0, backend: str = "inductor"):
         super().__init__()
         self._orig_mod = model  # what `rn50.core.model.unwrap` and checkpoints see through
         # Kept out of the module tree: its parameters are `model`'s, listed once.
-        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))
+        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False, backend=backend))
         self.micro_batch = micro_batch
         self.compiled_shapes: list[tuple] = []
 
@@ -125,9 +125,10 @@ class FixedShapeCompile(nn.Module):
             return getattr(self._orig_mod, name)
 
 
-def maybe_compile(model: nn.Module, enabled: bool, micro_batch: int = 0) -> nn.Module:
-    """`FixedShapeCompile(model, micro_batch)` when asked (0: every training batch size is
-    compiled); checkpoints and EMA see through it (`model.unwrap`)."""
+def maybe_compile(model: nn.Module, enabled: bool, micro_batch: int = 0,
+                  backend: str = "inductor") -> nn.Module:
+    """`FixedShapeCompile(model, micro_batch, backend)` when asked (0: every training batch size
+    is compiled); checkpoints and EMA see through it (`model.unwrap`)."""
     # Compiled after DDP wrapping, as PyTorch recommends: DDP's bucketed all-reduce then overlaps
     # with the compiled backward graph.
-    return FixedShapeCompile(model, micro_batch) if enabled else model
+    return FixedShapeCompile(model, micro_batch, backend) if enabled else model
