@@ -75,9 +75,18 @@ def _step_of(event, starts: list[float]) -> int | None:
     return index
 
 
+def _save_schedule_check(config: Config, device: torch.device):
+    """The checkpoint schedule's per-step decision, or None where Ray is not installed (a lent
+    GPU running gpu_throughput.py from a bare checkout): the step alone is counted then."""
+    try:
+        from rn50.distributed.save_schedule import MidEpochSaves
+    except ImportError:
+        return None
+    return MidEpochSaves(config, device).due
+
+
 def count_host_syncs(config: Config, steps: int, device: torch.device) -> dict:
     """Per-step counts of the sync ops (and, on CUDA, sync warnings) over `steps` steps."""
-    from rn50.distributed.save_schedule import MidEpochSaves
     torch.manual_seed(0)
     model = place_model(build_model(config.model, config.data.num_classes), device,
                         config.model.channels_last)
@@ -86,7 +95,7 @@ def count_host_syncs(config: Config, steps: int, device: torch.device) -> dict:
                           ema=EMA(model, config.train.ema_decay))
     batches = nhwc_batches(config, 2 * (steps + 1))
     train_one_epoch(state, batches[:2], device, config, micro_slots=[0, 1])  # warm-up step
-    saves, cuda_warnings = MidEpochSaves(config, device), [0] * (steps + 1)
+    saves_due, cuda_warnings = _save_schedule_check(config, device), [0] * (steps + 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with warnings.catch_warnings(record=True) as caught, profile(
             activities=activities, schedule=schedule(wait=0, warmup=0, active=steps + 2)) as prof:
@@ -95,7 +104,8 @@ def count_host_syncs(config: Config, steps: int, device: torch.device) -> dict:
         warnings.simplefilter("always")
 
         def after_step(steps_done: int) -> None:
-            saves.due(steps_done)
+            if saves_due is not None:
+                saves_due(steps_done)
             cuda_warnings[steps_done - 1] = sum("synchron" in str(w.message) for w in caught)
             caught.clear()
             prof.step()
@@ -103,7 +113,8 @@ def count_host_syncs(config: Config, steps: int, device: torch.device) -> dict:
                         micro_slots=[0, 1])
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    return _tally(prof, steps, config.train.log_every_steps, cuda_warnings[:steps], device)
+    counts = _tally(prof, steps, config.train.log_every_steps, cuda_warnings[:steps], device)
+    return {**counts, "save_schedule_counted": saves_due is not None}
 
 
 def _tally(prof, steps: int, log_every: int, cuda_warnings: list[int],
