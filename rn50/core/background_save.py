@@ -76,4 +76,5 @@ def _wait_for_older_writes() -> None:
             _pending.pop(0).result()
         except Exception:  # noqa: BLE001 - raised to whoever hands that folder on
             pass
-        log.warning("checkpoint: waited %.1f s for the earlier write", time.perf_counter() - start_s)
+        log.warning("checkpoint: waited %.1f s for the earlier write",
+                    time.perf_counter() - start_s)

@@ -22,7 +22,8 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int,
                  repeats: int = 1, micro_batches_per_step: int = 0):
-        self.dataset, self.micro_batch, self.seed, self.repeats = dataset, micro_batch, seed, repeats
+        self.dataset, self.micro_batch = dataset, micro_batch
+        self.seed, self.repeats = seed, repeats
         self.per_step = micro_batches_per_step or world_size
         self.slots = rank_slots(rank, world_size, self.per_step)
         self.set_epoch(0)
