@@ -231,16 +231,21 @@ def section_checkpoint(bench: Bench, report) -> dict:
 
 
 def section_sync_audit(bench: Bench, report) -> dict:
-    """Host syncs per step (benchmarks/host_syncs.py), on the device, CUDA's own reports too."""
-    from benchmarks.host_syncs import count_host_syncs, sync_config
+    """Host syncs per step (benchmarks/host_syncs.py) on the device, with CUDA's own reports:
+    the default step, and on a GPU also with MixUp/CutMix and stochastic depth."""
+    from benchmarks.host_syncs import VARIANTS, count_host_syncs, sync_config
     px = 32 if bench.smoke else bench.px[0]
     micro = min(64, bench.batches[-1] // 2)  # two micro-batches a step, as accumulation does
-    counts = count_host_syncs(sync_config(px, micro, 4), 6, bench.device)
-    figures = {"syncs_outside_logging_steps": counts["syncs_outside_logging_steps"],
-               "syncs_at_logging_steps": counts["syncs_at_logging_steps"]}
-    warnings = counts["cuda_sync_warnings_per_step"]
-    if warnings is not None:
-        figures["cuda_sync_warnings_outside_logging_steps"] = sum(
-            n for s, n in enumerate(warnings) if s not in counts["logging_steps"])
-    report(figures, details=counts)
+    figures, details = {}, {}
+    for name in ["default"] if bench.smoke else list(VARIANTS):
+        counts = count_host_syncs(sync_config(px, micro, 4, *VARIANTS[name]), 6, bench.device)
+        prefix = "" if name == "default" else f"{name}_"
+        figures[f"{prefix}syncs_outside_logging_steps"] = counts["syncs_outside_logging_steps"]
+        figures[f"{prefix}syncs_at_logging_steps"] = counts["syncs_at_logging_steps"]
+        warnings = counts["cuda_sync_warnings_per_step"]
+        if warnings is not None:
+            figures[f"{prefix}cuda_sync_warnings_outside_logging_steps"] = sum(
+                n for s, n in enumerate(warnings) if s not in counts["logging_steps"])
+        details[name] = counts
+        report(figures, details=details)
     return figures
