@@ -131,4 +131,9 @@ def maybe_compile(model: nn.Module, enabled: bool, micro_batch: int = 0,
     is compiled); checkpoints and EMA see through it (`model.unwrap`)."""
     # Compiled after DDP wrapping, as PyTorch recommends: DDP's bucketed all-reduce then overlaps
     # with the compiled backward graph.
-    return FixedShapeCompile(model, micro_batch, backend) if enabled else model
+    if not enabled:
+        return model
+    # Dynamo's own line for every recompile, with its reason (a new shape is logged below; this
+    # also names the others, e.g. BatchNorm not tracking statistics in accumulated micro-batches).
+    torch._logging.set_logs(recompiles=True)
+    return FixedShapeCompile(model, micro_batch, backend)
