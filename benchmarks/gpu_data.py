@@ -17,6 +17,7 @@ each source, through `rn50.data.epoch_loader.EpochLoader` with `--workers` proce
 """
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -118,5 +119,6 @@ def section_real_data(bench: Bench, report, synthetic_images_per_s: float | None
         if synthetic_images_per_s:
             figures[f"{name}_vs_synthetic"] = result["images_per_s"] / synthetic_images_per_s
         report(figures)
-        del loaders  # its worker processes end here, before the next source's start
+        del loaders
+        gc.collect()  # its worker processes end here, before the next source's start
     return figures

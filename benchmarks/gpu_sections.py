@@ -85,12 +85,15 @@ def training_state(config: Config, device: torch.device, ddp: bool = False,
                          ema=ema)
 
 
-def synthetic_batches(batch: int, px: int, device: torch.device):
-    """One random uint8 NHWC batch on the device, forever (the step alone, no input pipeline)."""
+def synthetic_batches(batch: int, px: int, device: torch.device, channels_last: bool = True):
+    """One random uint8 batch on the device (NHWC in memory when `channels_last`, as the loader
+    stacks it then), forever: the step alone, no input pipeline."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, px, px, 3), dtype=torch.uint8, generator=generator)
+    images = images.permute(0, 3, 1, 2)
+    images = images if channels_last else images.contiguous()
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
-    return itertools.repeat((images.permute(0, 3, 1, 2).to(device), labels.to(device), 0))
+    return itertools.repeat((images.to(device), labels.to(device), 0))
 
 
 def timed_training(bench: Bench, config: Config, batches, ddp: bool = False,
@@ -128,7 +131,7 @@ def section_synthetic(bench: Bench, report) -> dict:
     px, batch = bench.px[0], bench.batches[-1]
     fp32 = bench_config(batch, px, "train.amp=false", "model.channels_last=false")
     figures.update(_figures(f"fp32_tf32_{px}_b{batch}", timed_training(
-        bench, fp32, synthetic_batches(batch, px, bench.device))))
+        bench, fp32, synthetic_batches(batch, px, bench.device, channels_last=False))))
     figures["bf16_cl_vs_fp32_tf32"] = figures[f"bf16_cl_{px}_b{batch}_images_per_s"] / \
         figures[f"fp32_tf32_{px}_b{batch}_images_per_s"]
     return figures

@@ -8,10 +8,10 @@ Sections, in this order, each with its own time limit, the whole run within `--b
 (default 510 s, 8.5 min): `env`; `sync_audit` (host syncs per step, CUDA's sync reports:
 benchmarks/host_syncs.py); `synthetic` (bf16 + channels_last at 224 and 176 px, batch 128 and
 256; fp32 with TF32 tensor cores at 224); `real_data` (gpu_data.py: the loader alone and feeding
-training, from files and from shards, decode on device too, at 11 workers); `features` (EMA,
-MixUp/CutMix, BlurPool, single-rank DDP over NCCL, each against the plain step); `eval`;
+training, from files and from shards, decode on device too, at 11 workers); `eval`;
 `checkpoint` (save seconds, stall on the training thread); `compile` (fixed shapes at 224, its
-compile time apart). Timing: CUDA events after a synchronize, warm-up steps excluded, per-step
+compile time apart); `features` (EMA, MixUp/CutMix, BlurPool, single-rank DDP over NCCL, each
+against the plain step). Timing: CUDA events after a synchronize, warm-up steps excluded, per-step
 host time beside device time (gpu_timing.py); MFU = images/s x training FLOPs per image / the
 dense bf16 peak (`--peak-tflops`, else the table below).
 
@@ -47,8 +47,8 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "
                     "H100 NVL": 835.5, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
                     "A10": 125.0}
 # Section -> seconds it may take on a GPU (smoke mode: all on CPU, a third of these each).
-LIMITS_S = {"env": 30, "sync_audit": 45, "synthetic": 110, "real_data": 150, "features": 80,
-            "eval": 25, "checkpoint": 30, "compile": 150}
+LIMITS_S = {"env": 30, "sync_audit": 45, "synthetic": 110, "real_data": 170, "eval": 25,
+            "checkpoint": 30, "compile": 150, "features": 80}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -102,8 +102,9 @@ def default_plan() -> dict:
         synthetic.update(section_synthetic(bench, report))
         return synthetic
     return {"env": section_env, "sync_audit": section_sync_audit, "synthetic": synthetic_kept,
-            "real_data": lambda b, r: _real_data(b, r, synthetic), "features": section_features,
-            "eval": section_eval, "checkpoint": section_checkpoint, "compile": section_compile}
+            "real_data": lambda b, r: _real_data(b, r, synthetic), "eval": section_eval,
+            "checkpoint": section_checkpoint, "compile": section_compile,
+            "features": section_features}
 
 
 def _timed_out(err: BaseException) -> bool:

@@ -94,6 +94,9 @@ def count_host_syncs(config: Config, steps: int, device: torch.device) -> dict:
     state = TrainingState(model, optimizer, build_scheduler(optimizer, steps, 1, config.schedule),
                           ema=EMA(model, config.train.ema_decay))
     batches = nhwc_batches(config, 2 * (steps + 1))
+    if device.type == "cuda":  # as the loader hands them over there: pinned, copied async
+        batches = [(images.pin_memory(), labels.pin_memory(), skipped)
+                   for images, labels, skipped in batches]
     train_one_epoch(state, batches[:2], device, config, micro_slots=[0, 1])  # warm-up step
     saves_due, cuda_warnings = _save_schedule_check(config, device), [0] * (steps + 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
