@@ -1,54 +1,54 @@
-"""Training-step throughput of ResNet-50 on one device: synthetic batches and real JPEGs, at
-224/176/128 px, for the precision/layout/compile variants side by side, with MFU.
+"""ResNet-50 training throughput on one GPU, in figures that can be trusted, in one short run.
 
-    python benchmarks/gpu_throughput.py                     # on a GPU: batch 256, 30 timed steps
-    python benchmarks/gpu_throughput.py --compile           # + the torch.compile variant
-    python benchmarks/gpu_throughput.py --px 64 --batch-size 4 --steps 2   # CPU smoke (~1 min)
+    python benchmarks/gpu_throughput.py                # on a GPU: ~7 min on an H100/H200
+    python benchmarks/gpu_throughput.py --smoke        # every section on CPU, tiny (< 3 min)
+    python benchmarks/gpu_throughput.py --images DIR   # real photos for the real-data section
 
-Every variant runs the project's `rn50.engine.train_one_epoch` (SGD foreach, per-step schedule,
-label smoothing 0.1, 1000 classes) after untimed warm-up steps; the epoch's own timing ends in a
-`.item()`, so queued GPU work is inside it. Variants (config overrides of the `imagenet_90ep`
-recipe): `fp32` (train.amp=false, NCHW), `bf16_cl` (bf16 autocast + channels_last, the GPU
-default), `bf16_cl_compile` (+ torch.compile, with --compile). Synthetic batches are uint8 on the
-device already (the step alone); `real_jpeg` feeds `bf16_cl` from prepared parquet shards of
-generated ImageNet-size JPEGs through the project's DataLoader with one worker per CPU core
-(host decode + pinned copy + the step); `real_jpeg_device_decode` the same with
-`data.decode_on_device` (loader workers read bytes and draw crops; nvJPEG decodes on the GPU).
-MFU = images/s x training FLOPs per image (3x the forward FLOPs torch's FlopCounterMode counts) /
-the device's dense bf16 peak (`--peak-tflops`, else a table of known GPUs; none on CPU). Ends
-with one JSON line.
+Sections, in this order, each with its own time limit, the whole run within `--budget-s`
+(default 510 s, 8.5 min): `env`; `sync_audit` (host syncs per step, CUDA's sync reports:
+benchmarks/host_syncs.py); `synthetic` (bf16 + channels_last at 224 and 176 px, batch 128 and
+256; fp32 with TF32 tensor cores at 224); `real_data` (gpu_data.py: the loader alone and feeding
+training, from files and from shards, decode on device too, at 11 workers); `eval`;
+`checkpoint` (save seconds, stall on the training thread); `compile` (fixed shapes at 224, its
+compile time apart); `features` (EMA, MixUp/CutMix, BlurPool, single-rank DDP over NCCL, each
+against the plain step). Timing: CUDA events after a synchronize, warm-up steps excluded, per-step
+host time beside device time (gpu_timing.py); MFU = images/s x training FLOPs per image / the
+dense bf16 peak (`--peak-tflops`, else the table below).
+
+Figures go to `gpu_throughput.json` (`-smoke` in smoke mode) in `--out-dir` (default `$OUT` when
+set, else benchmarks/results/), rewritten after every section: a run cut short keeps what it
+measured. Needs only torch, torchvision (and its Pillow), numpy, pyarrow and PyYAML; simplejpeg
+and the region-decode extension are used when present (the JSON says which decoder ran).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from rn50.config import Config, load_config  # noqa: E402
-from rn50.core.engine import build_optimizer, maybe_compile, train_one_epoch  # noqa: E402
-from rn50.core.model import build_model, place_model  # noqa: E402
-from rn50.core.schedule import build_scheduler  # noqa: E402
-from rn50.core.training_state import TrainingState  # noqa: E402
+from benchmarks.gpu_sections import (Bench, section_checkpoint, section_compile,  # noqa: E402
+                                     section_eval, section_features, section_sync_audit,
+                                     section_synthetic)
+from benchmarks.gpu_timing import SectionTimeout, time_limit  # noqa: E402
 
-NUM_CLASSES = 1000
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.5,
                     "H100 NVL": 835.5, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
                     "A10": 125.0}
-VARIANTS = {"fp32": ["train.amp=false", "model.channels_last=false", "train.compile=false"],
-            "bf16_cl": ["train.amp=true", "model.channels_last=true", "train.compile=false"],
-            "bf16_cl_compile": ["train.amp=true", "model.channels_last=true", "train.compile=true"]}
+# Section -> seconds it may take on a GPU (smoke mode: all on CPU, a third of these each).
+LIMITS_S = {"env": 30, "sync_audit": 45, "synthetic": 110, "real_data": 170, "eval": 25,
+            "checkpoint": 30, "compile": 150, "features": 80}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -59,127 +59,147 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_flops_per_image(px: int) -> float:
-    """3x the forward FLOPs of one image (backward ~ 2x forward), counted by FlopCounterMode."""
-    model = build_model(load_config("imagenet_90ep").model, NUM_CLASSES).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, px, px))
-    return 3.0 * counter.get_total_flops()
+def section_env(bench: Bench, report) -> dict:
+    """What ran: device, versions, CPUs, the JPEG decoder in use, FLOPs per image."""
+    from rn50.data.turbo_decode import decoder_name
+    cuda = bench.device.type == "cuda"
+    report({}, details={"device": torch.cuda.get_device_name(bench.device) if cuda else "cpu",
+                        "torch": torch.__version__, "cuda": torch.version.cuda,
+                        "cudnn": torch.backends.cudnn.version() if cuda else None,
+                        "python": platform.python_version(), "cpus": os.cpu_count(),
+                        "jpeg_decoder": decoder_name()})
+    return {"peak_bf16_tflops": bench.peak_tflops or 0.0, "cpus": os.cpu_count(),
+            **{f"train_gflops_per_image_{px}": bench.train_flops(px) / 1e9 for px in bench.px}}
 
 
-def variant_config(variant: str, batch_size: int) -> Config:
-    """The imagenet_90ep recipe with the variant's switches, on one device."""
-    return load_config("imagenet_90ep", [*VARIANTS[variant], f"train.global_batch_size={batch_size}",
-                                         "scaling.num_workers=1", "train.ema_decay=0",
-                                         "train.log_every_steps=1000000"])
+class Report:
+    """The JSON of the run so far, rewritten whenever a section adds to it."""
+
+    def __init__(self, path: Path, argv: list[str]):
+        self.path, self.argv, self.figures, self.sections = path, argv, {}, {}
+
+    def section(self, name: str):
+        """A `report(figures, details=None)` callable for section `name`."""
+        def report(figures: dict, details: dict | None = None) -> None:
+            self.figures.update({f"{name}.{k}": v for k, v in figures.items()})
+            if details is not None:
+                self.sections.setdefault(name, {})["details"] = details
+            self.write()
+        return report
+
+    def write(self) -> None:
+        """Rewrite the file with every figure and section status so far."""
+        from benchmarks.results import write_result
+        write_result("gpu_throughput", self.figures, argv=self.argv, path=self.path,
+                     context={"sections": self.sections})
 
 
-def images_per_s(config: Config, batches, warmup: list, device: torch.device) -> float:
-    """Train on `warmup` untimed, then on `batches`; images/s of the timed part."""
-    torch.manual_seed(0)
-    model = place_model(build_model(config.model, NUM_CLASSES), device, config.model.channels_last)
-    model = maybe_compile(model, config.train.compile)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, 1000, 1, config.schedule)
-    state = TrainingState(model, optimizer, scheduler)
-    train_one_epoch(state, warmup, device, config)
-    return train_one_epoch(state, batches, device, config).images_per_s
+def default_plan() -> dict:
+    """Section name -> function(bench, report) -> figures, in running order."""
+    synthetic: dict = {}
+
+    def synthetic_kept(bench: Bench, report) -> dict:
+        synthetic.update(section_synthetic(bench, report))
+        return synthetic
+    return {"env": section_env, "sync_audit": section_sync_audit, "synthetic": synthetic_kept,
+            "real_data": lambda b, r: _real_data(b, r, synthetic), "eval": section_eval,
+            "checkpoint": section_checkpoint, "compile": section_compile,
+            "features": section_features}
 
 
-def synthetic(px: int, batch_size: int, steps: int, device: torch.device) -> list:
-    """`steps` references to one uint8 batch already on the device, with labels."""
-    images = torch.randint(0, 256, (batch_size, 3, px, px), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
-    return [(images, labels, 0)] * steps
+def _timed_out(err: BaseException) -> bool:
+    """Whether `err` is (or wraps, as dynamo wraps what a traced frame raises) SectionTimeout."""
+    while err is not None:
+        if isinstance(err, SectionTimeout):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
-def real_jpeg_batches(shard_root: Path, config: Config, px: int, steps: int,
-                      decode_on_device: bool = False):
-    """`steps` batches of the project's train loader over the shards at `px`, its worker start-up
-    excluded (a real epoch pays it once per ~5,000 steps): the first batch is drawn and dropped
-    before the caller's clock starts."""
-    from rn50.data.loaders import build_loader, set_train_crop_px
-    from rn50.data.datasets import ParquetDataset
-    from rn50.data.device_decode import DeviceDecodePreset
-    from rn50.data.transforms import train_transform
-    preset = DeviceDecodePreset(config.data) if decode_on_device else train_transform(config.data)
-    dataset = ParquetDataset(shard_root, "train", preset, num_classes=1)
-    set_train_crop_px(dataset, px)
-    loader = build_loader(dataset, config.train.global_batch_size, rank=0, world_size=1, seed=0, epoch=0, train=True, loader_workers=os.cpu_count() or 1)
-    if len(loader) < steps + 1:
-        raise SystemExit(f"--images gives {len(loader)} batches of {config.train.global_batch_size}"
-                         f"; the real-JPEG figure needs {steps + 1}: raise --images")
-    batches = iter(loader)
-    next(batches)
-    return itertools.islice(batches, steps)
+def run_sections(bench: Bench, report: Report, budget_s: float, only: list[str],
+                 plan: dict | None = None, limits_s: dict | None = None) -> None:
+    """Each section in order under its time limit and what is left of the budget."""
+    deadline = time.monotonic() + budget_s
+    scale = 1 / 3 if bench.smoke else 1.0
+    limits_s = limits_s or {name: seconds * scale for name, seconds in LIMITS_S.items()}
+    for name, run in (plan or default_plan()).items():
+        if only and name not in only:
+            continue
+        left_s = deadline - time.monotonic()
+        limit_s = min(limits_s[name], left_s)
+        status = {"limit_s": round(limit_s, 1)}
+        report.sections[name] = status
+        if limit_s < min(5.0, limits_s[name]):
+            status["status"] = "skipped: the run's budget is spent"
+            report.write()
+            continue
+        start_s = time.monotonic()
+        try:
+            with time_limit(limit_s):
+                figures = run(bench, report.section(name))
+            status["status"] = "done"
+        except Exception as err:  # noqa: BLE001 - one section's failure must not lose the rest
+            figures = {}
+            if _timed_out(err):
+                status["status"] = f"cut short: past its {limit_s:.0f} s limit"
+            else:
+                status["status"] = f"failed: {type(err).__name__}: {err}"
+                status["traceback"] = traceback.format_exc()[-3000:]
+        status["seconds"] = round(time.monotonic() - start_s, 1)
+        report.section(name)(figures)
+        print(f"[gpu_throughput] {name}: {status['status']} ({status['seconds']} s)", flush=True)
 
 
-def measure(args: argparse.Namespace, device: torch.device, shard_root: Path | None) -> dict:
-    """Every (variant, px) synthetic figure and the real-JPEG one, with MFU where a peak is known."""
-    peak = peak_tflops(device, args.peak_tflops)
-    variants = [v for v in VARIANTS if v != "bf16_cl_compile" or args.compile]
-    figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else "cpu", "batch_size": args.batch_size, "steps": args.steps,
-                     "peak_bf16_tflops": peak}
-    for px in args.px:
-        flops = train_flops_per_image(px)
-        runs = {v: images_per_s(variant_config(v, args.batch_size),
-                                synthetic(px, args.batch_size, args.steps, device),
-                                synthetic(px, args.batch_size, args.warmup_steps, device), device)
-                for v in variants}
-        if shard_root is not None:
-            config = variant_config("bf16_cl", args.batch_size)
-            for name, on_device in (("real_jpeg", False), ("real_jpeg_device_decode", True)):
-                runs[name] = images_per_s(
-                    config, real_jpeg_batches(shard_root, config, px, args.steps, on_device),
-                    synthetic(px, args.batch_size, args.warmup_steps, device), device)
-        for name, per_s in runs.items():
-            figures[f"{name}_images_per_s_{px}"] = round(per_s, 1)
-            figures[f"{name}_mfu_{px}"] = round(per_s * flops / (peak * 1e12), 4) if peak else None
-        figures[f"bf16_cl_vs_fp32_{px}"] = round(runs["bf16_cl"] / runs["fp32"], 3)
-        if "real_jpeg" in runs:
-            figures[f"real_jpeg_vs_synthetic_{px}"] = round(runs["real_jpeg"] / runs["bf16_cl"], 3)
-    return figures
+def _real_data(bench: Bench, report, synthetic: dict) -> dict:
+    from benchmarks.gpu_data import section_real_data
+    key = f"bf16_cl_{bench.px[0]}_b{bench.batches[-1]}_images_per_s"
+    return section_real_data(bench, report, synthetic.get(key))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--px", type=int, nargs="+", default=[224, 176, 128])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per figure")
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="also the torch.compile variant")
-    parser.add_argument("--images", type=int, default=-1,
-                        help="generated JPEGs for the real_jpeg figure (default: batch x "
-                             "(steps + 1), one epoch; 0: skip it)")
+    parser.add_argument("--smoke", action="store_true", help="every section on CPU, tiny sizes")
+    parser.add_argument("--out-dir", help="where the JSON goes (default $OUT, else "
+                                          "benchmarks/results/)")
+    parser.add_argument("--images", type=Path, help="a folder of real JPEGs for real_data")
+    parser.add_argument("--workers", type=int, default=11, help="loader processes (p4d: 11)")
+    parser.add_argument("--budget-s", type=float, default=510.0)
+    parser.add_argument("--sections", nargs="*", default=[], choices=list(LIMITS_S),
+                        help="only these sections")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    """Measure on CUDA if present (else CPU), print each figure, then one JSON line."""
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+def make_bench(args: argparse.Namespace, work: Path) -> Bench:
+    """The sizes and timed windows: GPU-sized, or tiny on CPU for --smoke."""
+    if args.smoke:
+        torch.set_num_threads(1)
+        return Bench(torch.device("cpu"), True, px=[32], batches=[2, 4], warmup=1, min_steps=2,
+                     min_s=0.0, workers=1, work=work, images_dir=args.images,
+                     peak_tflops=args.peak_tflops, compile_backend="eager")
+    if not torch.cuda.is_available():
+        raise SystemExit("no GPU: run with --smoke for the CPU rehearsal")
+    device = torch.device("cuda", 0)
+    return Bench(device, False, px=[224, 176], batches=[128, 256], warmup=15, min_steps=30,
+                 min_s=6.0, workers=args.workers, work=work, images_dir=args.images,
+                 peak_tflops=peak_tflops(device, args.peak_tflops))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run every section; return the JSON's path."""
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    path = out_dir / ("gpu_throughput-smoke.json" if args.smoke else "gpu_throughput.json")
     work = Path(tempfile.mkdtemp(prefix="rn50-gpu-bench-"))
+    report = Report(path, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     try:
-        shard_root = None
-        if args.images < 0:
-            args.images = args.batch_size * (args.steps + 1)
-        if args.images:
-            from benchmarks.pipeline import write_prepared_shard
-            from benchmarks.images import generate_jpegs
-            (work / "jpegs").mkdir()
-            paths = generate_jpegs(work / "jpegs", args.images)
-            shard_root, _ = write_prepared_shard(paths, work / "shards", num_shards=4)
-        figures = measure(args, device, shard_root)
+        run_sections(make_bench(args, work), report, args.budget_s, args.sections)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for key, value in figures.items():
-        print(f"{key:36s} {value}")
-    print(json.dumps(figures))
+    for key, value in report.figures.items():
+        print(f"{key:56s} {value:.4g}" if isinstance(value, float) else f"{key:56s} {value}")
+    return path
 
 
 if __name__ == "__main__":

@@ -33,3 +33,21 @@ def generate_jpegs(directory: Path, count: int, seed: int = 0) -> list[Path]:
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+class CycledFiles:
+    """A map-style data set of `length` samples cycling over JPEG `paths` (label = index % 10),
+    decoded through `transform` as the image-folder data set decodes them: an ImageNet-length
+    epoch (sample streams drawn over all of it) from a handful of files."""
+
+    def __init__(self, paths: list[Path], length: int, transform):
+        self.paths, self.length, self.transform = [str(p) for p in paths], length, transform
+        self.draft_px = getattr(transform, "draft_px", 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        from rn50.data.datasets import decode_sample
+        path = self.paths[index % len(self.paths)]
+        return decode_sample(path, index % 10, self.transform, self.draft_px, path)

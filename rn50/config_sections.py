@@ -130,8 +130,10 @@ class TrainConfig:
     """Autocast dtype: `bfloat16` (A100, H100, A10G, L4) or `float16` with a dynamic loss scaler
     (T4 and V100, which have no fast bf16); the scaler's state is checkpointed."""
     compile: bool = False
-    """Wrap the model in `torch.compile` (works on CPU too, after a compile of ~1 min for
-    ResNet-50). Off by default until a GPU measurement shows it faster (benchmarks/README.md)."""
+    """Wrap the model in `torch.compile` with fixed shapes (works on CPU too, after a compile of
+    ~1 min for ResNet-50): training batches of the micro-batch size are compiled, once per
+    resolution (each compile is logged); eval and short batches run eager. Off by default until a
+    GPU measurement shows it faster (benchmarks/README.md)."""
     ema_decay: float = 0.0
     """Per-step decay of an exponential moving average of the weights; 0 disables EMA."""
     mixup_alpha: float = 0.0
@@ -224,7 +226,8 @@ class CheckpointConfig:
     every_steps: int = 0
     """Also save one every N optimizer steps within an epoch (exact mid-epoch resume); 0 = off."""
     every_minutes: float = 0.0
-    """Also save one when this many minutes have passed since the last save; 0 = off."""
+    """Also save one when this many minutes have passed since the last save; 0 = off. The clock
+    is read every `preemption_check_every_steps` steps (10 when that is 0), never every step."""
     preemption_check_every_steps: int = 10
     """Ask Ray every N steps whether a node of the run is being preempted (a spot reclaim
     notice) and checkpoint at once if so; 0 = never ask."""

@@ -17,10 +17,11 @@ from torch import nn
 
 from rn50.config import Config
 from rn50.data.device_decode import DeferredBatch
+from rn50.core.device import (autocast_context, configure_backends, maybe_compile,  # noqa: F401
+                              prefetch_to_device, to_device)
 from rn50.core.mixing import DEPTH_STREAM, BatchMixer, build_mixer, seeded_rng
 from rn50.core.model import parameter_groups
 from rn50.core.training_state import TrainingState
-from rn50.data.transforms import normalize
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -32,20 +33,6 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
                            foreach=True)
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    """`torch.compile(model)` when asked; checkpoints and EMA see through it (`model.unwrap`)."""
-    # Compiled after DDP wrapping, as PyTorch recommends: DDP's bucketed all-reduce then overlaps
-    # with the compiled backward graph.
-    return torch.compile(model) if enabled else model
-
-
-def autocast_context(device: torch.device, amp: bool, amp_dtype: str = "bfloat16"):
-    """Autocast to `amp_dtype` on CUDA when asked; a no-op elsewhere (CPU trains in fp32)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=getattr(torch, amp_dtype))
-    return contextlib.nullcontext()
-
-
 def build_grad_scaler(device: torch.device, config: Config) -> torch.amp.GradScaler:
     """The dynamic loss scaler fp16 autocast needs on a GPU; a pass-through everywhere else."""
     # bf16 has fp32's exponent range, so its gradients do not underflow and need no scaling.
@@ -53,18 +40,13 @@ def build_grad_scaler(device: torch.device, config: Config) -> torch.amp.GradSca
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def to_device(images_uint8: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy a uint8 batch to the device (async from pinned memory) and normalize it there."""
-    non_blocking = device.type == "cuda"
-    images = normalize(images_uint8.to(device, non_blocking=non_blocking))
-    if channels_last and device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=non_blocking)
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_sum(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """`values` (device scalars or numbers) summed over all workers, read back in one go: the
+    only host sync of an epoch outside the logging steps."""
+    tensor = torch.stack([value.detach().to(device, torch.float64).reshape(())
+                          if isinstance(value, torch.Tensor)
+                          else torch.tensor(float(value), dtype=torch.float64, device=device)
+                          for value in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -242,6 +224,7 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     """
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     model.train()
+    configure_backends(device)
     # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
     scaler = state.scaler or torch.amp.GradScaler(device.type, enabled=False)
     # With soft (mixed) targets torch smooths the probabilities: see rn50.core.mixing.
@@ -256,7 +239,9 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
     window = StepWindow(world)
     start = time.perf_counter()
-    for step, micro_batches in enumerate(_step_batches(batches, len(slots), window),
+    # On a GPU the next batch's copy to the device overlaps this step (a no-op on CPU).
+    on_device = prefetch_to_device(batches, device)
+    for step, micro_batches in enumerate(_step_batches(on_device, len(slots), window),
                                          start=start_step):
         optimizer.zero_grad(set_to_none=True)
         step_loss_sum, trained, step_skipped, loss = _accumulate(
@@ -280,7 +265,7 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
             after_step(step + 1)
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
-        [loss_sum.item(), images_seen, skipped, seconds], device)
+        [loss_sum, images_seen, skipped, seconds], device)
     return EpochStats(loss=loss_sum / max(images_seen, 1), images=int(images_seen),
                       seconds=seconds / world, skipped_images=int(skipped))
 
@@ -291,19 +276,23 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, *,
              amp_dtype: str = "bfloat16") -> dict[str, float]:
     """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""
     model.eval()
+    configure_backends(device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, top1, top5, count = 0.0, 0.0, 0.0, 0
-    for images_uint8, labels, _ in batches:
+    # Summed on the device and read once at the end: a read per batch would drain the GPU's
+    # queue every batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1, top5, count = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum), 0
+    for images_uint8, labels, _ in prefetch_to_device(batches, device):
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, channels_last)
         with autocast_context(device, amp, amp_dtype):
             logits = model(images).float()
-        loss_sum += criterion(logits, labels).item()
+        loss_sum += criterion(logits, labels)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(dim=1).sum().item()
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
         count += labels.numel()
     loss_sum, top1, top5, count = _all_reduce_sum([loss_sum, top1, top5, count], device)
     count = max(count, 1)

@@ -153,20 +153,37 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_bn_bias_decay: bo
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers, kept in fp32."""
+    """Exponential moving average of a model's parameters and buffers, kept in fp32.
+
+    The update is two foreach ops (one multiply, one add) over cached tensor lists, not one small
+    kernel pair per tensor after a `state_dict()` walk: the same arithmetic, element by element,
+    in a handful of kernel launches."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.state = {k: v.detach().clone().float() for k, v in unwrap(model).state_dict().items()}
+        self._lists: tuple | None = None  # (model, averaged, live floats, averaged, live others)
+
+    def _tensor_lists(self, model: nn.Module) -> tuple:
+        """The averaged tensors and the live ones they follow, built once per model object (the
+        live ones are views of its parameters and buffers, which training updates in place)."""
+        if self._lists is None or self._lists[0] is not model:
+            live = unwrap(model).state_dict()
+            floats = [name for name, value in live.items() if value.dtype.is_floating_point]
+            others = [name for name, value in live.items() if not value.dtype.is_floating_point]
+            self._lists = (model, [self.state[n] for n in floats], [live[n] for n in floats],
+                           [self.state[n] for n in others], [live[n] for n in others])
+        return self._lists
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average a step towards the model's current weights."""
-        for name, value in unwrap(model).state_dict().items():
-            if value.dtype.is_floating_point:
-                self.state[name].mul_(self.decay).add_(value.float(), alpha=1 - self.decay)
-            else:
-                self.state[name].copy_(value)
+        _, averaged, live, averaged_others, live_others = self._tensor_lists(model)
+        live = [value if value.dtype == torch.float32 else value.float() for value in live]
+        torch._foreach_mul_(averaged, self.decay)
+        torch._foreach_add_(averaged, live, alpha=1 - self.decay)
+        for average, value in zip(averaged_others, live_others):  # BN's num_batches_tracked
+            average.copy_(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights (a plain state_dict)."""
@@ -182,3 +199,4 @@ class EMA:
                 raise ValueError(f"EMA tensor '{name}' has shape {tuple(value.shape)}, "
                                  f"model has {tuple(self.state[name].shape)}")
             self.state[name] = value.detach().clone().float()
+        self._lists = None  # the cached lists held the replaced tensors

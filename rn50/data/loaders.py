@@ -17,19 +17,21 @@ The samplers themselves live in rn50.data.samplers.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
 from rn50.data.class_names import readable_classes, readable_names
 from rn50.data.samplers import (MicroBatchSampler, ShardedEvalSampler, epoch_streams,
-                                 mix_seed)
+                                 micro_batch_slots, mix_seed)
 from rn50.data.small_datasets import prepare_digits, prepare_imagenette
 from rn50.data.transforms import train_transform, val_transform
 
@@ -108,9 +110,13 @@ def set_train_crop_px(train_set: Dataset, crop_px: int) -> None:
     train_set.transform.set_crop_px(crop_px)
 
 
-def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor | DeferredBatch, torch.Tensor, int]:
+def collate_skip_corrupt(batch: list, channels_last: bool = False
+                         ) -> tuple[torch.Tensor | DeferredBatch, torch.Tensor, int]:
     """Stack the decodable samples; `None` (corrupt) ones are dropped and counted. Samples still
-    encoded (`data.decode_on_device`) make a `DeferredBatch` that the training step decodes."""
+    encoded (`data.decode_on_device`) make a `DeferredBatch` that the training step decodes.
+
+    With `channels_last` the [B, 3, H, W] batch is NHWC in memory, the layout the crops come in
+    and the model trains in on a GPU, so neither side transposes it."""
     good = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(good)
     if not good:
@@ -119,26 +125,57 @@ def collate_skip_corrupt(batch: list) -> tuple[torch.Tensor | DeferredBatch, tor
     labels = torch.tensor([label for _, label in good], dtype=torch.int64)
     if any(isinstance(image, EncodedImage) for image, _ in good):
         return DeferredBatch([image for image, _ in good]), labels, skipped
-    return torch.stack([image for image, _ in good]), labels, skipped
+    images = [image for image, _ in good]
+    if not channels_last:
+        return torch.stack(images, out=_batch_tensor(images, images[0].shape)), labels, skipped
+    hwc = [image.permute(1, 2, 0) for image in images]
+    out = torch.stack(hwc, out=_batch_tensor(images, hwc[0].shape))
+    return out.permute(0, 3, 1, 2), labels, skipped
+
+
+def _batch_tensor(images: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """An empty uint8 batch of `images`, in shared memory inside a loader worker (as PyTorch's
+    default collate does: the batch then crosses to the training process without a copy)."""
+    if get_worker_info() is None:
+        return torch.empty((len(images), *shape), dtype=images[0].dtype)
+    storage = images[0]._typed_storage()._new_shared(len(images) * shape.numel())
+    return images[0].new(storage).resize_(len(images), *shape)
+
+
+class SampleKey(NamedTuple):
+    """What a persistent loader's sampler deals: the index with the epoch it belongs to (and the
+    train crop side, progressive resizing), so worker processes kept across epochs need no
+    other message to augment it as that epoch's (seed, epoch, index) says."""
+    index: int
+    epoch: int
+    crop_px: int = 0  # 0: the transform's crop as it is
 
 
 class SeededAugmentation(Dataset):
     """Draw each sample's augmentation from torch's CPU generator seeded by (seed, epoch, index).
 
     `index` may be virtual (`copy * len(dataset) + i`, repeated augmentation): sample i is read,
-    with draws seeded by the virtual index, so each copy is augmented differently.
+    with draws seeded by the virtual index, so each copy is augmented differently. A `SampleKey`
+    brings its own epoch (and crop side) instead of the one given here.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int, repeats: int = 1):
         self.dataset, self.seed, self.epoch, self.repeats = dataset, seed, epoch, repeats
+        self.crop_px = 0
 
     def __len__(self) -> int:
         return len(self.dataset) * self.repeats
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | SampleKey):
+        index, epoch = key, self.epoch
+        if isinstance(key, SampleKey):
+            index, epoch = key.index, key.epoch
+            if key.crop_px and key.crop_px != self.crop_px:  # this process's copy of the preset
+                set_train_crop_px(self.dataset, key.crop_px)
+                self.crop_px = key.crop_px
         generator = torch.default_generator  # CPU only: CUDA RNG state is never touched
         state = generator.get_state()
-        generator.manual_seed(mix_seed(self.seed, self.epoch, index))
+        generator.manual_seed(mix_seed(self.seed, epoch, index))
         try:
             return self.dataset[index % len(self.dataset)]
         finally:
@@ -151,25 +188,47 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % (1 << 32))
 
 
+def loader_options(loader_workers: int, seed: int, epoch: int, rank: int,
+                   channels_last: bool = False, persistent: bool = False) -> dict:
+    """The DataLoader arguments every loader of the project shares."""
+    return dict(num_workers=loader_workers,
+                collate_fn=functools.partial(collate_skip_corrupt, channels_last=channels_last),
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=persistent and loader_workers > 0,
+                worker_init_fn=_worker_init if loader_workers > 0 else None,
+                generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank)))
+
+
 def build_loader(dataset: Dataset, micro_batch: int, *, rank: int, world_size: int, seed: int,
                  epoch: int, train: bool, loader_workers: int = 0, skip_steps: int = 0,
-                 repeated_augmentations: int = 1, micro_batches_per_step: int = 0) -> DataLoader:
-    """This rank's loader for one epoch, in batches of `micro_batch` images.
+                 repeated_augmentations: int = 1, micro_batches_per_step: int = 0,
+                 channels_last: bool = False) -> DataLoader:
+    """This rank's loader for one epoch, in batches of `micro_batch` images (NHWC in memory with
+    `channels_last`); its worker processes end with the epoch (`rn50.data.epoch_loader` keeps
+    them for a whole run, with the same batches).
 
     Train: the rank's micro-batches of every step from `skip_steps` on (rn50.data.samplers; the
     order is a function of (seed, epoch) and `micro_batches_per_step`, default `world_size`, i.e.
     no accumulation), the ragged tail dropped; `repeated_augmentations` (`data.repeated_
     augmentations`) shows each image that many times per epoch, each copy augmented differently.
     Val: an unshuffled, unpadded 1/world_size shard."""
-    common = dict(num_workers=loader_workers, collate_fn=collate_skip_corrupt,
-                  pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                  worker_init_fn=_worker_init if loader_workers > 0 else None,
-                  generator=torch.Generator().manual_seed(mix_seed(seed, epoch, rank)))
+    common = loader_options(loader_workers, seed, epoch, rank, channels_last)
     if not train:
         sampler = ShardedEvalSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, **common)
-    streams = epoch_streams(dataset, micro_batches_per_step or world_size, seed, epoch,
-                            repeated_augmentations)
-    batches = MicroBatchSampler(streams, rank, world_size, micro_batch, start_step=skip_steps)
+    per_step = micro_batches_per_step or world_size
+    streams = epoch_streams(dataset, per_step, seed, epoch, repeated_augmentations,
+                            only=rank_slots(rank, world_size, per_step))
+    batches = MicroBatchSampler(streams, micro_batch, start_step=skip_steps)
     return DataLoader(SeededAugmentation(dataset, seed, epoch, repeated_augmentations),
                       batch_sampler=batches, **common)
+
+
+def rank_slots(rank: int, world_size: int, micro_batches_per_step: int) -> list[int]:
+    """`micro_batch_slots`, refusing a rank that would train none of a step's micro-batches."""
+    slots = micro_batch_slots(rank, world_size, micro_batches_per_step)
+    if not slots:
+        raise ValueError(f"rank {rank} of {world_size} gets none of the {micro_batches_per_step} "
+                         "micro-batches of a step: use at most as many workers as micro-batches "
+                         "per step (train.global_batch_size / train.micro_batch_size)")
+    return slots

@@ -26,7 +26,6 @@ def mix_seed(*values: int) -> int:
     return seed
 
 
-
 def _with_copies(indices: torch.Tensor, size: int, repeats: int) -> torch.Tensor:
     """Each index followed by its other copies' virtual indices (index + copy * size)."""
     return (indices[:, None] + torch.arange(repeats)[None, :] * size).flatten()
@@ -43,16 +42,19 @@ class RepeatedAugmentationSampler(Sampler):
     """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, epoch: int, repeats: int):
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
-        per_rank = size // world_size
-        dealt = _with_copies(order, size, repeats)[rank:per_rank * world_size:world_size]
-        self.indices = dealt.tolist()
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.seed, self.epoch, self.repeats = seed, epoch, repeats
 
     def __iter__(self):
-        return iter(self.indices)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator)
+        per_rank = len(self)
+        dealt = _with_copies(order, self.size, self.repeats)[
+            self.rank:per_rank * self.world_size:self.world_size]
+        return iter(dealt.tolist())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.size // self.world_size
 
 
 class ShardedEvalSampler(DistributedSampler):
@@ -118,11 +120,13 @@ def _stream(dataset: Dataset, index: int, streams: int, seed: int, epoch: int,
     return sampler
 
 
-def epoch_streams(dataset: Dataset, streams: int, seed: int, epoch: int,
-                  repeats: int = 1) -> list[Sampler]:
-    """The epoch's `streams` sample orders (see the module docstring); a function of
-    (seed, epoch) and the data set only."""
-    return [_stream(dataset, index, streams, seed, epoch, repeats) for index in range(streams)]
+def epoch_streams(dataset: Dataset, streams: int, seed: int, epoch: int, repeats: int = 1,
+                  only: list[int] | None = None) -> dict[int, Sampler]:
+    """The epoch's sample orders (see the module docstring), stream index -> sampler, for the
+    streams in `only` (default: all `streams`); a function of (seed, epoch) and the data set only.
+    Building one is cheap; its order is drawn when it is iterated."""
+    wanted = range(streams) if only is None else only
+    return {index: _stream(dataset, index, streams, seed, epoch, repeats) for index in wanted}
 
 
 def micro_batch_slots(rank: int, world_size: int, micro_batches_per_step: int) -> list[int]:
@@ -133,21 +137,25 @@ def micro_batch_slots(rank: int, world_size: int, micro_batches_per_step: int) -
 class MicroBatchSampler(Sampler):
     """A rank's micro-batches (lists of dataset indices), step by step from `start_step` on.
 
-    Yields, for each step, the rank's micro-batches in slot order (`micro_batch_slots`); each is
-    a full `micro_batch` of indices. The epoch has as many steps as the shortest stream holds."""
+    `streams` are the rank's own streams (slot -> sampler, `micro_batch_slots`): only those are
+    drawn, never the other ranks'. Yields, for each step, the rank's micro-batches in slot order;
+    each is a full `micro_batch` of indices. Every stream of an epoch has the same length (each
+    sampler cuts its ranks to a common one), so the rank's own give the epoch's step count."""
 
-    def __init__(self, streams: list[Sampler], rank: int, world_size: int, micro_batch: int,
-                 start_step: int = 0):
-        self.streams, self._orders = streams, [list(stream) for stream in streams]
-        self.slots = micro_batch_slots(rank, world_size, len(streams))
+    def __init__(self, streams: dict[int, Sampler], micro_batch: int, start_step: int = 0):
+        self.slots = sorted(streams)
+        self.streams = [streams[slot] for slot in self.slots]
         self.micro_batch, self.start_step = micro_batch, start_step
-        self.steps = min(len(order) for order in self._orders) // micro_batch
+        self.steps = min(len(stream) for stream in self.streams) // micro_batch
+        self._orders: list[list[int]] | None = None
 
     def __iter__(self):
+        if self._orders is None:  # drawn once, at the first pass
+            self._orders = [list(stream) for stream in self.streams]
         m = self.micro_batch
         for step in range(self.start_step, self.steps):
-            for slot in self.slots:
-                yield self._orders[slot][step * m:(step + 1) * m]
+            for order in self._orders:
+                yield order[step * m:(step + 1) * m]
 
     def __len__(self) -> int:
         return max(self.steps - self.start_step, 0) * len(self.slots)

@@ -17,13 +17,13 @@ resized with as little work as the crop allows (the CPU path of `train_transform
    bilinear kernel in one step, in their own channels-last layout: no PIL image.
 
 `decode_crop` returns None for what it does not handle (not a JPEG: PNG bytes in a .JPEG file;
-CMYK/YCCK JPEGs; data libjpeg-turbo reports as damaged), having put torch's generator back, so
-the caller's Pillow path draws and decodes exactly as it would have on its own.
+CMYK/YCCK JPEGs; data libjpeg-turbo reports as damaged; no simplejpeg installed), having put
+torch's generator back, so the caller's Pillow path draws and decodes exactly as it would have on
+its own.
 """
 from __future__ import annotations
 
 import numpy as np
-import simplejpeg
 import torch
 from torch.nn.functional import interpolate
 from torchvision import transforms as T
@@ -33,6 +33,10 @@ try:
     import rn50_jpeg_region  # built from _jpeg_region.c at install, where libjpeg's headers are
 except ImportError:
     rn50_jpeg_region = None
+try:  # a dependency of the package; optional only so that a bare torch machine (a lent GPU
+    import simplejpeg  # running benchmarks/gpu_throughput.py from a checkout) can import this
+except ImportError:
+    simplejpeg = None
 
 _COLORSPACES = ("YCbCr", "Gray")  # what libjpeg-turbo turns into RGB itself
 _AA_MODES = (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)
@@ -78,7 +82,10 @@ def decode_region_hwc(data: bytes, factor: int, box: tuple[int, int, int, int],
 
 
 def decode_crop(data: bytes, crop: T.RandomResizedCrop) -> torch.Tensor | None:
-    """`crop(decoded image)` as a uint8 CHW tensor, from JPEG bytes; None: use Pillow instead."""
+    """`crop(decoded image)` as a uint8 CHW tensor, from JPEG bytes; None: use Pillow instead
+    (also whenever simplejpeg is not installed)."""
+    if simplejpeg is None:
+        return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:  # not a JPEG (or no readable header): Pillow decides
@@ -107,3 +114,11 @@ def decode_crop(data: bytes, crop: T.RandomResizedCrop) -> torch.Tensor | None:
     region = region.contiguous(memory_format=torch.channels_last)
     return interpolate(region, size=(out_h, out_w), mode=crop.interpolation.value,
                        antialias=True, align_corners=False)[0]
+
+
+def decoder_name() -> str:
+    """Which decoder the train preset's JPEG path uses on this machine (benchmarks record it)."""
+    if simplejpeg is None:
+        return "pillow (simplejpeg not installed)"
+    return "libjpeg-turbo region decode" if rn50_jpeg_region is not None else \
+        "simplejpeg whole-image decode"

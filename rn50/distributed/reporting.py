@@ -1,15 +1,17 @@
-"""Every rank's report to Ray Train, with rank 0's checkpoint: serialised, then uploaded by Ray
-in the background through our retrying, verifying upload function."""
+"""Every rank's report to Ray Train, with rank 0's checkpoint: copied to host memory, then written
+and uploaded in the background through our retrying, verifying upload function."""
 from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import Future
 from typing import Callable
 
 import ray
 import ray.train
 
 from rn50.core import checkpoint as ckpt
+from rn50.core.background_save import save_in_background
 
 UploadObserver = Callable[[float, float], None]
 
@@ -23,20 +25,26 @@ def report(metrics: dict, state: dict | None, rank: int,
     if state is None or rank != 0:
         ray.train.report(metrics)
         return
-    # Serialising the state is the only pause; Ray uploads the folder in the background and
-    # deletes it afterwards. The manifest inside is what makes a half-uploaded copy unloadable.
+    # Copying the state to host memory is the only pause: the write and SHA-256 run on a writer
+    # thread (rn50.core.background_save), Ray's upload thread waits for them, uploads the folder
+    # and deletes it afterwards. The manifest inside is what makes a half-written or
+    # half-uploaded copy unloadable.
     directory = tempfile.mkdtemp(prefix="rn50-ckpt-")
-    ckpt.save_checkpoint(directory, state, summary=metrics)
+    written = save_in_background(directory, state, summary=metrics)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=_verified_upload(ray.train.get_context().get_storage(),
-                                                           on_upload, keep_as_best))
+                                                           on_upload, keep_as_best, written))
 
 
-def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_best: bool):
-    """Ray's own upload, retried and checked by `rn50.core.checkpoint.upload_with_retries`."""
+def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_best: bool,
+                     written: Future | None = None):
+    """Ray's own upload, retried and checked by `rn50.core.checkpoint.upload_with_retries`, of
+    the folder `written` completes (its error, if the write failed, fails the upload)."""
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        start_s = time.perf_counter()
+        start_s = time.perf_counter()  # the write's remainder counts: it is off the loop too
+        if written is not None:
+            written.result()
         persisted: list[ray.train.Checkpoint] = []
 
         def persist() -> ckpt.Location:

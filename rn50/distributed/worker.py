@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import ray.train
@@ -27,6 +27,7 @@ from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, mayb
 from rn50.core.model import EMA, build_model, place_model, unwrap
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
+from rn50.data.epoch_loader import EpochLoader
 from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
                                set_train_crop_px)
 from rn50.data.samplers import micro_batch_slots
@@ -72,14 +73,21 @@ class _Worker:
     cost: CostBasis | None = None
     """The run's cost basis (`RunContext.cost`): rank 0's checkpoints record the cost so far."""
 
+    loaders: dict = field(default_factory=dict)
+    """The train and val `EpochLoader`s, built at first use; their workers live for the run."""
+
     def loader(self, dataset: Dataset, epoch: int, train: bool, skip_steps: int = 0):
-        """This rank's loader of `dataset` for `epoch` (see `rn50.data.loaders.build_loader`)."""
-        return build_loader(dataset, self.config.micro_batch_size, rank=self.rank,
-                            world_size=self.world_size, seed=self.config.train.seed, epoch=epoch,
-                            train=train, loader_workers=self.config.data.loader_workers,
-                            skip_steps=skip_steps,
-                            repeated_augmentations=self.config.data.repeated_augmentations,
-                            micro_batches_per_step=self.config.micro_batches_per_step)
+        """This rank's loader of `dataset` set up for `epoch` (rn50.data.epoch_loader)."""
+        if train not in self.loaders:
+            self.loaders[train] = EpochLoader(
+                dataset, self.config.micro_batch_size, rank=self.rank,
+                world_size=self.world_size, seed=self.config.train.seed, train=train,
+                loader_workers=self.config.data.loader_workers,
+                repeated_augmentations=self.config.data.repeated_augmentations,
+                micro_batches_per_step=self.config.micro_batches_per_step,
+                channels_last=self.config.model.channels_last and self.device.type == "cuda")
+        crop_px = train_crop_px_at(self.config.data, epoch) if train else 0
+        return self.loaders[train].epoch(epoch, skip_steps, crop_px)
 
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
@@ -134,7 +142,7 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
                         config.model.channels_last)
     if world_size > 1:
         model = wrap_ddp(model, device)
-    model = maybe_compile(model, config.train.compile)
+    model = maybe_compile(model, config.train.compile, config.micro_batch_size)
     # Global steps, as the samplers deal them: the same at every world size.
     steps_per_epoch = build_loader(
         train_set, config.micro_batch_size, rank=rank, world_size=world_size,

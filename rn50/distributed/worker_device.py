@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rn50.config import Config
-from rn50.core import devices
+from rn50.core import device_report
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.cost import NODE_GROUP_LABEL
 from rn50.errors import DeviceError
@@ -36,7 +36,7 @@ def pick_device(config: Config) -> torch.device:
         return ray.train.torch.get_device()
     where = node_description(config)
     if not config.scaling.cpu_stands_in_for_gpu:
-        raise DeviceError(devices.missing_gpu_message(where))
+        raise DeviceError(device_report.missing_gpu_message(where))
     if ray.train.get_context().get_local_rank() == 0:
         logger.warning("[rn50] training on the CPU of %s, which advertises GPUs torch cannot see: "
                        "scaling.cpu_stands_in_for_gpu=true (a rehearsal)", where)
@@ -57,7 +57,7 @@ def report_device(run: RunContext, device: torch.device, rank: int) -> None:
     if ray.train.get_context().get_local_rank() != 0:
         return
     node = ray.get_runtime_context().get_node_id()[:8]
-    line = devices.describe(device).line()
+    line = device_report.describe(device).line()
     logger.info("[rn50 rank%d] node-%s device: %s", rank, node, line)
     tracking.set_tags(run.tracking_uri, run.mlflow_run_id, {f"device/node-{node}": line})
 
