@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from rn50.data.loaders import SampleKey, SeededAugmentation, loader_options, rank_slots
-from rn50.data.samplers import MicroBatchSampler, ShardedEvalSampler, epoch_streams
+from rn50.data.loaders import (SampleKey, SeededAugmentation, loader_options, rank_slots,
+                               train_batches)
+from rn50.data.samplers import ShardedEvalSampler
 
 
 class EpochBatchSampler(Sampler):
@@ -28,11 +29,13 @@ class EpochBatchSampler(Sampler):
         self.slots = rank_slots(rank, world_size, self.per_step)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int, start_step: int = 0, crop_px: int = 0) -> None:
-        """Deal `epoch`'s micro-batches from `start_step` on, cropped at `crop_px` (0: as set)."""
-        streams = epoch_streams(self.dataset, self.per_step, self.seed, epoch, self.repeats,
-                                only=self.slots)
-        self.batches = MicroBatchSampler(streams, self.micro_batch, start_step=start_step)
+    def set_epoch(self, epoch: int, start_step: int = 0, crop_px: int = 0,
+                  order_micro_batches: int = 0) -> None:
+        """Deal `epoch`'s micro-batches from `start_step` on, cropped at `crop_px` (0: as set), in
+        the order of `order_micro_batches` per step if given (`loaders.train_batches`)."""
+        self.batches = train_batches(self.dataset, self.micro_batch, self.slots, self.per_step,
+                                     self.seed, epoch, self.repeats, start_step,
+                                     order_micro_batches)
         self.epoch, self.crop_px = epoch, crop_px
 
     @property
@@ -74,8 +77,10 @@ class EpochLoader:
         """Global steps of the epoch last set (train loaders only)."""
         return self.loader.batch_sampler.steps
 
-    def epoch(self, epoch: int, skip_steps: int = 0, crop_px: int = 0) -> DataLoader:
-        """The loader, dealing `epoch`'s batches from step `skip_steps` on."""
+    def epoch(self, epoch: int, skip_steps: int = 0, crop_px: int = 0,
+              order_micro_batches: int = 0) -> DataLoader:
+        """The loader, dealing `epoch`'s batches from step `skip_steps` on (in the order of
+        `order_micro_batches` per step if given: `loaders.train_batches`)."""
         if self.train:
-            self.loader.batch_sampler.set_epoch(epoch, skip_steps, crop_px)
+            self.loader.batch_sampler.set_epoch(epoch, skip_steps, crop_px, order_micro_batches)
         return self.loader

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
 from rn50.data.class_names import readable_classes, readable_names
-from rn50.data.samplers import (MicroBatchSampler, ShardedEvalSampler, epoch_streams,
-                                 micro_batch_slots, mix_seed)
+from rn50.data.samplers import (MicroBatchSampler, ReslicedMicroBatchSampler, ShardedEvalSampler,
+                                 epoch_streams, micro_batch_slots, mix_seed)
 from rn50.data.small_datasets import prepare_digits, prepare_imagenette
 from rn50.data.transforms import train_transform, val_transform
 
@@ -202,7 +202,7 @@ def loader_options(loader_workers: int, seed: int, epoch: int, rank: int,
 def build_loader(dataset: Dataset, micro_batch: int, *, rank: int, world_size: int, seed: int,
                  epoch: int, train: bool, loader_workers: int = 0, skip_steps: int = 0,
                  repeated_augmentations: int = 1, micro_batches_per_step: int = 0,
-                 channels_last: bool = False) -> DataLoader:
+                 channels_last: bool = False, order_micro_batches: int = 0) -> DataLoader:
     """This rank's loader for one epoch, in batches of `micro_batch` images (NHWC in memory with
     `channels_last`); its worker processes end with the epoch (`rn50.data.epoch_loader` keeps
     them for a whole run, with the same batches).
@@ -210,18 +210,32 @@ def build_loader(dataset: Dataset, micro_batch: int, *, rank: int, world_size: i
     Train: the rank's micro-batches of every step from `skip_steps` on (rn50.data.samplers; the
     order is a function of (seed, epoch) and `micro_batches_per_step`, default `world_size`, i.e.
     no accumulation), the ragged tail dropped; `repeated_augmentations` (`data.repeated_
-    augmentations`) shows each image that many times per epoch, each copy augmented differently.
-    Val: an unshuffled, unpadded 1/world_size shard."""
+    augmentations`) shows each image that many times per epoch, each copy augmented differently;
+    `order_micro_batches`: see `train_batches`. Val: an unshuffled, unpadded 1/world_size shard."""
     common = loader_options(loader_workers, seed, epoch, rank, channels_last)
     if not train:
         sampler = ShardedEvalSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, **common)
     per_step = micro_batches_per_step or world_size
-    streams = epoch_streams(dataset, per_step, seed, epoch, repeated_augmentations,
-                            only=rank_slots(rank, world_size, per_step))
-    batches = MicroBatchSampler(streams, micro_batch, start_step=skip_steps)
+    batches = train_batches(dataset, micro_batch, rank_slots(rank, world_size, per_step), per_step,
+                            seed, epoch, repeated_augmentations, skip_steps, order_micro_batches)
     return DataLoader(SeededAugmentation(dataset, seed, epoch, repeated_augmentations),
                       batch_sampler=batches, **common)
+
+
+def train_batches(dataset: Dataset, micro_batch: int, slots: list[int], per_step: int, seed: int,
+                  epoch: int, repeats: int = 1, start_step: int = 0,
+                  order_micro_batches: int = 0) -> MicroBatchSampler | ReslicedMicroBatchSampler:
+    """A rank's micro-batch sampler for `epoch` from `start_step` on: its `slots` of `per_step`
+    micro-batches per step. `order_micro_batches`: the micro-batches per step the epoch was dealt
+    for, where that differs (a resume at another count finishes its epoch in the checkpoint's
+    order, `rn50.core.resume_order`); 0 or `per_step`: this run's own."""
+    if order_micro_batches and order_micro_batches != per_step:
+        streams = epoch_streams(dataset, order_micro_batches, seed, epoch, repeats)
+        return ReslicedMicroBatchSampler([streams[i] for i in range(order_micro_batches)],
+                                         micro_batch, slots, per_step, start_step)
+    streams = epoch_streams(dataset, per_step, seed, epoch, repeats, only=slots)
+    return MicroBatchSampler(streams, micro_batch, start_step=start_step)
 
 
 def rank_slots(rank: int, world_size: int, micro_batches_per_step: int) -> list[int]:

@@ -8,7 +8,9 @@ to rank j % W, which accumulates the gradients of its micro-batches before the o
 the samples of a step, the BatchNorm batch (one micro-batch) and the resume point (global steps
 done) do not depend on W: a run that loses a node goes on with fewer workers, or grows back, and
 sees exactly the samples an unchanged run would. With K = W (no accumulation) a rank's order is
-exactly that of the plain per-rank sampler.
+exactly that of the plain per-rank sampler. A resume at another K finishes the checkpoint's epoch
+in that epoch's order, each step re-split into the new K micro-batches
+(`ReslicedMicroBatchSampler`).
 """
 from __future__ import annotations
 
@@ -156,6 +158,40 @@ class MicroBatchSampler(Sampler):
         for step in range(self.start_step, self.steps):
             for order in self._orders:
                 yield order[step * m:(step + 1) * m]
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0) * len(self.slots)
+
+
+class ReslicedMicroBatchSampler(Sampler):
+    """`MicroBatchSampler` for an epoch dealt for another micro-batch count: a resume after
+    `train.micro_batch_size` or the top of `scaling.num_workers` changed finishes the epoch its
+    checkpoint began in that epoch's order (rn50.core.resume_order).
+
+    `streams` are all of the epoch's streams, in stream order. Step s is the s-th `share` indices
+    of each (share = the global batch / the number of streams), concatenated: the samples the
+    checkpoint's run would have trained in that step, each once. It is split into this run's
+    micro-batches of `micro_batch`, and the rank yields those of its `slots`."""
+
+    def __init__(self, streams: list[Sampler], micro_batch: int, slots: list[int],
+                 micro_batches_per_step: int, start_step: int = 0):
+        if (micro_batch * micro_batches_per_step) % len(streams):
+            raise ValueError(f"a step of {micro_batches_per_step} micro-batches of {micro_batch} "
+                             f"does not split evenly over {len(streams)} sample streams")
+        self.streams, self.slots = streams, slots
+        self.micro_batch, self.start_step = micro_batch, start_step
+        self.share = micro_batch * micro_batches_per_step // len(streams)
+        self.steps = min(len(stream) for stream in streams) // self.share
+        self._orders: list[list[int]] | None = None
+
+    def __iter__(self):
+        if self._orders is None:  # drawn once, at the first pass
+            self._orders = [list(stream) for stream in self.streams]
+        m, share = self.micro_batch, self.share
+        for step in range(self.start_step, self.steps):
+            batch = [i for order in self._orders for i in order[step * share:(step + 1) * share]]
+            for slot in self.slots:
+                yield batch[slot * m:(slot + 1) * m]
 
     def __len__(self) -> int:
         return max(self.steps - self.start_step, 0) * len(self.slots)

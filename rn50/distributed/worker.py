@@ -25,6 +25,7 @@ from rn50.core import checkpoint as ckpt
 from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
                               train_one_epoch)
 from rn50.core.model import EMA, build_model, place_model, unwrap
+from rn50.core.resume_order import check_same_steps, resumed_order
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
 from rn50.data.epoch_loader import EpochLoader
@@ -70,6 +71,9 @@ class _Worker:
     start_step: int = 0
     best_value: float | None = None
     """The best `checkpoint.keep_best_by` value so far (saved in checkpoints, so it resumes)."""
+    resumed_order: int = 0
+    """The micro-batches per step the resumed epoch was dealt for, where the checkpoint's differ
+    from this run's (0: the same): that epoch finishes in its order (rn50.core.resume_order)."""
     cost: CostBasis | None = None
     """The run's cost basis (`RunContext.cost`): rank 0's checkpoints record the cost so far."""
 
@@ -87,7 +91,8 @@ class _Worker:
                 micro_batches_per_step=self.config.micro_batches_per_step,
                 channels_last=self.config.model.channels_last and self.device.type == "cuda")
         crop_px = train_crop_px_at(self.config.data, epoch) if train else 0
-        return self.loaders[train].epoch(epoch, skip_steps, crop_px)
+        order = self.resumed_order if train and skip_steps else 0  # only the resumed epoch
+        return self.loaders[train].epoch(epoch, skip_steps, crop_px, order)
 
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
@@ -163,22 +168,16 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
                      steps_per_epoch, state)
     resumed = _load_resume_state(rank)
     if resumed is not None:
-        _check_same_steps(resumed, config)
+        check_same_steps(resumed, config)
+        worker.resumed_order = resumed_order(resumed, config, train_set, steps_per_epoch)
         worker.start_epoch, worker.start_step = worker.state.restore(
             resumed, worker.steps_per_epoch, rank=rank)
+        if worker.resumed_order and worker.start_step:
+            _log(rank, f"epoch {worker.start_epoch} finishes in the order of the checkpoint's "
+                       f"{worker.resumed_order} micro-batches per step, split in "
+                       f"{config.micro_batches_per_step}: each of its samples once")
         worker.best_value = resumed.get("best_value")
     return worker
-
-
-def _check_same_steps(resumed: dict, config: Config) -> None:
-    """A checkpoint's resume point is in global steps: refuse one taken with another global batch,
-    where the same step count would be other samples."""
-    saved = resumed.get("config", {}).get("train", {}).get("global_batch_size")
-    if saved is not None and saved != config.train.global_batch_size:
-        raise ValueError(f"this run's checkpoints were taken with train.global_batch_size={saved}; "
-                         f"resuming with {config.train.global_batch_size} would skip or repeat "
-                         f"samples: set train.global_batch_size={saved}, or start a new run "
-                         "(another --name)")
 
 
 def _train(worker: _Worker, run: RunContext) -> None:

@@ -81,6 +81,7 @@ def test_ray_job_submit_runs_the_main_job_into_the_heads_storage_and_backs_up_ml
         "overrides it)",
         f"[rn50] tracking: {env['MLFLOW_TRACKING_URI']} (from $MLFLOW_TRACKING_URI {head_set})"
     ], "\n".join(lines[:10])
+    assert "Connected to Ray cluster" in output  # the driver joined the head's cluster
     result = json.loads(next(line for line in output.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
     assert result["epochs"] == 1 and result["name"] == "submitted"
@@ -118,4 +119,6 @@ def test_a_bare_job_without_durable_storage_is_refused_before_it_writes(tmp_path
     assert "would write into the Ray job's working directory" in output, output[-4000:]
     assert "--storage s3://" in output and "RN50_STORAGE" in output
     assert "tracking.uri=" in output and "MLFLOW_TRACKING_URI" in output
-    assert "Started a local Ray instance" not in output
+    # Refused before the driver even joined the cluster (the run above shows the line it prints
+    # when it does; "Started a local Ray instance" could never show under `ray job submit`).
+    assert "Connected to Ray cluster" not in output

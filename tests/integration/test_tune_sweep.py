@@ -119,7 +119,9 @@ def test_the_lr_wd_plane_plots_exactly_the_child_runs(sweep, mlflow_server, tmp_
     drawn = sorted(map(tuple, json.loads(Image.open(plane).text[PLOTTED_POINTS_KEY])))
     expected = sorted((float(c.data.params["optim.lr"]), float(c.data.params["optim.weight_decay"]))
                       for c in _children(client, result["mlflow_run_id"]))
-    assert drawn == pytest.approx(expected) and len(drawn) == 4
+    assert len(drawn) == len(expected) == 4
+    for point, child in zip(drawn, expected):  # pair by pair: approx takes no nested sequences
+        assert point == pytest.approx(child), (drawn, expected)
 
 
 def test_mlflow_ui_lists_the_child_runs(sweep, mlflow_server, tmp_path):
