@@ -70,8 +70,9 @@ def test_a_budget_stops_the_run_resumably_and_a_higher_one_finishes_it(tmp_path)
 
 def test_a_node_type_missing_from_the_price_table_stops_the_job_before_it_starts(tmp_path):
     # On the fake cluster (cluster.local.yaml's node types, as the autoscaler labels them): the
-    # head is `ray.head.default`, which this table lacks. Red if the type is not read from the
-    # node's labels, or the job trains (or opens an MLflow run) on a guessed price.
+    # head is `ray.head.default`, which a recipe's own table (no built-in one) lacks. Red if the
+    # type is not read from the node's labels, or the job trains (or opens an MLflow run) on a
+    # guessed price.
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cluster = FakeCluster(head_env={"MLFLOW_TRACKING_URI": tracking_uri})
     cluster.start()
@@ -82,7 +83,7 @@ def test_a_node_type_missing_from_the_price_table_stops_the_job_before_it_starts
              "--entrypoint-resources", json.dumps({"head_driver": 1}), "--",
              "python", "ray_jobs/train_full.py", "--recipe", "demo", "--name", "unpriced",
              "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=1),
-             "cost.usd_per_hour={gpu.a10g.spot: 0.5}"],
+             "cost.price_table=none", "cost.usd_per_hour={gpu.a10g.spot: 0.5}"],
             cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300)
     finally:
         cluster.stop()
