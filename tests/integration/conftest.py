@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from rn50.io.local_servers import MlflowServer, S3Server
+from tests.integration.faults import fingerprint
+from tests.integration.jobs import reference_maths, run_job
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,3 +64,16 @@ def mlflow_server(s3_server, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The straight run every cluster fault run is compared with (`jobs.reference_maths`), made
+    once, on a local Ray, the first time a test asks; yields (digits root, RESULT record,
+    fingerprint of its final weights)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    code, output, result = run_job([
+        "--recipe", "demo", "--name", "straight", "--storage", str(tmp / "runs"),
+        *reference_maths(tmp / "digits"), f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
+    assert code == 0, output[-4000:]
+    return tmp / "digits", result, fingerprint(result["checkpoint"])

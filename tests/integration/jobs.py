@@ -25,3 +25,35 @@ def small(tmp_path, epochs=2):
     return [f"data.root={tmp_path / 'digits'}", f"train.epochs={epochs}",
             "data.max_train_samples=256", "data.max_val_samples=128", "train.global_batch_size=32",
             "optim.lr_reference_batch_size=32", "tracking.log_model=false"]
+
+
+# The maths of the runs that a fault interrupts on a cluster (the spot notice, the elastic
+# shrink and growth) and of the one straight run they are all compared with: 2 micro-batches of
+# 16 per step (2 workers, or 1 accumulating 2), 16 steps per epoch, 5 epochs. A resume at the
+# same micro-batch count is bit-exact (test_faults.py), and one worker accumulating two
+# micro-batches takes the two workers' step to the bit (tests/unit/test_elastic.py: the halves
+# g0/2 + g1/2 are exact and two terms have one order), so every one of them must end on the
+# straight run's weights exactly.
+REFERENCE_EPOCHS = 5
+
+
+def reference_maths(digits_root: Path) -> list[str]:
+    """The overrides that fix the maths of the reference run and of the runs compared with it."""
+    return [f"data.root={digits_root}", f"train.epochs={REFERENCE_EPOCHS}",
+            "data.max_train_samples=512", "data.max_val_samples=64", "train.global_batch_size=32",
+            "optim.lr_reference_batch_size=32", "tracking.log_model=false"]
+
+
+def result_line(output: str) -> dict:
+    """The RESULT record a job printed (fails the test if there is none)."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line:\n{output[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def epochs_logged(result: dict) -> list[int]:
+    """The epochs of the run's val/top1 history in MLflow, as logged (a repeat shows twice)."""
+    from mlflow import MlflowClient
+    history = MlflowClient(result["tracking_uri"]).get_metric_history(result["mlflow_run_id"],
+                                                                      "val/top1")
+    return sorted(metric.step for metric in history)

@@ -2,7 +2,8 @@
 for `ray job submit ... train_full.py`. One node gets a spot interruption notice from its (fake)
 metadata service: its spot watcher drains it, the run checkpoints at once, the node is killed at
 the action time, and the run completes from that checkpoint on a node the autoscaler launched to
-replace it. And spot capacity refused outright: the run falls back to the on-demand type.
+replace it, ending on the weights of the same run never interrupted (the session's `reference`),
+bit for bit, each epoch logged once.
 (A node lost without any notice is, to Ray Train, a worker group failure: `test_faults.py` kills a
 training worker by pid.)
 """
@@ -20,7 +21,8 @@ import pytest
 from rn50.core import checkpoint as ckpt
 from tests.fake_imds import NOTICE, FakeImds
 from tests.integration.fake_cluster import RAY, REPO, FakeCluster, kill_tree
-from tests.integration.jobs import small
+from tests.integration.faults import fingerprint
+from tests.integration.jobs import REFERENCE_EPOCHS, epochs_logged, reference_maths, result_line
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +37,13 @@ def fake_cluster(tmp_path):
         yield cluster
 
 
-def _submit(cluster, tmp_path, name, epochs, extra=()):
-    """`ray job submit` exactly as docs/aws.md has it, in the background."""
+def _submit(cluster, tmp_path, name, digits, extra=()):
+    """`ray job submit` exactly as docs/aws.md has it, in the background: the reference's run."""
     command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
                "--submission-id", f"{name}-{uuid.uuid4().hex[:6]}",
                "--entrypoint-resources", json.dumps({"head_driver": 1}), "--",
                "python", "ray_jobs/train_full.py", "--recipe", "rehearsal", "--name", name,
-               "--storage", str(tmp_path / "runs"), *small(tmp_path, epochs=epochs), *extra]
+               "--storage", str(tmp_path / "runs"), *reference_maths(digits), *extra]
     log = open(tmp_path / "job.log", "w")
     return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=log,
                             stderr=subprocess.STDOUT, text=True), log
@@ -105,12 +107,15 @@ def _preemption_checkpoint(run_dir):
     return None
 
 
-def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(fake_cluster, tmp_path):
+def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference, fake_cluster,
+                                                                      tmp_path):
     """The rehearsal of a spot interruption on autoscaled nodes: notice, drain, checkpoint, the
-    node taken at the action time, a replacement launched, the run resumed and completed."""
+    node taken at the action time, a replacement launched, the run resumed and completed on the
+    uninterrupted run's weights (the world size does not change: a bit-exact resume)."""
     name, deadline_s, check_every = "noticed", 40, 2
-    job, log = _submit(fake_cluster, tmp_path, name, epochs=8, extra=[
-        "data.max_train_samples=512", "train.log_every_steps=1", "checkpoint.every_steps=0",
+    digits, _, straight = reference
+    job, log = _submit(fake_cluster, tmp_path, name, digits, extra=[
+        "train.log_every_steps=1", "checkpoint.every_steps=0",
         "checkpoint.every_epochs=100",  # only the notice's checkpoint before the last epoch
         f"checkpoint.preemption_check_every_steps={check_every}",
         "checkpoint.preemption_poll_s=1", "checkpoint.keep_last=5",
@@ -176,9 +181,12 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(fake_clust
     resumed_from, resumed_epoch, resumed_steps = resumed[0]
     assert Path(resumed_from).name >= folder.name, (resumed, folder.name)
     assert int(resumed_epoch) * steps.steps_per_epoch + int(resumed_steps) >= in_checkpoint
-    result = json.loads(next(line for line in output.splitlines()
-                             if line.startswith("RESULT "))[len("RESULT "):])
-    assert result["epochs"] == 8
+    result = result_line(output)
+    assert result["epochs"] == REFERENCE_EPOCHS
+    # Nothing lost, nothing counted twice: the uninterrupted run's weights, each epoch once.
+    assert fingerprint(result["checkpoint"]) == straight
+    assert epochs_logged(result) == list(range(REFERENCE_EPOCHS))
+    assert ckpt.verify(resumed_from, hashes=False)["summary"]["epoch"] == int(resumed_epoch)
     drained = [p.read_text() for p in sorted(tmp_path.glob("watcher-*.log"))]
     victim_log = (tmp_path / f"watcher-{victim_id[-5:]}.log").read_text()
     assert f"drained Ray node {victim_id}" in victim_log, victim_log
