@@ -29,7 +29,8 @@ from ray.train.v2._internal.exceptions import (InsufficientClusterResourcesError
                                                WorkerGroupStartupFailedError,
                                                WorkerGroupStartupTimeoutError)
 from ray.train.v2._internal.execution.controller.state import (ReschedulingState,
-                                                               RestartingState, RunningState)
+                                                               RestartingState, RunningState,
+                                                               SchedulingState)
 from ray.train.v2._internal.execution.scaling_policy import (ElasticScalingPolicy,
                                                              FixedScalingPolicy, NoopDecision,
                                                              ResizeDecision)
@@ -144,6 +145,8 @@ class _StartControl:
 
     def after_controller_state_update(self, previous_state, current_state):
         """Look at each start that failed and at each restart; decide what happens next."""
+        if current_state is previous_state:
+            return  # a waiting start's no-op loop (Ray calls this every iteration): not news
         if isinstance(current_state, RunningState):
             self.start_failures = 0  # the group ran: only failures in a row count
         elif isinstance(current_state, RestartingState):
@@ -258,13 +261,23 @@ class ElasticRunPolicy(_StartControl, ElasticScalingPolicy):
                  node_types: dict, market: str, tracking: tuple[str, str] | None = None):
         super().__init__(ray_scaling)
         self._start_control(scaling, bundle, node_types, market, tracking)
+        self._group_nodes: list[str] = []
+        """The nodes of the last running group's workers: after a failure that group still
+        holds them (Ray shuts it down only when it starts the next), so they count as free."""
 
-    def _fitting(self, workers=()) -> int:
+    def after_controller_state_update(self, previous_state, current_state):
+        """Forget the last group's nodes once a start replaces it (Ray has shut it down)."""
+        super().after_controller_state_update(previous_state, current_state)
+        if isinstance(current_state, SchedulingState):
+            self._group_nodes = []
+
+    def _fitting(self, group_nodes=()) -> int:
         """Workers that fit on usable nodes of the run's market: their free resources plus what
-        `workers` (the running group) hold, capped at the maximum."""
+        the workers of this run's group on `group_nodes` (one entry per worker) hold, capped at
+        the maximum."""
         held: dict[str, int] = {}
-        for worker in workers:
-            held[worker.metadata.node_id] = held.get(worker.metadata.node_id, 0) + 1
+        for node_id in group_nodes:
+            held[node_id] = held.get(node_id, 0) + 1
         count = 0
         for node in cluster_view.usable_nodes():
             if self.start.market != "any" and node.labels.get(MARKET_LABEL) != self.start.market:
@@ -277,7 +290,7 @@ class ElasticRunPolicy(_StartControl, ElasticScalingPolicy):
     def make_decision_for_non_running_worker_group(self):
         """Start with the workers that fit now (at least the minimum), else wait and look."""
         self._maybe_send_resource_request()  # asks the autoscaler for the maximum
-        fitting = self._fitting()
+        fitting = self._fitting(self._group_nodes)
         if fitting >= self.rn50_scaling.min_workers:
             _say(f"starting the worker group with {fitting} workers (room for {fitting} now)")
             return self._resize(fitting)
@@ -290,12 +303,13 @@ class ElasticRunPolicy(_StartControl, ElasticScalingPolicy):
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         """Grow when more workers fit, every `scaling.resize_check_s`."""
         self._maybe_send_resource_request()
+        self._group_nodes = [worker.metadata.node_id for worker in worker_group_state.workers]
         now = time.monotonic()
         if now - max(worker_group_state.start_time, self._latest_monitor_time) < \
                 self.rn50_scaling.resize_check_s:
             return NoopDecision()
         self._latest_monitor_time = now
-        fitting = self._fitting(worker_group_state.workers)
+        fitting = self._fitting(self._group_nodes)
         if fitting <= worker_group_state.num_workers:
             return NoopDecision()
         _say(f"room for {fitting} workers now: growing the group from "

@@ -9,7 +9,9 @@ import ray.train
 from ray.train.v2._internal.exceptions import (WorkerGroupStartupFailedError,
                                                WorkerGroupStartupTimeoutError)
 from ray.train.v2._internal.execution.controller.state import (ReschedulingState,
-                                                               RestartingState, RunningState)
+                                                               RestartingState, RunningState,
+                                                               SchedulingState)
+from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from rn50.config import ConfigError, load_config
@@ -144,6 +146,37 @@ def test_workers_dying_while_starting_are_retried_a_few_times_in_a_row(monkeypat
         policy.after_controller_state_update(None, died)
     with pytest.raises(ray_adapter.PermanentRunFailure, match="failed to start 4 times in a row"):
         policy.after_controller_state_update(None, died)
+
+
+def test_an_elastic_restart_counts_the_failed_groups_own_nodes_and_keeps_its_clock(monkeypatch):
+    # A node of a [1, 2] run is lost: Ray keeps the failed group (holding the survivor's CPU)
+    # until it starts the next, and calls the state hook every iteration of a waiting start. Red
+    # if the survivor's CPU counted as taken (the run waited for a node forever: seen on the
+    # rehearsal cluster), or if each no-op iteration restarted the wait's clock ("0s of
+    # scaling.start_timeout_s" forever, never giving up).
+    config = load_config("demo", ["scaling.num_workers=[1,2]"])
+    policy = ray_adapter.ElasticRunPolicy(ray.train.ScalingConfig(num_workers=(1, 2)),
+                                          config.scaling, capacity.worker_bundle(config.scaling),
+                                          {}, "any")
+    monkeypatch.setattr(policy, "_maybe_send_resource_request", lambda: None)
+    survivor = ray_adapter.cluster_view.UsableNode("survivor", {}, {"CPU": 0.0}, {"CPU": 1.0})
+    monkeypatch.setattr(ray_adapter.cluster_view, "usable_nodes", lambda: [survivor])
+    workers = [type("Worker", (), {"metadata": type("Meta", (), {"node_id": node})})()
+               for node in ("survivor", "lost")]
+    group = type("Group", (), {"workers": workers, "num_workers": 2, "start_time": 0.0})()
+    policy.make_decision_for_running_worker_group(group, None)
+    lost = RestartingState(WorkerGroupError("node died", {1: RuntimeError("node died")}))
+    policy.after_controller_state_update(RunningState(), lost)
+    since_s = policy.start.since_s
+    policy.after_controller_state_update(lost, lost)  # Ray's no-op iteration
+    assert policy.start.since_s == since_s
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 1
+    policy.after_controller_state_update(lost, SchedulingState(decision))  # group replaced
+    monkeypatch.setattr(ray_adapter, "_gcs_address", lambda: "unused:1")
+    monkeypatch.setattr(ray_adapter.cluster_view, "launch_view",
+                        lambda address: LaunchView([], autoscaler=False))
+    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)
 
 
 class Starts:
