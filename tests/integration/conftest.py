@@ -69,11 +69,12 @@ def mlflow_server(s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """The straight run every cluster fault run is compared with (`jobs.reference_maths`), made
-    once, on a local Ray, the first time a test asks; yields (digits root, RESULT record,
-    fingerprint of its final weights)."""
+    once, on a local Ray, the first time a test asks, every epoch's checkpoint kept; yields
+    (digits root, RESULT record, fingerprint of its final weights)."""
     tmp = tmp_path_factory.mktemp("reference")
     code, output, result = run_job([
         "--recipe", "demo", "--name", "straight", "--storage", str(tmp / "runs"),
-        *reference_maths(tmp / "digits"), f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
+        *reference_maths(tmp / "digits"), f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "checkpoint.keep_last=5"])
     assert code == 0, output[-4000:]
     return tmp / "digits", result, fingerprint(result["checkpoint"])

@@ -14,7 +14,7 @@ from rn50.core.checkpoint import find_checkpoint, load_checkpoint
 from rn50.serve.artifacts import load_model
 from rn50.core.training_state import fingerprint_weights
 from tests.integration.faults import summaries
-from tests.integration.jobs import run_job, small
+from tests.integration.jobs import REFERENCE_EPOCHS, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -105,33 +105,29 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_a_run_whose_best_epoch_is_not_its_last_keeps_and_uses_that_epoch(tmp_path):
-    """The demo usually peaks at its last epoch, where "best = last" would pass. Here the LR
-    jumps 30x at epoch 2 (a too-large LR, as a user may pick), so epoch 1 learns most and epoch 2
-    loses it (measured: val top-1 9.4, 25.8, 13.3%). The run must keep epoch 1's checkpoint as
-    its best, name it in RESULT, and hand it to whatever takes the run directory (evaluation, the
-    demo, exports: `find_checkpoint`, `load_model`)."""
-    runs = tmp_path / "runs"
-    code, output, result = run_job(
-        ["--name", "peaks-early", "--storage", str(runs), *small(tmp_path, epochs=3),
-         "data.max_train_samples=512", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-         "schedule.warmup_epochs=0", "schedule.decay=step", "schedule.step_milestones_epochs=[2]",
-         "schedule.step_gamma=30", "checkpoint.keep_last=3"])
-    assert code == 0, output[-4000:]
+def test_a_run_whose_best_epoch_is_not_its_last_keeps_and_uses_that_epoch(reference):
+    """The demo usually peaks at its last epoch, where "best = last" would pass. The session's
+    reference run jumps its LR 30x for its last epoch (tests/integration/jobs.py), so an earlier
+    epoch is its best. The run must keep that epoch's checkpoint as its best, name it in RESULT,
+    and hand it to whatever takes the run directory (evaluation, the demo, exports:
+    `find_checkpoint`, `load_model`)."""
+    _, result, _ = reference
+    runs = Path(result["checkpoint"]).parent.parent
+    last = REFERENCE_EPOCHS - 1
     history = {m.step: m.value for m in MlflowClient(result["tracking_uri"]).get_metric_history(
         result["mlflow_run_id"], "val/top1")}
-    assert sorted(history) == [0, 1, 2]
+    assert sorted(history) == list(range(REFERENCE_EPOCHS))
     peak = max(history, key=history.get)
-    assert peak != 2 and history[peak] > history[2], f"the run peaked at its last epoch: {history}"
+    assert peak != last and history[peak] > history[last], f"it peaked at its last: {history}"
     assert result["best_epoch"] == peak and result["best_val_top1"] == pytest.approx(history[peak])
-    epoch_end = next(runs / "peaks-early" / name for name, summary  # its epoch-end checkpoint
-                     in summaries(runs / "peaks-early").items()
+    epoch_end = next(runs / "straight" / name for name, summary  # its epoch-end checkpoint
+                     in summaries(runs / "straight").items()
                      if summary.get("epoch") == peak and "steps_done" not in summary)
     best = load_checkpoint(result["best_checkpoint"])["model"]
     assert fingerprint_weights(best) == fingerprint_weights(load_checkpoint(epoch_end)["model"])
     assert fingerprint_weights(best) != fingerprint_weights(  # the last epoch's are others
         load_checkpoint(result["checkpoint"])["model"])
-    run_dir = str(runs / "peaks-early")
+    run_dir = str(runs / "straight")
     assert find_checkpoint(run_dir) == result["best_checkpoint"]
     loaded = load_model(run_dir).model.state_dict()
     assert loaded.keys() == best.keys()
