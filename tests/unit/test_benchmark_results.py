@@ -115,7 +115,7 @@ NOT_MEASURED = {
         "| 2-4% with EMA on (~1.5-3 ms of launch-bound time in a ~65 ms step) |",
         "~2 ms a step of copy (38.5 MB of uint8 at ~20 GB/s)", "| 2-3% |", "| 5-10% (",
         "compiled step +15-30% over", "+8% job throughput", "reaches ~2,470 images/s",
-        "~1.5x an A100 (3.35 vs 2.0 TB/s)", "~1.8 s an epoch on 11 workers, ~7% of a 26.7 s epoch",
+        "~1.5x an A100 (3.35 vs 2.0 TB/s)", "~2.0 s an epoch on 10 workers, ~7% of a 26.7 s epoch",
         "(~0.4 s at 11 workers", "At 6,000 images/s a step of 256 has ~43 ms",
     ],
     "docs/aws.md": [
