@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+AUTO = "auto"
+"""The value of `train.torch_threads` / `data.loader_workers` sized on the worker from its CPUs."""
+
 
 @dataclass
 class DataConfig:
@@ -41,8 +44,10 @@ class DataConfig:
     """Repeated augmentation (RASampler): each epoch draws len(dataset)/N images and shows each
     N times with different augmentations, on different ranks; the epoch length is unchanged.
     With parquet shards the N copies stay on one rank, within its row groups. 1 disables it."""
-    loader_workers: int = 0
-    """DataLoader worker processes per training worker (0 decodes in the training process)."""
+    loader_workers: int | str = 0
+    """DataLoader worker processes per training worker (0 decodes in the training process), or
+    `auto`: sized on the worker from its CPUs (rn50.data.cpu_budget): on a GPU node its share of
+    the node's CPUs per GPU less 2 (p4d: 10, p5: 22, g5.2xlarge: 6), on the CPU 0."""
     decode_on_device: bool = False
     """Decode training JPEGs on the training device (nvJPEG via torchvision.io.decode_jpeg) instead
     of in loader workers, which then only read bytes and draw the augmentation (same draws, exact
@@ -141,8 +146,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     """CutMix: Beta(alpha, alpha) concentration of the pasted box's area share; 0 disables it.
     With MixUp also on, each batch gets one of the two, chosen with equal probability."""
-    torch_threads: int = 1
-    """torch intra-op threads per training worker (OMP_NUM_THREADS)."""
+    torch_threads: int | str = 1
+    """torch intra-op threads per training worker (OMP_NUM_THREADS), or `auto`: 1 on a GPU (the
+    step runs on the device), the worker's reserved CPUs on the CPU (rn50.data.cpu_budget)."""
     log_every_steps: int = 50
     """Every N steps: a progress line on rank 0 and the per-step MLflow metrics (train/loss, lr,
     images_per_s, data_wait_fraction) at the global step."""

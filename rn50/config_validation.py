@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from rn50.config_sections import AUTO
+
 if TYPE_CHECKING:
     from rn50.config import Config
 
@@ -27,10 +29,10 @@ _CHOICES = {
 }
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",
              "optim.lr", "optim.lr_reference_batch_size", "train.epochs",
-             "train.global_batch_size", "train.torch_threads", "train.log_every_steps",
+             "train.global_batch_size", "train.log_every_steps",
              "scaling.cpus_per_worker", "scaling.resize_check_s", "checkpoint.every_epochs",
              "checkpoint.keep_last")
-_NON_NEGATIVE = ("data.loader_workers", "train.micro_batch_size", "data.max_train_samples",
+_NON_NEGATIVE = ("train.micro_batch_size", "data.max_train_samples",
                  "data.max_val_samples", "tracking.system_metrics_interval_s",
                  "checkpoint.every_steps", "checkpoint.every_minutes",
                  "checkpoint.preemption_check_every_steps",
@@ -58,6 +60,7 @@ def validate(config: Config) -> None:
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"'{key}' must be in [0, 1), got {flat[key]!r}")
     _validate_batches(config)
+    _validate_cpu_counts(config)
     if config.data.val_crop_px > config.data.val_resize_px:
         raise ConfigError("'data.val_crop_px' must not exceed 'data.val_resize_px'")
     data = config.data
@@ -84,6 +87,16 @@ def _validate_regularizers(config: Config) -> None:
     if config.checkpoint.keep_best_by == "val_top1_ema" and config.train.ema_decay <= 0:
         raise ConfigError("'checkpoint.keep_best_by=val_top1_ema' needs EMA weights: set "
                           "'train.ema_decay' (e.g. 0.9999), or keep the best by 'val_top1'")
+
+
+def _validate_cpu_counts(config: Config) -> None:
+    """Threads and loader workers: a count, or `auto` (sized on the worker from its CPUs)."""
+    for key, value, least in (("train.torch_threads", config.train.torch_threads, 1),
+                              ("data.loader_workers", config.data.loader_workers, 0)):
+        if value == AUTO or (isinstance(value, int) and value >= least):
+            continue
+        raise ConfigError(f"'{key}' must be a number >= {least} or 'auto' (sized from the "
+                          f"worker's CPUs), got {value!r}")
 
 
 def _validate_batches(config: Config) -> None:

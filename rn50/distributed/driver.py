@@ -23,6 +23,7 @@ from ray.train.torch import TorchConfig
 from rn50.core import checkpoint as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
+from rn50.config_sections import AUTO
 from rn50.core.model import build_model
 from rn50.data.preflight import check_data
 from rn50.distributed import capacity, cluster_view, cost, ray_adapter
@@ -59,7 +60,9 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
     config = run.config
     checkpoint = config.checkpoint
     filesystem, storage_path = storage.resolve_storage(storage_uri)
-    threads = str(config.train.torch_threads)
+    # `auto` threads are set on each worker (worker_cpus); OMP_NUM_THREADS only starts them off.
+    threads = str(config.train.torch_threads if config.train.torch_threads != AUTO
+                  else config.scaling.cpus_per_worker if not config.scaling.use_gpu else 1)
     ray_scaling = ray.train.ScalingConfig(
         # A (min, max) tuple makes Ray Train's group elastic; the loop keeps the maths the same
         # at every size (rn50.data.samplers).

@@ -39,6 +39,7 @@ from rn50.distributed.cost import BudgetGuard, spent_now
 from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_metrics_logger,
                                           system_metrics)
 from rn50.distributed.save_schedule import MidEpochSaves
+from rn50.distributed.worker_cpus import resolve_cpu_plan
 from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
 from rn50.io import tracking
 from rn50.io.pricing import CostBasis
@@ -76,6 +77,8 @@ class _Worker:
     from this run's (0: the same): that epoch finishes in its order (rn50.core.resume_order)."""
     cost: CostBasis | None = None
     """The run's cost basis (`RunContext.cost`): rank 0's checkpoints record the cost so far."""
+    loader_workers: int = 0
+    """`data.loader_workers` resolved for this worker (rn50.distributed.worker_cpus)."""
 
     loaders: dict = field(default_factory=dict)
     """The train and val `EpochLoader`s, built at first use; their workers live for the run."""
@@ -86,7 +89,7 @@ class _Worker:
             self.loaders[train] = EpochLoader(
                 dataset, self.config.micro_batch_size, rank=self.rank,
                 world_size=self.world_size, seed=self.config.train.seed, train=train,
-                loader_workers=self.config.data.loader_workers,
+                loader_workers=self.loader_workers,
                 repeated_augmentations=self.config.data.repeated_augmentations,
                 micro_batches_per_step=self.config.micro_batches_per_step,
                 channels_last=self.config.model.channels_last and self.device.type == "cuda")
@@ -139,7 +142,8 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
     """Data, model, optimizer, schedule; then the newest good checkpoint, if the run has one."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config.train.torch_threads)
+    cpus = resolve_cpu_plan(config, device)  # `auto` threads and loaders from the node's CPUs
+    torch.set_num_threads(cpus.torch_threads)
     train_set, val_set, class_names = _load_data(config)
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
@@ -165,7 +169,7 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
         scaler=build_grad_scaler(device, config))
     worker = _Worker(config, rank, world_size, device, train_set, val_set, class_names,
                      micro_batch_slots(rank, world_size, config.micro_batches_per_step),
-                     steps_per_epoch, state)
+                     steps_per_epoch, state, loader_workers=cpus.loader_workers)
     resumed = _load_resume_state(rank)
     if resumed is not None:
         check_same_steps(resumed, config)

@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # noqa: F401
                                   LoadedModel, class_names_for)
 from rn50.serve.artifacts import load_model
+from rn50.config_sections import AUTO
+from rn50.data.cpu_budget import plan_cpus
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
@@ -132,9 +134,11 @@ def evaluate_shard_job(spec: EvalSpec, shard: int, num_shards: int) -> ShardResu
     torch.set_num_threads(spec.threads)
     loaded, dataset = prepare(spec)
     device = _device()
+    # The training run's loader workers; `auto` sized from this job's own CPUs, as a worker's.
+    loaders = plan_cpus(AUTO, loaded.config.data.loader_workers, spec.threads, 1, spec.threads,
+                        trains_on_gpu=device.type == "cuda").loader_workers
     return evaluate_shard(loaded.model.to(device), dataset, shard, num_shards, device,
-                          spec.batch_size, spec.tta_flip, spec.gallery_size,
-                          loaded.config.data.loader_workers)
+                          spec.batch_size, spec.tta_flip, spec.gallery_size, loaders)
 
 
 def local_map(spec: EvalSpec, shards: list[tuple[int, int]]) -> list[ShardResult]:

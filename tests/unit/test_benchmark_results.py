@@ -115,11 +115,12 @@ NOT_MEASURED = {
         "| 2-4% with EMA on (~1.5-3 ms of launch-bound time in a ~65 ms step) |",
         "~2 ms a step of copy (38.5 MB of uint8 at ~20 GB/s)", "| 2-3% |", "| 5-10% (",
         "compiled step +15-30% over", "+8% job throughput", "reaches ~2,470 images/s",
-        "~1.5x an A100 (3.35 vs 2.0 TB/s)", "~1.8 s an epoch on 11 workers, ~7% of a 26.7 s epoch",
+        "~1.5x an A100 (3.35 vs 2.0 TB/s)", "~2.0 s an epoch on 10 workers, ~7% of a 26.7 s epoch",
         "(~0.4 s at 11 workers", "At 6,000 images/s a step of 256 has ~43 ms",
     ],
     "docs/aws.md": [
         "8 vCPU, 32 GiB", "8× A100 40 GB", "1× A10G 24 GB", "32 vCPU, 64 GiB",  # EC2 specs
+        "8× H100 80 GB",
         "A100 **80 GB**", "has A100 40 GB",
         "every 15 minutes", "every 5 s", "every 5 minutes", "(60 s)",  # settings
         "(1200 s in the GPU",
@@ -139,7 +140,11 @@ NOT_MEASURED = {
         # the cost table: published throughput, list prices, an estimate, arithmetic on them
         "a 60 % spot discount", "| 16,621 |", "8× A100 80 GB", "| 77 s |", "| 0.47 |",
         "| 0.19 |", "1.9 h,", "2,470 img/s", "(600 / 2,039 GB/s)", "| 29 min |", "| 1.212 |",
-        "| 0.59 |", "| 0.24 |", "44 h,", "| 0.384 |", "≈ 25,000 img/s", "the 80 % recipes",
+        "| 0.59 |", "| 0.24 |", "44 h,", "| 0.384 |", "≈ 23,000 img/s", "the 80 % recipes",
+        # the p5 row: benchmarks/README.md's H100 projection (labelled so), a list price and
+        # arithmetic on them; the loader arithmetic beside it
+        "| ≈ 30,000 |", "~3,500-4,000 img/s per H100", "| 43 s |", "| 55.04 |", "| 0.65 |",
+        "| 0.26 |", "1.1 h,", "≈ 51,000 img/s",
     ],
     "docs/fault-tolerance.md": [
         "back-off (2-30 s", "back-off 2-30 s", "back 15 s later", "every 5 min", "AWS's 120 s (or 0 s)",
