@@ -35,13 +35,6 @@ from rn50.errors import PermanentError
 logger = logging.getLogger(__name__)
 
 
-def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
-    if result_checkpoint is None:
-        return ""
-    path = result_checkpoint.path
-    return f"s3://{path}" if storage_uri.startswith("s3://") else path
-
-
 def _final_model(result_checkpoint, config: Config):
     """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
     with result_checkpoint.as_directory() as directory:
@@ -194,7 +187,7 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     model, summary = _final_model(result.checkpoint, config)
     outcome = {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
                "epochs": summary["epoch"] + 1,
-               "checkpoint": _checkpoint_uri(result.checkpoint, storage_uri),
+               "checkpoint": storage.from_ray_path(result.checkpoint.path, storage_uri),
                **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
                "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                "cost_usd": round(meter.total_usd or 0.0, 4),
@@ -249,7 +242,8 @@ def _open_mlflow_run(config: Config, name: str, storage_uri: str, run_key: str,
 
 def _best_of_run(storage_uri: str, name: str, metric: str) -> dict:
     """The run's best checkpoint and its metric, for the RESULT line (nothing if it keeps none)."""
-    best = ckpt.best_checkpoint(storage.run_uri(storage_uri, name)) if metric != "none" else None
+    run = storage.run_uri(storage.absolute(storage_uri), name)  # the record's one form of path
+    best = ckpt.best_checkpoint(run) if metric != "none" else None
     if best is None:
         return {}
     summary = ckpt.verify(best, hashes=False)["summary"]

@@ -206,12 +206,10 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     log_sweep_report(tracking_uri, parent_id, records, spec.metric, spec.mode, best_config)
     best_value = best.metrics_dataframe[spec.metric].agg(spec.mode)
     tracking.log_metrics(tracking_uri, parent_id, {f"best_{spec.metric}": best_value}, step=0)
-    best_recipe = storage.join(storage_uri, name, "best_recipe.yaml")
+    best_recipe = storage.join(storage.absolute(storage_uri), name, "best_recipe.yaml")
     storage.write_bytes(best_recipe, best_config.to_yaml().encode())
     tracking.MlflowClient(tracking_uri).set_terminated(parent_id, "FINISHED")
-    checkpoint = best.metrics.get("checkpoint_path", "")
-    if checkpoint and storage_uri.startswith("s3://"):
-        checkpoint = f"s3://{checkpoint}"
+    checkpoint = storage.from_ray_path(best.metrics.get("checkpoint_path", ""), storage_uri)
     return {"name": name, "metric": spec.metric, "best_value": float(best_value),
             "best_config": best_params, "best_recipe": best_recipe, "checkpoint": checkpoint,
             "mlflow_run_id": parent_id,

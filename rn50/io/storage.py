@@ -230,6 +230,22 @@ def join(storage: str, *parts: str) -> str:
     return "/".join([storage.rstrip("/"), *pieces])
 
 
+def absolute(uri: str) -> str:
+    """`uri` in the form a run's record gives every path in: an s3:// URI as it is, a local path
+    made absolute (a `./runs/...` means nothing once the reader is in another folder). Any other
+    URI (`runs:/<id>/model`) is left as it is too."""
+    if not uri or urlsplit(uri).scheme:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def from_ray_path(path: str, storage: str) -> str:
+    """A path Ray reports (a checkpoint's, bucket/key on S3) as a URI in `storage`'s form."""
+    if not path:
+        return ""
+    return f"s3://{path}" if storage.startswith("s3://") else absolute(path)
+
+
 def run_uri(storage: str, name: str) -> str:
     """Where run (or sweep) `name` lives in `storage`; also its key in MLflow."""
     return join(storage, name)

@@ -24,6 +24,7 @@ from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # no
 from rn50.serve.artifacts import load_model
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
+from rn50.io import storage
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
 from rn50.serve.inference import normalize
@@ -218,8 +219,8 @@ def run_evaluation(spec: EvalSpec, map_shards: ShardMap = local_map, workers: in
     device = _device()
     gallery = render_gallery(loaded.model.to(device), dataset, total.mistakes,
                              loaded.classifier.class_names, device, scanned=total.images)
-    summary = {**metrics(total), "checkpoint": spec.checkpoint, "weights": loaded.weights,
-               "tta_flip": spec.tta_flip, "workers": workers}
+    summary = {**metrics(total), "checkpoint": storage.absolute(spec.checkpoint),
+               "weights": loaded.weights, "tta_flip": spec.tta_flip, "workers": workers}
     if tracking_uri:
         summary["mlflow_run_id"] = log_evaluation(tracking_uri, experiment, spec, loaded,
                                                   workers, summary, gallery)
