@@ -59,6 +59,19 @@ class SweepSpec:
         return Config.from_dict(apply_overrides(raw, [f"{k}={_yaml_scalar(v)}" for k, v in params.items()]))
 
 
+def trial_run_name(params: dict[str, Any]) -> str:
+    """A trial's name as its searched values (`lr=0.1 weight_decay=5e-05`): what tells two
+    curves in MLflow's compare view apart, where Tune's `train_trial_7ad23_00000` says nothing.
+    Each key by its last part, unless two keys share it; floats to 3 significant digits."""
+    last = [key.rsplit(".", 1)[-1] for key in params]
+    parts = []
+    for key, short in zip(params, last):
+        value = params[key]
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short if last.count(short) == 1 else key}={shown}")
+    return " ".join(parts)
+
+
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from rn50.config import Config
+from rn50.search_space import trial_run_name
 
 
 @dataclass
@@ -76,7 +77,7 @@ def curves_png(records: list[TrialRecord], metric: str) -> bytes:
     for record in records:
         if record.history:
             epochs, values = zip(*record.history)
-            axis.plot(epochs, values, marker="o", label=f"{record.trial_id} ({record.status})")
+            axis.plot(epochs, values, marker="o", label=f"{trial_run_name(record.params)} ({record.status})")
     axis.set_xlabel("epoch")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)

@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from rn50.io import mlflow_backup, storage, tracking
-from rn50.search_space import SweepSpec
+from rn50.search_space import SweepSpec, trial_run_name
 from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
 from rn50.distributed.contexts import RunContext, SweepContext
 from rn50.distributed.capacity import ResourcesUnavailableError
@@ -51,7 +51,7 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
     trial_id = context.get_trial_id()
     config = spec.trial_config(params, list(sweep.overrides))
     run_id, _ = tracking.start_or_resume_run(
-        config, sweep.tracking_uri, sweep.trial_key(trial_id), context.get_trial_name(),
+        config, sweep.tracking_uri, sweep.trial_key(trial_id), trial_run_name(params),
         tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
               "rn50.sweep": sweep.name})
     try:
