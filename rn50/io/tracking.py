@@ -151,13 +151,13 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
     if model is not None:
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
+            # MLflow's safe format, a torch.export program (no pickle to trust when it is
+            # loaded). torch.export fixes every dimension whose example size is 1, so the
+            # example holds two images: the logged model takes any batch size.
+            example = example_input.expand(2, *example_input.shape[1:]).contiguous()
             with torch.no_grad():
-                signature = mlflow.models.infer_signature(
-                    example_input.numpy(), model(example_input).numpy())
-            # Pickle, not MLflow 3's default torch.export program: an exported program is
-            # specialised to the example's batch size of 1.
+                signature = mlflow.models.infer_signature(example.numpy(), model(example).numpy())
             mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                     input_example=example_input.numpy(),
-                                     serialization_format="pickle",
+                                     input_example=example.numpy(), serialization_format="pt2",
                                      pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
     client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
