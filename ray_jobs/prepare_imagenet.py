@@ -22,13 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.data.datasets import DataError  # noqa: E402
-from rn50.io.storage import StorageError, absolute, preflight  # noqa: E402
+from rn50.data.datasets import DataError
+from rn50.io.storage import StorageError, absolute, preflight
 
 
 def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="dir with the ILSVRC tars, HF parquet shards, or folders")
+    parser.add_argument("--source", required=True,
+                        help="dir with the ILSVRC tars, HF parquet shards, or folders")
     parser.add_argument("--out", required=True, help="s3://bucket/prefix or a local directory")
     parser.add_argument("--max-px", type=int, default=256,
                         help="shorter side cap, re-encoding larger images; 0 keeps originals")

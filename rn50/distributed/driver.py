@@ -160,7 +160,8 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
 
 
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
-    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
+    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a
+    summary."""
     try:
         return _train_and_track(config, name, storage_uri)
     finally:  # on a cluster head, `ray down` right after the job must lose none of its tracking
@@ -198,7 +199,8 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
         tracking.finish_run(tracking_uri, run_id, succeeded=False, status="KILLED")
         return {**outcome, "stopped": "budget", "budget_usd": config.train.budget_usd}
     tracking.delete_tag(tracking_uri, run_id, cost.STOPPED_TAG)  # an earlier start's stop
-    from rn50.serve.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    # The most confident mistakes, with Grad-CAM.
+    from rn50.serve.evaluate import log_training_gallery
     log_training_gallery(tracking_uri, run_id, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracking.finish_run(tracking_uri, run_id, succeeded=True,

@@ -26,7 +26,8 @@ from rn50.distributed.ray_setup import init_ray
 
 def param_space(spec: SweepSpec) -> dict:
     """Ray Tune distributions for the sweep's dotted keys."""
-    build = {"loguniform": lambda v: ray.tune.loguniform(*v), "uniform": lambda v: ray.tune.uniform(*v),
+    build = {"loguniform": lambda v: ray.tune.loguniform(*v),
+             "uniform": lambda v: ray.tune.uniform(*v),
              "choice": ray.tune.choice, "grid": ray.tune.grid_search}
     return {key: build[dist.kind](dist.values) for key, dist in spec.space.items()}
 
@@ -96,9 +97,11 @@ def tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.t
         # The random/grid generator takes its limit itself (Tune ignores max_concurrent_trials
         # for a SearchGenerator, with only a warning).
         from ray.tune.search.basic_variant import BasicVariantGenerator
-        search_alg, limit = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency), None
+        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency)
+        limit = None
     return ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                               scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit)
+                               scheduler=scheduler, search_alg=search_alg,
+                               max_concurrent_trials=limit)
 
 
 def trial_status(result, epochs: int) -> str:
@@ -169,7 +172,8 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
     return params
 
 
-def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
+def run_sweep(spec: SweepSpec, name: str, storage_uri: str,
+              overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
     try:
         return _sweep_and_track(spec, name, storage_uri, overrides)
@@ -185,8 +189,9 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)
     parent_id, resumed = tracking.start_or_resume_run(
-        base, tracking_uri, storage.run_uri(storage_uri, name), name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
-                                                 "ray_version": ray.__version__})
+        base, tracking_uri, storage.run_uri(storage_uri, name), name,
+        tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
+              "ray_version": ray.__version__})
     if not resumed:
         tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
     print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)

@@ -104,10 +104,12 @@ def _credentials_note() -> str:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem from the standard AWS_* environment, with short timeouts."""
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     if bool(key) != bool(secret):
-        raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set both, "
-                           "or neither to use the instance profile / default credential chain")
+        raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set "
+                           "both, or neither to use the instance profile / default credential "
+                           "chain")
     options: dict = dict(region=_region(), connect_timeout=CONNECT_TIMEOUT_S,
                          request_timeout=REQUEST_TIMEOUT_S,
                          retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))

@@ -75,7 +75,7 @@ def latest_metric(tracking_uri: str, experiment: str, run_key: str,
 
 def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_name: str,
                         tags: dict[str, str]) -> tuple[str, bool]:
-    """Return (run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
+    """(run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
     client = MlflowClient(tracking_uri)
     experiment_id = _experiment_id(client, config.tracking.experiment, tracking_uri)
     escaped = run_key.replace("'", "\\'")
@@ -96,7 +96,8 @@ def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_nam
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
     """Log extra params (at most 100) on a run."""
-    MlflowClient(tracking_uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    batch = [Param(key, str(value)) for key, value in params.items()]
+    MlflowClient(tracking_uri).log_batch(run_id, params=batch)
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

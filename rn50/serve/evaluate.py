@@ -19,9 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # noqa: F401
-                                  LoadedModel, class_names_for)
-from rn50.serve.artifacts import load_model
+from rn50.serve.artifacts import LATEST_HELP, ArtifactError, LoadedModel, load_model
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
 from rn50.io import storage

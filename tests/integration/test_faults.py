@@ -187,8 +187,8 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(straight):
     assert code == 0, output[-4000:]
     assert f"skipping checkpoint {newest}" in output and "truncated" in output
     before = summaries(tmp / "runs" / "straight")[previous.name]  # epoch 1, 6 steps: mid-epoch
-    assert f"resumed from {previous} (epoch {before['epoch']}, {before['steps_done']} steps done, " \
-        "saved by 2 workers, now 2)" in output, output[-4000:]
+    assert (f"resumed from {previous} (epoch {before['epoch']}, {before['steps_done']} steps "
+            "done, saved by 2 workers, now 2)") in output, output[-4000:]
     assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
 
 

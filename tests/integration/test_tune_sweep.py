@@ -93,7 +93,8 @@ def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
     assert parent.data.params["sweep.search"] == "random"
     assert parent.data.metrics["best_val_top1"] == pytest.approx(result["best_value"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"lr_wd_plane.png", "learning_curves.png", "trials.json", "best_recipe.yaml"} <= artifacts
+    expected = {"lr_wd_plane.png", "learning_curves.png", "trials.json", "best_recipe.yaml"}
+    assert expected <= artifacts, artifacts
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4

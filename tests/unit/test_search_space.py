@@ -27,7 +27,8 @@ def write(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes, fragment", [
-    ({"space": {"optim.lrr": {"loguniform": [0.01, 0.1]}}}, "space key 'optim.lrr' is not a config field"),
+    ({"space": {"optim.lrr": {"loguniform": [0.01, 0.1]}}},
+     "space key 'optim.lrr' is not a config field"),
     ({"space": {"optim.lr": {"loguniform": [0.1, 0.01]}}}, "empty range"),
     ({"space": {"optim.lr": {"loguniform": [-0.1, 0.1]}}}, "loguniform bounds must be > 0"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.1]}}}, "empty range"),
