@@ -52,7 +52,8 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
     trial_id = context.get_trial_id()
     config = spec.trial_config(params, list(sweep.overrides))
     run_id, _ = tracking.start_or_resume_run(
-        config, sweep.tracking_uri, sweep.trial_key(trial_id), trial_run_name(params),
+        config, sweep.tracking_uri, sweep.trial_key(trial_id),
+        trial_run_name({key: params[key] for key in spec.space}),  # in the sweep file's order
         tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
               "rn50.sweep": sweep.name})
     try:
