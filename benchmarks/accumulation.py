@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.results import write_result  # noqa: E402
-from rn50.config import load_config  # noqa: E402
-from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
-from rn50.core.model import build_model, place_model  # noqa: E402
-from rn50.core.schedule import build_scheduler  # noqa: E402
-from rn50.core.training_state import TrainingState  # noqa: E402
+from benchmarks.results import write_result
+from rn50.config import load_config
+from rn50.core.engine import build_optimizer, train_one_epoch
+from rn50.core.model import build_model, place_model
+from rn50.core.schedule import build_scheduler
+from rn50.core.training_state import TrainingState
 
 ACCUMULATIONS = (1, 2, 4)
 
@@ -81,9 +81,10 @@ def main() -> None:
     figures = {}
     for accumulation in ACCUMULATIONS:
         figures[f"images_per_s_accumulation_{accumulation}"] = round(speed[accumulation], 2)
-        figures[f"ratio_accumulation_{accumulation}_vs_1"] = round(speed[accumulation] / speed[1], 3)
+        ratio = speed[accumulation] / speed[1]
+        figures[f"ratio_accumulation_{accumulation}_vs_1"] = round(ratio, 3)
         print(f"accumulation {accumulation} (micro-batch {args.batch // accumulation}): "
-              f"{speed[accumulation]:.1f} img/s, {speed[accumulation] / speed[1]:.3f}x of one batch")
+              f"{speed[accumulation]:.1f} img/s, {ratio:.3f}x of one batch")
     write_result("accumulation", figures, context={
         "setup": {"model": "resnet50", "px": args.px, "global_batch": args.batch,
                   "steps": args.steps, "repeats": args.repeats, "threads": args.threads,

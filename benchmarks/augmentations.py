@@ -21,21 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
 
-from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs  # noqa: E402
-from benchmarks.pipeline import cpu_seconds  # noqa: E402
-from benchmarks.results import write_result  # noqa: E402
-from rn50.config import DataConfig  # noqa: E402
-from rn50.core.mixing import BatchMixer  # noqa: E402
-from rn50.data.loaders import SeededAugmentation  # noqa: E402
-from rn50.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,  # noqa: E402
+from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
+from benchmarks.pipeline import cpu_seconds
+from benchmarks.results import write_result
+from rn50.config import DataConfig
+from rn50.core.mixing import BatchMixer
+from rn50.data.loaders import SeededAugmentation
+from rn50.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize,
                                   train_transform)
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "benchmarks" / "results"
 # Per-image settings. RandomErasing at p=1 shows (and costs) an erasure on every image; "all" is

@@ -15,16 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import torch
+
+from benchmarks.results import write_result
+from rn50.core.checkpoint import save_checkpoint
+from rn50.core.training_state import capture_rng_state
+from rn50.config import ModelConfig
+from rn50.core.model import build_model
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from benchmarks.results import write_result  # noqa: E402
-from rn50.core.checkpoint import save_checkpoint  # noqa: E402
-from rn50.core.training_state import capture_rng_state  # noqa: E402
-from rn50.config import ModelConfig  # noqa: E402
-from rn50.core.model import build_model  # noqa: E402
 
 
 def resnet50_state() -> dict:
@@ -105,9 +106,9 @@ def _timed_run(args: list[str], kill_in: Path | None = None) -> tuple[float, dic
     import threading
     marks: dict[str, float] = {}
     start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen([sys.executable, "ray_jobs/train_full.py", *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}) as job:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as job:
         if kill_in is not None:
             threading.Thread(target=lambda: marks.update(
                 {"kill": (_kill_a_worker_after_first_checkpoint(job, kill_in) or start) - start}),

@@ -27,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
-from benchmarks.results import write_result  # noqa: E402
+from benchmarks.results import write_result
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = {"quick": {"warmup_steps": 5, "timed_steps": 40, "every_steps": 10},
          "full": {"warmup_steps": 5, "timed_steps": 90, "every_steps": 15}}

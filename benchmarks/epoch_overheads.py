@@ -37,24 +37,25 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.images import CycledFiles
+
+from rn50.config import DataConfig, ModelConfig
+from rn50.core.background_save import save_in_background
+from rn50.core.checkpoint import save_checkpoint
+from rn50.core.engine import evaluate
+from rn50.core.model import build_model
+from rn50.data.epoch_loader import EpochLoader
+from rn50.data.loaders import SeededAugmentation, build_loader, loader_options
+from rn50.data.samplers import MicroBatchSampler, epoch_streams
+from rn50.data.transforms import normalize, train_transform, val_transform
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from benchmarks.images import CycledFiles  # noqa: E402
-
-from rn50.config import DataConfig, ModelConfig  # noqa: E402
-from rn50.core.background_save import save_in_background  # noqa: E402
-from rn50.core.checkpoint import save_checkpoint  # noqa: E402
-from rn50.core.engine import evaluate  # noqa: E402
-from rn50.core.model import build_model  # noqa: E402
-from rn50.data.epoch_loader import EpochLoader  # noqa: E402
-from rn50.data.loaders import SeededAugmentation, build_loader, loader_options  # noqa: E402
-from rn50.data.samplers import MicroBatchSampler, epoch_streams  # noqa: E402
-from rn50.data.transforms import normalize, train_transform, val_transform  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 WORLD = 8

@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.gpu_timing import EnoughSteps, StepTimer, synchronize
 from rn50.config import Config, load_config
-from rn50.core.engine import build_optimizer, evaluate, maybe_compile, train_one_epoch
+from rn50.core.device import maybe_compile
+from rn50.core.engine import build_optimizer, evaluate, train_one_epoch
 from rn50.core.model import EMA, build_model, place_model
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState

@@ -32,15 +32,16 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.gpu_sections import (Bench, section_checkpoint, section_compile,  # noqa: E402
+from benchmarks.gpu_sections import (Bench, section_checkpoint, section_compile,
                                      section_eval, section_features, section_sync_audit,
                                      section_synthetic)
-from benchmarks.gpu_timing import SectionTimeout, time_limit  # noqa: E402
+from benchmarks.gpu_timing import SectionTimeout, time_limit
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.5,

@@ -28,18 +28,19 @@ import sys
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from rn50.config import Config, load_config
+from rn50.core.engine import build_optimizer, train_one_epoch
+from rn50.core.model import EMA, build_model, place_model
+from rn50.core.schedule import build_scheduler
+from rn50.core.training_state import TrainingState
+from rn50.data.loaders import collate_skip_corrupt
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, schedule  # noqa: E402
-
-from rn50.config import Config, load_config  # noqa: E402
-from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
-from rn50.core.model import EMA, build_model, place_model  # noqa: E402
-from rn50.core.schedule import build_scheduler  # noqa: E402
-from rn50.core.training_state import TrainingState  # noqa: E402
-from rn50.data.loaders import collate_skip_corrupt  # noqa: E402
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::lift_fresh",
             "aten::nonzero", "aten::masked_select")

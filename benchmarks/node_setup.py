@@ -31,7 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_result  # noqa: E402
+from results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_STACK = ("torch", "torchvision", "triton", "nvidia-")

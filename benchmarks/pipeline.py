@@ -2,10 +2,10 @@
 
 - **baseline**: what a user writes: ImageFolder's `pil_loader` + torchvision's RandomResizedCrop,
   flip, ToTensor, Normalize, through a DataLoader.
-- **ours**: the project's ImageFolder path on the same files: `rn50.data.datasets.decode_sample`, i.e.
-  `train_transform(...).decode` (crop drawn first, libjpeg-turbo decode of only the crop's region
-  at the DCT scale the crop allows, crop + resize in one step; rn50.data.turbo_decode), uint8
-  out, normalised per batch.
+- **ours**: the project's ImageFolder path on the same files:
+  `rn50.data.datasets.decode_sample`, i.e. `train_transform(...).decode` (crop drawn first,
+  libjpeg-turbo decode of only the crop's region at the DCT scale the crop allows, crop +
+  resize in one step; rn50.data.turbo_decode), uint8 out, normalised per batch.
 - **ours_whole**: the same, with the whole-image decode (simplejpeg) that runs where the region
   decoder (rn50_jpeg_region) was not built: what decoding only the region buys.
 - **shards**: the project's ImageNet path: the files as `prepare_imagenet` writes them (parquet
@@ -79,11 +79,13 @@ class OursDataset(Dataset):
         return decode_sample(path, 0, self.preset, self.preset.draft_px, path)
 
 
-def write_prepared_shard(paths: list[Path], out_dir: Path, num_shards: int = 1) -> tuple[Path, float]:
+def write_prepared_shard(paths: list[Path], out_dir: Path,
+                         num_shards: int = 1) -> tuple[Path, float]:
     """`paths` as `prepare_imagenet` train shards under `out_dir`; returns (root, seconds).
 
     Each image goes through `rn50.imagenet_shards.shrink` (the prepare step's re-encode; once per
-    file, so `paths` may repeat a file to make a bigger data set) and the shards have its row-group size, so reading them costs what reading prepared shards costs."""
+    file, so `paths` may repeat a file to make a bigger data set) and the shards have its
+    row-group size, so reading them costs what reading prepared shards costs."""
     start_s = time.perf_counter()
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     shrunk = {path: shrink(path.read_bytes(), SHARD_MAX_PX) for path in set(paths)}
@@ -107,7 +109,8 @@ def build_loader(pipeline: str, paths: list[Path], shard_root: Path, crop_px: in
                       collate_fn=collate_skip_corrupt)
 
 
-def timed_pass(pipeline: str, paths: list[Path], shard_root: Path, crop_px: int) -> tuple[float, int]:
+def timed_pass(pipeline: str, paths: list[Path], shard_root: Path,
+               crop_px: int) -> tuple[float, int]:
     """Seconds for one full pass of `pipeline` over the images, and how many it yielded."""
     loader = build_loader(pipeline, paths, shard_root, crop_px)
     torch.manual_seed(0)  # every pipeline draws the same augmentation random stream

@@ -29,17 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.ilsvrc_tars import TRAIN_TAR, VAL_CSV, VAL_TAR, synthetic_ilsvrc
+from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
+from benchmarks.prepare_projection import project
+from benchmarks.results import write_result
+from rn50.io.local_servers import S3Server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks.ilsvrc_tars import TRAIN_TAR, VAL_CSV, VAL_TAR, synthetic_ilsvrc  # noqa: E402
-from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs  # noqa: E402
-from benchmarks.prepare_projection import project  # noqa: E402
-from benchmarks.results import write_result  # noqa: E402
-from rn50.io.local_servers import S3Server  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "prepare_listing.json"
 

@@ -6,12 +6,14 @@
 
 Both sides read the same 16 parquet shards (`prepare_imagenet`'s format: shorter side re-encoded to
 <= 256 px, 128-row row groups; the JPEGs repeated to the row count, so per-pass start-up weighs
-about what it would in a bigger epoch), decode and augment with the same code (`rn50.datasets.decode_sample`
-with `rn50.transforms.train_transform` at `--crop-px`), use two decoding processes (the 2 cores
-here) and hand batches of 64 uint8 images to the consuming process, which normalises them:
+about what it would in a bigger epoch), decode and augment with the same code
+(`rn50.datasets.decode_sample` with `rn50.transforms.train_transform` at `--crop-px`), use two
+decoding processes (the 2 cores here) and hand batches of 64 uint8 images to the consuming
+process, which normalises them:
 
 - **loader**: `rn50.data.build_loader` over `rn50.datasets.ParquetDataset`, `loader_workers=2`:
-  what `rn50.distributed.worker` runs (row-group-aware shuffle, per-(seed, epoch, index) augmentation seeds).
+  what `rn50.distributed.worker` runs (row-group-aware shuffle, per-(seed, epoch, index)
+  augmentation seeds).
 - **ray_data**: `ray.data.read_parquet` -> `randomize_block_order` -> `map_batches(decode)` ->
   `iter_torch_batches`, Ray started with `num_cpus=2` (Ray's start-up is not timed).
 
@@ -30,17 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from benchmarks.results import write_result
+from rn50.data.loaders import build_loader
+from rn50.data.datasets import ParquetDataset, decode_sample, image_bytes
+from rn50.data.transforms import normalize, train_transform
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.results import write_result  # noqa: E402
-from rn50.data.loaders import build_loader  # noqa: E402
-from rn50.data.datasets import ParquetDataset, decode_sample, image_bytes  # noqa: E402
-from rn50.data.transforms import normalize, train_transform  # noqa: E402
 
 BATCH_SIZE, DECODE_PROCESSES = 64, 2
 
@@ -71,7 +74,8 @@ def loader_pass(shard_root: Path, crop_px: int, epoch: int) -> tuple[int, float,
     from benchmarks.pipeline import data_config
     dataset = ParquetDataset(shard_root, "train", train_transform(data_config(crop_px)),
                              num_classes=1)
-    loader = build_loader(dataset, BATCH_SIZE, rank=0, world_size=1, seed=0, epoch=epoch, train=True, loader_workers=DECODE_PROCESSES)
+    loader = build_loader(dataset, BATCH_SIZE, rank=0, world_size=1, seed=0, epoch=epoch,
+                          train=True, loader_workers=DECODE_PROCESSES)
     return _consume(batch[0] for batch in loader)
 
 

@@ -13,8 +13,8 @@ barrier -> N steps -> end, its wall time taken as the max over ranks. Nothing Ra
 inside it (the project's loop calls Ray only at checkpoints, none per step), so the ratio is the
 per-step cost of running under Ray: its processes beside the workers, its worker setup, hooks.
 The sides alternate (plain, ray, plain, ray, ...) and each side's median is reported. Ray is
-started (`rn50.distributed.ray_setup.init_ray`, as a real run does: dashboard on) and shut down around every Ray
-repeat, so its daemons do not slow the plain runs. Ends with one JSON line.
+started (`rn50.distributed.ray_setup.init_ray`, as a real run does: dashboard on) and shut down
+around every Ray repeat, so its daemons do not slow the plain runs. Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -32,20 +32,21 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from benchmarks.results import write_result
+from rn50.config import Config, load_config
+from rn50.data.loaders import build_datasets, build_loader
+from rn50.core.engine import build_optimizer, train_one_epoch
+from rn50.core.model import build_model
+from rn50.core.schedule import build_scheduler
+from rn50.core.training_state import TrainingState
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from benchmarks.results import write_result  # noqa: E402
-from rn50.config import Config, load_config  # noqa: E402
-from rn50.data.loaders import build_datasets, build_loader  # noqa: E402
-from rn50.core.engine import build_optimizer, train_one_epoch  # noqa: E402
-from rn50.core.model import build_model  # noqa: E402
-from rn50.core.schedule import build_scheduler  # noqa: E402
-from rn50.core.training_state import TrainingState  # noqa: E402
 
 NUM_WORKERS = 2
 THREADS_PER_WORKER = 1
@@ -67,7 +68,9 @@ def _endless_batches(train_set, config: Config, rank: int, world_size: int):
     """This rank's training batches, epoch after epoch, as the project's loader deals them."""
     batch_per_worker = config.train.global_batch_size // world_size
     for epoch in itertools.count():
-        yield from build_loader(train_set, batch_per_worker, rank=rank, world_size=world_size, seed=config.train.seed, epoch=epoch, train=True, loader_workers=config.data.loader_workers)
+        yield from build_loader(train_set, batch_per_worker, rank=rank, world_size=world_size,
+                                seed=config.train.seed, epoch=epoch, train=True,
+                                loader_workers=config.data.loader_workers)
 
 
 def worker_body(config_dict: dict, warmup_steps: int, timed_steps: int) -> dict:

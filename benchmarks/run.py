@@ -6,7 +6,7 @@ files as an ImageFolder, and the same files as prepared parquet shards), at 224 
     python benchmarks/run.py                       # all images, 5 timed passes
     python benchmarks/run.py --images DIR --max-images 20 --repeats 1   # smoke check
     python benchmarks/run.py --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
-    python benchmarks/run.py --ckpt-steps          # also step times around S3 checkpoints (+2-4 min)
+    python benchmarks/run.py --ckpt-steps          # also step times at S3 checkpoints (+2-4 min)
     python benchmarks/run.py --ray-data            # also Ray Data vs the DataLoader (+2-4 min)
 
 Every pipeline reads the same images in the same order through a DataLoader with num_workers=0 in
@@ -23,25 +23,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
-import numpy as np  # noqa: E402
-import simplejpeg  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-from torchvision.datasets.folder import pil_loader  # noqa: E402
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image, ImageDraw
+from torchvision import transforms as T
+from torchvision.datasets.folder import pil_loader
 
-from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs  # noqa: E402
-from benchmarks.results import write_result  # noqa: E402
-from benchmarks.pipeline import (BATCH_SIZE, PIPELINES, SHARD_MAX_PX,  # noqa: E402
+from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
+from benchmarks.results import write_result
+from benchmarks.pipeline import (BATCH_SIZE, PIPELINES, SHARD_MAX_PX,
                                  baseline_transform, data_config, measure_both_sizes,
                                  write_prepared_shard)
-from rn50.config import DataConfig  # noqa: E402
-from rn50.data import turbo_decode  # noqa: E402
-from rn50.data.imagenet_shards import shrink  # noqa: E402
-from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform  # noqa: E402
+from rn50.config import DataConfig
+from rn50.data import turbo_decode
+from rn50.data.imagenet_shards import shrink
+from rn50.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+
+REPO = Path(__file__).resolve().parents[1]
 
 GRID_IMAGES = 8
 RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
@@ -171,9 +172,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ray-overhead", action="store_true",
                         help="also fill ray_overhead_ratio (benchmarks/ray_overhead.py)")
     parser.add_argument("--ckpt-steps", action="store_true",
-                        help="also time steps that checkpoint to S3 (benchmarks/ckpt_step_times.py)")
+                        help="also time steps that checkpoint to S3 "
+                             "(benchmarks/ckpt_step_times.py)")
     parser.add_argument("--ray-data", action="store_true",
-                        help="also time Ray Data vs the DataLoader (benchmarks/ray_data_vs_loader.py)")
+                        help="also time Ray Data vs the DataLoader "
+                             "(benchmarks/ray_data_vs_loader.py)")
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "out" / "crops.png"))
     parser.add_argument("--write-results", action="store_true",
                         help=f"also write the figures, command, machine and date to {RESULTS}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.serve import evaluate  # noqa: E402
+from rn50.serve import evaluate
+from rn50.serve.artifacts import USER_ERRORS
 
 
 def ray_map(cpus: float, gpus: float):
@@ -29,7 +30,7 @@ def main() -> int:
         mapper = ray_map(args.cpus_per_worker, args.gpus_per_worker) if args.workers > 1 \
             else evaluate.local_map
         summary = evaluate.run_from_args(args, mapper)
-    except evaluate.USER_ERRORS as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("RESULT " + json.dumps(summary), flush=True)

@@ -22,13 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.data.datasets import DataError  # noqa: E402
-from rn50.io.storage import StorageError, preflight  # noqa: E402
+from rn50.data.datasets import DataError
+from rn50.io.storage import StorageError, absolute, preflight
 
 
 def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="dir with the ILSVRC tars, HF parquet shards, or folders")
+    parser.add_argument("--source", required=True,
+                        help="dir with the ILSVRC tars, HF parquet shards, or folders")
     parser.add_argument("--out", required=True, help="s3://bucket/prefix or a local directory")
     parser.add_argument("--max-px", type=int, default=256,
                         help="shorter side cap, re-encoding larger images; 0 keeps originals")
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         # A listing task's error arrives wrapped by Ray: print what the task said.
         print(f"error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
         return 2
-    summary = {"out": args.out, "classes": len(manifest["classes"]),
+    summary = {"out": absolute(args.out), "classes": len(manifest["classes"]),
                "images": {s: v["images"] for s, v in manifest["splits"].items()},
                "shards": len(entries), "written": sum(not e["skipped"] for e in entries),
                "skipped": sum(bool(e["skipped"]) for e in entries)}

@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.config import ConfigError, load_config  # noqa: E402
-from rn50.errors import PermanentError  # noqa: E402
-from rn50.io import job_defaults  # noqa: E402
-from rn50.io.storage import StorageError  # noqa: E402
+from rn50.config import ConfigError, load_config
+from rn50.errors import PermanentError
+from rn50.io import job_defaults
+from rn50.io.storage import StorageError
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
         config.tracking.uri, args.overrides).line("tracking"), flush=True)
     name = args.name or f"{Path(recipe.value).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from rn50.distributed.capacity import ResourcesUnavailableError
-    from rn50.distributed.driver import run_training  # imports Ray; only needed once the config is valid
+    from rn50.distributed.driver import run_training  # imports Ray: only for a valid config
     try:
         summary = run_training(config, name, storage.value)
     except (ConfigError, StorageError, ResourcesUnavailableError, PermanentError) as err:

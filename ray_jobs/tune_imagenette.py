@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
-from rn50.config import ConfigError  # noqa: E402
-from rn50.search_space import load_sweep  # noqa: E402
-from rn50.io.storage import STORAGE_ENV, StorageError, default_storage  # noqa: E402
+from rn50.config import ConfigError
+from rn50.search_space import load_sweep
+from rn50.io.storage import STORAGE_ENV, StorageError, default_storage
 
 
 def main() -> int:

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from rn50.config_sections import (CheckpointConfig, CostConfig, DataConfig,  # noqa: F401
+from rn50.config_sections import (CheckpointConfig, CostConfig, DataConfig,
                                   ModelConfig, OptimConfig, ScalingConfig, ScheduleConfig,
                                   TrackingConfig, TrainConfig)
-from rn50.config_validation import ConfigError, validate  # noqa: F401 - ConfigError's import path
+from rn50.config_validation import ConfigError, validate
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -37,7 +37,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
-        """Build a validated Config from nested dicts, coercing values and rejecting unknown keys."""
+        """A validated Config from nested dicts, coercing values and rejecting unknown keys."""
         if not isinstance(raw, dict):
             raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
         sections = {}
@@ -100,7 +100,7 @@ def _build_section(section_name: str, section_type: type, raw: Any):
 
 
 def coerce(key: str, value: Any, expected: Any) -> Any:
-    """Convert `value` (possibly a string from the command line) to `expected` or raise ConfigError."""
+    """`value` (maybe a string from the command line) as type `expected`, else ConfigError."""
     if isinstance(value, str) and expected is not str:
         value = _parse_scalar(value)
     origin = typing.get_origin(expected)
@@ -175,7 +175,8 @@ def parse_override(text: str) -> tuple[str, str]:
     """Split `section.field=value` into key and raw value."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key or not key.strip():
-        raise ConfigError(f"override '{text}' must look like section.field=value, e.g. optim.lr=0.2")
+        raise ConfigError(f"override '{text}' must look like section.field=value, "
+                          "e.g. optim.lr=0.2")
     return key.strip(), value
 
 

@@ -107,7 +107,8 @@ class ScheduleConfig:
     warmup_start_fraction: float = 0.1
     """LR at step 0 as a fraction of the peak LR."""
     decay: str = "step"
-    """After warmup: `step` (×step_gamma at each milestone), `cosine` or `linear` to final_lr_fraction."""
+    """After warmup: `step` (×step_gamma at each milestone), `cosine` or `linear` to
+    final_lr_fraction."""
     step_milestones_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
     """Epochs at which `step` decay multiplies the LR by step_gamma."""
     step_gamma: float = 0.1

@@ -1,4 +1,5 @@
-"""`python -m rn50.mlflow_backup`: the documented short path to `rn50.io.mlflow_backup` (see that module)."""
+"""`python -m rn50.mlflow_backup`: the documented short path to `rn50.io.mlflow_backup` (see
+that module)."""
 import sys
 
 from rn50.io.mlflow_backup import main

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from rn50.config import Config, ConfigError, apply_overrides, coerce, load_config, resolve_recipe_path
+from rn50.config import (Config, ConfigError, apply_overrides, coerce, load_config,
+                         resolve_recipe_path)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min", "train_loss": "min"}
@@ -53,10 +54,25 @@ class SweepSpec:
         """The base recipe with the sweep's fixed overrides (and any from the command line)."""
         return load_config(self.base_recipe, [*self.overrides, *(extra_overrides or [])])
 
-    def trial_config(self, params: dict[str, Any], extra_overrides: list[str] | None = None) -> Config:
+    def trial_config(self, params: dict[str, Any],
+                     extra_overrides: list[str] | None = None) -> Config:
         """The base config with one trial's dotted parameters set."""
         raw = self.base_config(extra_overrides).to_dict()
-        return Config.from_dict(apply_overrides(raw, [f"{k}={_yaml_scalar(v)}" for k, v in params.items()]))
+        overrides = [f"{key}={_yaml_scalar(value)}" for key, value in params.items()]
+        return Config.from_dict(apply_overrides(raw, overrides))
+
+
+def trial_run_name(params: dict[str, Any]) -> str:
+    """A trial's name as its searched values (`lr=0.1 weight_decay=5e-05`): what tells two
+    curves in MLflow's compare view apart, where Tune's `train_trial_7ad23_00000` says nothing.
+    Each key by its last part, unless two keys share it; floats to 3 significant digits."""
+    last = [key.rsplit(".", 1)[-1] for key in params]
+    parts = []
+    for key, short in zip(params, last):
+        value = params[key]
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short if last.count(short) == 1 else key}={shown}")
+    return " ".join(parts)
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -75,10 +91,12 @@ def _field_type(key: str) -> Any:
 def parse_distribution(key: str, raw: Any) -> Distribution:
     """Validate `{loguniform: [lo, hi]}` etc. for config key `key`."""
     if not isinstance(raw, dict) or len(raw) != 1:
-        raise ConfigError(f"space '{key}' must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
+        raise ConfigError(f"space '{key}' must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, "
+                          f"got {raw!r}")
     kind, values = next(iter(raw.items()))
     if kind not in DISTRIBUTIONS:
-        raise ConfigError(f"space '{key}': unknown distribution '{kind}'; use one of {DISTRIBUTIONS}")
+        raise ConfigError(f"space '{key}': unknown distribution '{kind}'; use one of "
+                          f"{DISTRIBUTIONS}")
     expected = _field_type(key)
     if not isinstance(values, list) or not values:
         raise ConfigError(f"space '{key}': {kind} needs a non-empty list, got {values!r}")
@@ -121,7 +139,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
              "scheduler", "max_concurrent_trials", "space"}
     unknown = set(raw) - known
     if unknown:
-        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in '{path}'; known: {sorted(known)}")
+        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in '{path}'; known: "
+                          f"{sorted(known)}")
     spec = _build_spec(raw)
     base = spec.base_config()  # the base recipe and fixed overrides must load on their own
     if base.checkpoint.every_steps or base.checkpoint.every_minutes:
@@ -151,7 +170,8 @@ def _build_spec(raw: dict) -> SweepSpec:
     num_samples = coerce("num_samples", raw.get("num_samples", 8), int)
     if num_samples < 1:
         raise ConfigError(f"sweep 'num_samples' must be >= 1, got {num_samples}")
-    return SweepSpec(base_recipe=str(raw["base_recipe"]), overrides=list(raw.get("overrides") or []),
+    return SweepSpec(base_recipe=str(raw["base_recipe"]),
+                     overrides=list(raw.get("overrides") or []),
                      metric=metric, mode=mode, num_samples=num_samples, search=search,
                      seed=coerce("seed", raw.get("seed", 0), int), asha=_asha(raw.get("scheduler")),
                      max_concurrent_trials=coerce("max_concurrent_trials",

@@ -61,7 +61,7 @@ class FakeEc2:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
+            def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
                 scope = self.headers.get("Authorization", "").split("Credential=", 1)[-1]

@@ -104,10 +104,10 @@ class FakeImds:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 self._reply("GET")
 
-            def do_PUT(self):  # noqa: N802
+            def do_PUT(self):
                 self._reply("PUT")
 
             def log_message(self, *args):  # quiet: the tests read `requests` instead

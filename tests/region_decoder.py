@@ -16,7 +16,8 @@ def require_region_decoder():
     if turbo_decode.rn50_jpeg_region is not None:
         return turbo_decode.rn50_jpeg_region
     message = ("rn50_jpeg_region was not built here (no C compiler or libjpeg's headers at "
-               "install): apt-get install gcc libjpeg-dev, then pip install -c constraints.txt -e .")
+               "install): apt-get install gcc libjpeg-dev, then "
+               "pip install -c constraints.txt -e .")
     if os.environ.get("RN50_REQUIRE_REGION_DECODER") == "1" or os.environ.get("CI"):
         pytest.fail(message + " — the region decoder's tests must run here", pytrace=False)
     pytest.skip(message)

@@ -182,7 +182,8 @@ def load_newest_good(run: str | Location, registered: str | None = None
     for path in candidates:
         try:
             return path, _with_retries(f"reading checkpoint {path}",
-                                       lambda path=path: _load_from(filesystem, path), READ_ATTEMPTS)
+                                       lambda path=path: _load_from(filesystem, path),
+                                       READ_ATTEMPTS)
         except CheckpointError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
     if registered:

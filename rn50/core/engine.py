@@ -17,8 +17,7 @@ from torch import nn
 
 from rn50.config import Config
 from rn50.data.device_decode import DeferredBatch
-from rn50.core.device import (autocast_context, configure_backends, maybe_compile,  # noqa: F401
-                              prefetch_to_device, to_device)
+from rn50.core.device import autocast_context, configure_backends, prefetch_to_device, to_device
 from rn50.core.mixing import DEPTH_STREAM, BatchMixer, build_mixer, seeded_rng
 from rn50.core.model import parameter_groups
 from rn50.core.training_state import TrainingState

@@ -193,7 +193,8 @@ class EMA:
         """Restore averaged weights saved by `state_dict`, checking names and shapes."""
         missing = set(self.state) ^ set(state)
         if missing:
-            raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:5]}")
+            raise ValueError("EMA state does not match the model: differing keys "
+                             f"{sorted(missing)[:5]}")
         for name, value in state.items():
             if value.shape != self.state[name].shape:
                 raise ValueError(f"EMA tensor '{name}' has shape {tuple(value.shape)}, "

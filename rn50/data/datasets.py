@@ -1,8 +1,8 @@
 """Map-style image datasets: class folders (incl. the ILSVRC layouts) and HF-style parquet shards.
 
 Both return `(uint8 CHW tensor, label)` per index, or `None` for an image that cannot be decoded
-(`collate_skip_corrupt` in rn50.data.loaders drops those and counts them), so one bad file never stops a
-run.
+(`collate_skip_corrupt` in rn50.data.loaders drops those and counts them), so one bad file never
+stops a run.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,  # noqa: F401
+from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,
                               find_parquet_shards, hf_label_names, image_bytes)
 from rn50.data.transforms import load_rgb
 
@@ -33,7 +33,7 @@ def decode_sample(source, label: int, transform: Callable | None, draft_px: int,
         if hasattr(transform, "decode"):  # a Preset: decodes as it likes (crop first for JPEGs)
             return transform.decode(source, draft_px), label
         image = load_rgb(source, draft_px)
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
         log.warning("skipping undecodable image %s: %s", what, err)
         return None
     return (transform(image) if transform is not None else pil_to_tensor(image)), label
@@ -42,7 +42,8 @@ def decode_sample(source, label: int, transform: Callable | None, draft_px: int,
 def _subdirs(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(directory)
+                  if e.is_dir() and not e.name.startswith("."))
 
 
 def _images_in(directory: Path) -> list[str]:
@@ -104,8 +105,8 @@ class ImageFolderDataset(Dataset):
         if folders:
             unknown = [f for f in folders if f not in self.class_to_idx]
             if unknown:
-                raise DataError(f"'{split_dir}' has class folders absent from the training classes: "
-                                f"{unknown[:5]}")
+                raise DataError(f"'{split_dir}' has class folders absent from the training "
+                                f"classes: {unknown[:5]}")
             for name in folders:
                 label = self.class_to_idx[name]
                 self.samples += [(path, label) for path in _images_in(split_dir / name)]
@@ -189,7 +190,8 @@ class ParquetDataset(Dataset):
     def row_group_ranges(self) -> list[range]:
         """The global row indices of each row group, in storage order (what a streaming sampler
         deals out: a row group is read once, front to back)."""
-        return [range(start, end) for start, end in zip(self._starts, [*self._starts[1:], self._len])]
+        ends = [*self._starts[1:], self._len]
+        return [range(start, end) for start, end in zip(self._starts, ends)]
 
     def _row_group(self, entry: int) -> tuple[list, list]:
         if self._pid != os.getpid():  # forked into a DataLoader worker: never share handles
@@ -199,7 +201,8 @@ class ParquetDataset(Dataset):
             return self._cache[entry]
         file_index, group = self._groups[entry]
         if file_index not in self._handles:
-            self._handles[file_index] = pq.ParquetFile(self.fs.open_input_file(self.files[file_index]))
+            stream = self.fs.open_input_file(self.files[file_index])
+            self._handles[file_index] = pq.ParquetFile(stream)
         table = self._handles[file_index].read_row_group(group, columns=["image", "label"])
         self._cache[entry] = (image_bytes(table), table.column("label").to_pylist())
         while len(self._cache) > self.cache_row_groups:

@@ -113,7 +113,7 @@ class DeferredBatch:
 
     def decode(self, labels: torch.Tensor, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(uint8 [B,3,H,W] on `device`, their labels, how many failed to decode and were dropped)."""
+        """(uint8 [B,3,H,W] on `device`, their labels, how many failed to decode: dropped)."""
         encoded = [torch.frombuffer(bytearray(item.data), dtype=torch.uint8)
                    for item in self.items if isinstance(item, EncodedImage)]
         decoded = iter(_decode_all(encoded, device))

@@ -77,8 +77,8 @@ def shrink(data: bytes, max_px: int) -> bytes:
         out = io.BytesIO()
         image.save(out, "JPEG", quality=JPEG_QUALITY)
         return out.getvalue()
-    except Exception:  # corrupt or exotic: keep the bytes, training skips what it cannot decode
-        return data
+    except Exception:  # noqa: BLE001 - corrupt or exotic, whatever Pillow raises for it
+        return data  # kept as it is: training skips what it cannot decode
 
 
 def _schema(classes: list[str]) -> pa.Schema:

@@ -1,18 +1,19 @@
-"""Data sets and loaders: the recipe's data set built from its config, sharded deterministic loading.
+"""Data sets and loaders: the recipe's data set built from its config, sharded, deterministic.
 
 Public API: `build_datasets(data_cfg)` -> (train, val, class names); `build_loader(...)` -> a
 DataLoader yielding `(uint8 images [B,3,H,W], int64 labels [B], num_skipped)`. The datasets and
 `DataError` live in rn50.data.datasets; the cached digits / Imagenette preparation in
 rn50.small_datasets.
 
-Determinism: a training loader's order is a function of (seed, epoch) (rn50.data.samplers:
-the same samples per step at any world size), and each sample's augmentation is drawn from torch's CPU generator re-seeded from (seed, epoch,
-dataset index) around that one `__getitem__` (the caller's RNG state is restored afterwards). With
-repeated augmentation (`data.repeated_augmentations` = N) the samplers deal virtual indices
-`index + copy * len(dataset)`, copy < N, and the seed uses the virtual index, so the N copies of an
-image get N different augmentations (copy 0 keeps the plain index, hence the plain draws). So
-the images a rank sees for a given (seed, epoch, rank) are identical whatever `loader_workers` is,
-and a resumed run reproduces a run that never stopped, with nothing for the caller to seed.
+Determinism: a training loader's order is a function of (seed, epoch) (rn50.data.samplers: the same
+samples per step at any world size), and each sample's augmentation is drawn from torch's CPU
+generator re-seeded from (seed, epoch, dataset index) around that one `__getitem__` (the caller's
+RNG state is restored afterwards). With repeated augmentation (`data.repeated_augmentations` = N)
+the samplers deal virtual indices `index + copy * len(dataset)`, copy < N, and the seed uses the
+virtual index, so the N copies of an image get N different augmentations (copy 0 keeps the plain
+index, hence the plain draws). So the images a rank sees for a given (seed, epoch, rank) are
+identical whatever `loader_workers` is, and a resumed run reproduces a run that never stopped, with
+nothing for the caller to seed.
 The samplers themselves live in rn50.data.samplers.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _fixed_subset(dataset: Dataset, limit: int) -> Dataset:
 
 
 def _prepared_root(data_cfg) -> Path:
-    """The folder holding `data_cfg`'s class folders, writing the digits / Imagenette cache first."""
+    """The folder holding `data_cfg`'s class folders (writing the digits / Imagenette cache
+    first)."""
     root = Path(os.path.expanduser(data_cfg.root))
     if data_cfg.dataset == "digits":
         return prepare_digits(root)

@@ -139,7 +139,8 @@ def _safe_members(tar: tarfile.TarFile):
     """Yield regular files and folders; refuse absolute paths, `..`, links and devices."""
     for member in tar:
         parts = PurePosixPath(member.name).parts
-        if member.name.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
+        drive = ":" in (parts[0] if parts else "")  # C:... on Windows
+        if member.name.startswith(("/", "\\")) or ".." in parts or drive:
             raise DataError(f"unsafe path in archive: {member.name!r}")
         if not (member.isfile() or member.isdir()):
             raise DataError(f"archive member {member.name!r} is a link or device; refusing it")
@@ -147,7 +148,8 @@ def _safe_members(tar: tarfile.TarFile):
 
 
 def _extract(archive: Path, dest: Path) -> int:
-    """Extract to a scratch folder, check the Imagenette layout, move it to `dest`; return #files."""
+    """Extract to a scratch folder, check the Imagenette layout, move it to `dest`; return the
+    number of files."""
     scratch = dest.with_name(f".{dest.name}.extracting")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)

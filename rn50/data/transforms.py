@@ -66,7 +66,8 @@ class Preset:
     `decode(source)` decodes and transforms in one go: a preset that starts with
     RandomResizedCrop followed only by flip / colour jitter decodes JPEGs with libjpeg-turbo,
     crop first (rn50.data.turbo_decode); everything else (a PIL policy, a non-JPEG) goes through
-    Pillow and `__call__`. `tensor_steps` (RandomErasing) run last on the uint8 tensor either way."""
+    Pillow and `__call__`. `tensor_steps` (RandomErasing) run last on the uint8 tensor either
+    way."""
 
     def __init__(self, steps: list[Callable], draft_px: int, tensor_steps: tuple = ()):
         self.transform = T.Compose([*steps, T.PILToTensor(), *tensor_steps])
@@ -79,7 +80,8 @@ class Preset:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(to_rgb(image))
 
-    def decode(self, source: str | os.PathLike | bytes, draft_px: int | None = None) -> torch.Tensor:
+    def decode(self, source: str | os.PathLike | bytes,
+               draft_px: int | None = None) -> torch.Tensor:
         """The transformed uint8 CHW tensor of an image file or its bytes (raises if corrupt)."""
         if self.crop_first is not None:
             data = source if isinstance(source, (bytes, bytearray, memoryview)) else \

@@ -36,13 +36,6 @@ from rn50.errors import PermanentError
 logger = logging.getLogger(__name__)
 
 
-def _checkpoint_uri(result_checkpoint, storage_uri: str) -> str:
-    if result_checkpoint is None:
-        return ""
-    path = result_checkpoint.path
-    return f"s3://{path}" if storage_uri.startswith("s3://") else path
-
-
 def _final_model(result_checkpoint, config: Config):
     """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
     with result_checkpoint.as_directory() as directory:
@@ -170,7 +163,8 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
 
 
 def run_training(config: Config, name: str, storage_uri: str) -> dict:
-    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a summary."""
+    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a
+    summary."""
     try:
         return _train_and_track(config, name, storage_uri)
     finally:  # on a cluster head, `ray down` right after the job must lose none of its tracking
@@ -197,7 +191,7 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     model, summary = _final_model(result.checkpoint, config)
     outcome = {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
                "epochs": summary["epoch"] + 1,
-               "checkpoint": _checkpoint_uri(result.checkpoint, storage_uri),
+               "checkpoint": storage.from_ray_path(result.checkpoint.path, storage_uri),
                **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
                "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                "cost_usd": round(meter.total_usd or 0.0, 4),
@@ -208,7 +202,8 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
         tracking.finish_run(tracking_uri, run_id, succeeded=False, status="KILLED")
         return {**outcome, "stopped": "budget", "budget_usd": config.train.budget_usd}
     tracking.delete_tag(tracking_uri, run_id, cost.STOPPED_TAG)  # an earlier start's stop
-    from rn50.serve.evaluate import log_training_gallery  # the most confident mistakes, with Grad-CAM
+    # The most confident mistakes, with Grad-CAM.
+    from rn50.serve.evaluate import log_training_gallery
     log_training_gallery(tracking_uri, run_id, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracking.finish_run(tracking_uri, run_id, succeeded=True,
@@ -252,7 +247,8 @@ def _open_mlflow_run(config: Config, name: str, storage_uri: str, run_key: str,
 
 def _best_of_run(storage_uri: str, name: str, metric: str) -> dict:
     """The run's best checkpoint and its metric, for the RESULT line (nothing if it keeps none)."""
-    best = ckpt.best_checkpoint(storage.run_uri(storage_uri, name)) if metric != "none" else None
+    run = storage.run_uri(storage.absolute(storage_uri), name)  # the record's one form of path
+    best = ckpt.best_checkpoint(run) if metric != "none" else None
     if best is None:
         return {}
     summary = ckpt.verify(best, hashes=False)["summary"]

@@ -32,8 +32,9 @@ def _missing_note(classes: list[str]) -> str:
     missing = sorted(set(imagenet_wnids()) - set(wnids))
     if len(wnids) < 900 or not missing:  # a deliberate subset, or all of them
         return ""
-    return (f" WARNING: {len(missing)} of ImageNet-1k's classes are missing ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}): is the train tar complete?")
+    return (f" WARNING: {len(missing)} of ImageNet-1k's classes are missing "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): is the train tar "
+            "complete?")
 
 
 def plan(source: str, out: str, splits: list[str], per_shard: int, seed: int,

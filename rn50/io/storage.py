@@ -104,10 +104,12 @@ def _credentials_note() -> str:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem from the standard AWS_* environment, with short timeouts."""
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     if bool(key) != bool(secret):
-        raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set both, "
-                           "or neither to use the instance profile / default credential chain")
+        raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set "
+                           "both, or neither to use the instance profile / default credential "
+                           "chain")
     options: dict = dict(region=_region(), connect_timeout=CONNECT_TIMEOUT_S,
                          request_timeout=REQUEST_TIMEOUT_S,
                          retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
@@ -228,6 +230,22 @@ def join(storage: str, *parts: str) -> str:
     if "://" not in storage:
         return os.path.join(storage, *pieces)
     return "/".join([storage.rstrip("/"), *pieces])
+
+
+def absolute(uri: str) -> str:
+    """`uri` in the form a run's record gives every path in: an s3:// URI as it is, a local path
+    made absolute (a `./runs/...` means nothing once the reader is in another folder). Any other
+    URI (`runs:/<id>/model`) is left as it is too."""
+    if not uri or urlsplit(uri).scheme:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def from_ray_path(path: str, storage: str) -> str:
+    """A path Ray reports (a checkpoint's, bucket/key on S3) as a URI in `storage`'s form."""
+    if not path:
+        return ""
+    return f"s3://{path}" if storage.startswith("s3://") else absolute(path)
 
 
 def run_uri(storage: str, name: str) -> str:

@@ -75,7 +75,7 @@ def latest_metric(tracking_uri: str, experiment: str, run_key: str,
 
 def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_name: str,
                         tags: dict[str, str]) -> tuple[str, bool]:
-    """Return (run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
+    """(run_id, resumed): the MLflow run tagged `run_key`, or a new one with params logged."""
     client = MlflowClient(tracking_uri)
     experiment_id = _experiment_id(client, config.tracking.experiment, tracking_uri)
     escaped = run_key.replace("'", "\\'")
@@ -96,7 +96,8 @@ def start_or_resume_run(config: Config, tracking_uri: str, run_key: str, run_nam
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
     """Log extra params (at most 100) on a run."""
-    MlflowClient(tracking_uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    batch = [Param(key, str(value)) for key, value in params.items()]
+    MlflowClient(tracking_uri).log_batch(run_id, params=batch)
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -151,13 +152,13 @@ def finish_run(tracking_uri: str, run_id: str, succeeded: bool, model=None,
     if model is not None:
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
+            # MLflow's safe format, a torch.export program (no pickle to trust when it is
+            # loaded). torch.export fixes every dimension whose example size is 1, so the
+            # example holds two images: the logged model takes any batch size.
+            example = example_input.expand(2, *example_input.shape[1:]).contiguous()
             with torch.no_grad():
-                signature = mlflow.models.infer_signature(
-                    example_input.numpy(), model(example_input).numpy())
-            # Pickle, not MLflow 3's default torch.export program: an exported program is
-            # specialised to the example's batch size of 1.
+                signature = mlflow.models.infer_signature(example.numpy(), model(example).numpy())
             mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                     input_example=example_input.numpy(),
-                                     serialization_format="pickle",
+                                     input_example=example.numpy(), serialization_format="pt2",
                                      pip_requirements=["torch==2.14.1", "torchvision==0.29.1"])
     client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))

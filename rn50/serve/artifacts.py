@@ -132,8 +132,9 @@ def _mlflow_run_id(uri: str, client) -> str:
 def _eager_copy(logged: nn.Module, config: Config | None) -> tuple[nn.Module, str]:
     """The logged network rebuilt as a plain eager ResNet with the same weights, and its arch.
 
-    MLflow 3 logs a torch.export program by default: it is fixed to the example's batch size
-    (1) and its modules cannot be hooked for Grad-CAM, so only its weights are kept.
+    A training run logs a torch.export program (MLflow's safe format): its modules cannot be
+    hooked for Grad-CAM, and one logged elsewhere may be fixed to its example's batch size, so
+    only its weights are kept.
     """
     weights = logged.state_dict()
     arch = config.model.arch if config else \

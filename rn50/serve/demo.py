@@ -18,8 +18,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from rn50.serve.artifacts import LATEST_HELP, USER_ERRORS, load_model  # noqa: E402
-from rn50.serve.inference import MAX_UPLOAD_BYTES, build_app  # noqa: E402
+from rn50.serve.artifacts import LATEST_HELP, USER_ERRORS, load_model
+from rn50.serve.inference import MAX_UPLOAD_BYTES, build_app
 
 
 def build_parser() -> argparse.ArgumentParser:

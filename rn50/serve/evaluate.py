@@ -19,13 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rn50.serve.artifacts import (LATEST_HELP, USER_ERRORS, ArtifactError,  # noqa: F401
-                                  LoadedModel, class_names_for)
-from rn50.serve.artifacts import load_model
+from rn50.serve.artifacts import LATEST_HELP, ArtifactError, LoadedModel, load_model
 from rn50.config_sections import AUTO
 from rn50.data.cpu_budget import plan_cpus
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
+from rn50.io import storage
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
 from rn50.serve.inference import normalize
@@ -222,8 +221,8 @@ def run_evaluation(spec: EvalSpec, map_shards: ShardMap = local_map, workers: in
     device = _device()
     gallery = render_gallery(loaded.model.to(device), dataset, total.mistakes,
                              loaded.classifier.class_names, device, scanned=total.images)
-    summary = {**metrics(total), "checkpoint": spec.checkpoint, "weights": loaded.weights,
-               "tta_flip": spec.tta_flip, "workers": workers}
+    summary = {**metrics(total), "checkpoint": storage.absolute(spec.checkpoint),
+               "weights": loaded.weights, "tta_flip": spec.tta_flip, "workers": workers}
     if tracking_uri:
         summary["mlflow_run_id"] = log_evaluation(tracking_uri, experiment, spec, loaded,
                                                   workers, summary, gallery)

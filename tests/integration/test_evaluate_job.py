@@ -14,7 +14,8 @@ from PIL import Image
 
 from rn50.core.checkpoint import download
 from rn50.serve.artifacts import load_model
-from rn50.serve.evaluate import build_parser, build_val_dataset, evaluate_shard, metrics, run_from_args
+from rn50.serve.evaluate import (build_parser, build_val_dataset, evaluate_shard, metrics,
+                                 run_from_args)
 from tests.model_helpers import digits_config, write_checkpoint
 
 pytestmark = pytest.mark.integration

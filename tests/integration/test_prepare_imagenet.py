@@ -96,7 +96,8 @@ def _column(dataset, name):
 def test_a_source_that_cannot_be_read_says_what_to_do(tmp_path, s3_env):
     out = f"s3://{s3_env.bucket}/never-written"
     _, stderr = _run(["--source", "s3://no-such-bucket-rn50/ilsvrc", "--out", out], s3_env, 2)
-    assert "bucket 'no-such-bucket-rn50' of s3://no-such-bucket-rn50/ilsvrc does not exist" in stderr
+    assert ("bucket 'no-such-bucket-rn50' of s3://no-such-bucket-rn50/ilsvrc does not exist"
+            in stderr)
     assert "Traceback" not in stderr
     labels = make_ilsvrc(tmp_path / "folders")
     make_tars(tmp_path / "folders", tmp_path / "tars")

@@ -31,7 +31,8 @@ def test_preflight_writes_and_removes_a_probe_on_s3(s3_env):
 
 @pytest.mark.parametrize("variable, wrong", [("AWS_SECRET_ACCESS_KEY", "wrong-secret-3f9a1c77e2"),
                                              ("AWS_ACCESS_KEY_ID", "NOSUCHACCESSKEY1234")])
-def test_bad_credentials_name_the_variables_and_hide_the_secret(s3_env, monkeypatch, variable, wrong):
+def test_bad_credentials_name_the_variables_and_hide_the_secret(s3_env, monkeypatch, variable,
+                                                                wrong):
     monkeypatch.setenv(variable, wrong)
     with pytest.raises(StorageError) as caught:
         storage.preflight(f"s3://{s3_env.bucket}/runs")
@@ -93,7 +94,8 @@ def test_write_read_exists_list_round_trip(where, s3_env, tmp_path):
 
 def test_local_preflight_creates_the_directory_and_reports_an_unwritable_one(tmp_path):
     storage.preflight(str(tmp_path / "runs" / "deep"))
-    assert (tmp_path / "runs" / "deep").is_dir() and not list((tmp_path / "runs" / "deep").iterdir())
+    deep = tmp_path / "runs" / "deep"
+    assert deep.is_dir() and not list(deep.iterdir())
     (tmp_path / "file.txt").write_text("a regular file")
     blocked = tmp_path / "file.txt" / "sub"  # root may write anywhere, but not under a file
     with pytest.raises(StorageError, match="is not writable") as caught:

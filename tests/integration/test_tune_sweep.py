@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from rn50.config import load_config
+from rn50.search_space import trial_run_name
 from tests.browser import launch
 from tests.integration.jobs import REPO
 
@@ -92,7 +93,8 @@ def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
     assert parent.data.params["sweep.search"] == "random"
     assert parent.data.metrics["best_val_top1"] == pytest.approx(result["best_value"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"lr_wd_plane.png", "learning_curves.png", "trials.json", "best_recipe.yaml"} <= artifacts
+    expected = {"lr_wd_plane.png", "learning_curves.png", "trials.json", "best_recipe.yaml"}
+    assert expected <= artifacts, artifacts
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
@@ -103,6 +105,9 @@ def test_mlflow_has_a_parent_with_one_child_per_trial(sweep, mlflow_server):
     assert diverged.data.tags["rn50.trial_status"] == "stopped_by_asha"
     for child in children:
         assert "optim.lr" in child.data.params
+        # Named by its values, so the compare view's legend says which curve is which trial.
+        assert child.info.run_name == trial_run_name(
+            {key: float(child.data.params[key]) for key in ("optim.lr", "optim.weight_decay")})
         history = client.get_metric_history(child.info.run_id, "val/top1")
         assert history and [m.step for m in history] == list(range(len(history)))
         if child.data.tags["rn50.trial_status"] == "stopped_by_asha":

@@ -103,8 +103,8 @@ def test_unknown_policy_is_refused_by_the_preset():
 
 def test_loader_images_are_the_same_with_and_without_workers():
     dataset = _Photos(_cfg(auto_augment="trivialaugment_wide", random_erasing_prob=0.5))
-    runs = [torch.cat([b[0] for b in build_loader(dataset, 2, rank=0, world_size=1, seed=5, epoch=1, train=True,
-                                            loader_workers=workers)])
+    runs = [torch.cat([b[0] for b in build_loader(dataset, 2, rank=0, world_size=1, seed=5,
+                                                  epoch=1, train=True, loader_workers=workers)])
             for workers in (0, 2)]
     assert torch.equal(runs[0], runs[1])
 

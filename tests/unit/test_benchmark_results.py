@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-CITATION = re.compile(r"\[([^\]]+)\]\(((?:\.\./)*(?:benchmarks/)?results/[\w.-]+\.json)#([\w.-]+)\)")
+CITATION = re.compile(r"\[([^\]]+)\]"  # [text]
+                      r"\(((?:\.\./)*(?:benchmarks/)?results/[\w.-]+\.json)#([\w.-]+)\)")
 CITING_FILES = [REPO / "README.md", REPO / "benchmarks" / "README.md",
                 *sorted((REPO / "docs").glob("*.md"))]
 
@@ -44,7 +45,8 @@ def figure(record: dict, key: str) -> float | None:
 
 
 def shown_number(text: str) -> tuple[float, int]:
-    """The number in a citation's text and its decimals: '2.07x' -> (2.07, 2), '1,424' -> (1424, 0)."""
+    """The number in a citation's text and its decimals: '2.07x' -> (2.07, 2), '1,424' ->
+    (1424, 0)."""
     match = re.search(r"-?\d[\d,]*(?:\.(\d+))?", text)
     assert match, f"no number in citation text {text!r}"
     return float(match.group(0).replace(",", "")), len(match.group(1) or "")
@@ -91,7 +93,9 @@ MEASURE = re.compile(
     r"hours?\b|h\b|img/s|images/s|[KMGT]i?B\b|Gbit/s))")
 # A number alone in a table cell, with decimals or thousands (`| 6.67 |`, `| 11,044 |`; whole
 # small numbers there are mostly settings: px, steps).
-BARE_CELL = re.compile(r"(?<=\|)\s*\**\s*[~≈]?\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)\s*\**\s*(?=\|)")
+BARE_CELL = re.compile(r"(?<=\|)\s*\**\s*[~≈]?\s?"
+                       r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)"  # 1,424 or 2.07
+                       r"\s*\**\s*(?=\|)")
 CODE_SPAN = re.compile(r"`[^`]*`")
 
 # Numbers with a unit that are not this project's measurements, by file: the phrase around each
@@ -147,11 +151,13 @@ NOT_MEASURED = {
         "| 0.26 |", "1.1 h,", "≈ 51,000 img/s",
     ],
     "docs/fault-tolerance.md": [
-        "back-off (2-30 s", "back-off 2-30 s", "back 15 s later", "every 5 min", "AWS's 120 s (or 0 s)",
+        "back-off (2-30 s", "back-off 2-30 s", "back 15 s later", "every 5 min",
+        "AWS's 120 s (or 0 s)",
         "(120 s in all", "watcher poll 1 s", "(45 s of it", "up to 10 minutes",  # settings
         "(~30 s to notice)",  # Ray's node health check
         # the spot notice's time budget: settings and estimates, an upper bound by design
-        "| 5 s |", "~0.07 s a step: 1,024 images at ~16,000 images/s) | 1 s |", "~200 MB; off the training thread) | ~2 s |",
+        "| 5 s |", "~0.07 s a step: 1,024 images at ~16,000 images/s) | 1 s |",
+        "~200 MB; off the training thread) | ~2 s |",
         "| ~5 s |", "**~19 s**, leaving ~100 s", "under ~60 s",
     ],
 }

@@ -228,7 +228,8 @@ def test_fit_run_turns_the_policys_verdicts_into_the_projects_errors(monkeypatch
 
 def test_a_dead_controller_is_restarted_and_progress_resets_the_count(monkeypatch, quiet_driver):
     # Red if a week-long run were limited to max_failures controller deaths in its life.
-    died = lambda: ray.train.ControllerError(RuntimeError("storage unreachable"))  # noqa: E731
+    def died():
+        return ray.train.ControllerError(RuntimeError("storage unreachable"))
     marks = iter(["c1", "c2", "c3", "c4"])  # newest checkpoint before, then after each death
     monkeypatch.setattr(driver, "_progress", lambda uri, name: next(marks))
     starts = Starts(died(), died(), died())

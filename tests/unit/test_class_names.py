@@ -1,5 +1,6 @@
 """ImageNet's readable names, from every source kind to the shard manifest, training's class names,
-the checkpoint's model and its exports: `n01440764` reads `tench` everywhere, the wnid kept beside."""
+the checkpoint's model and its exports: `n01440764` reads `tench` everywhere, the wnid kept
+beside."""
 import json
 import random
 
@@ -70,7 +71,8 @@ def test_each_source_carries_names_and_wnids_to_the_manifest_and_training(kind, 
     manifest = _prepare(str(sources / kind), str(tmp_path / "out"))
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     if kind == "hf_named":  # all 1000 classes, named by torchvision, wnids by index
-        assert manifest["classes"] == imagenet_names() and on_disk["class_wnids"] == imagenet_wnids()
+        assert manifest["classes"] == imagenet_names()
+        assert on_disk["class_wnids"] == imagenet_wnids()
         expected = (imagenet_names(), imagenet_wnids())
     else:
         assert on_disk["classes"] == NAMES and on_disk["class_wnids"] == WNIDS

@@ -13,7 +13,8 @@ def test_every_builtin_recipe_loads(recipe):
 
 def test_overrides_coerce_types():
     config = load_config("demo", ["optim.lr=0.2", "train.epochs=3", "data.hflip=true",
-                                  "schedule.step_milestones_epochs=[1, 2]", "optim.weight_decay=1e-4"])
+                                  "schedule.step_milestones_epochs=[1, 2]",
+                                  "optim.weight_decay=1e-4"])
     assert config.optim.lr == 0.2 and isinstance(config.optim.lr, float)
     assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
     assert config.data.hflip is True

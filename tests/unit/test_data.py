@@ -98,7 +98,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert images.shape == (1, 3, 16, 20) and labels.dtype == torch.int64 and skipped == 1
     assert collate_skip_corrupt([None])[2] == 1
     dataset.transform = lambda image: torch.zeros(3, 8, 8, dtype=torch.uint8)
-    loader = build_loader(dataset, 4, rank=0, world_size=1, seed=0, epoch=0, train=False, loader_workers=0)
+    loader = build_loader(dataset, 4, rank=0, world_size=1, seed=0, epoch=0, train=False,
+                          loader_workers=0)
     batches = list(loader)
     assert sum(b[2] for b in batches) == 2 and sum(len(b[1]) for b in batches) == 10
 
@@ -145,7 +146,8 @@ def _write_shards(directory: Path, split: str, rows: list[tuple[bytes | None, in
                               type=image_type),
             "label": pa.array([label for _, label in chunk], type=pa.int64())})
         if names:
-            features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+            features = {"image": {"_type": "Image"},
+                        "label": {"names": names, "_type": "ClassLabel"}}
             table = table.replace_schema_metadata(
                 {"huggingface": json.dumps({"info": {"features": features}})})
         name = f"{split}-{shard:05d}-of-{shards:05d}.parquet"
@@ -204,7 +206,8 @@ class _Indexed(Dataset):
 
 
 def _epoch(rank, epoch, seed=0, world_size=2, train=True, workers=0, dataset=None):
-    loader = build_loader(dataset or _Indexed(), 5, rank=rank, world_size=world_size, seed=seed, epoch=epoch, train=train, loader_workers=workers)
+    loader = build_loader(dataset or _Indexed(), 5, rank=rank, world_size=world_size, seed=seed,
+                          epoch=epoch, train=train, loader_workers=workers)
     batches = list(loader)
     return torch.cat([b[1] for b in batches]).tolist(), torch.cat([b[0] for b in batches])
 
@@ -250,7 +253,8 @@ def test_row_group_sampler_reads_each_group_once_per_rank(tmp_path):
     orders = [list(sampler) for sampler in samplers]
     assert len(orders[0]) == len(orders[1]) == len(samplers[0])  # equal steps for DDP
     assert not set(orders[0]) & set(orders[1])
-    group_of = lambda index: max(i for i, start in enumerate(dataset._starts) if start <= index)  # noqa: E731
+    def group_of(index):
+        return max(i for i, start in enumerate(dataset._starts) if start <= index)
     for order in orders:  # each group's rows come together: one read per group
         groups = [group_of(i) for i in order]
         assert groups == sorted(groups, key=groups.index)

@@ -98,7 +98,8 @@ def test_loader_with_workers_is_deterministic_and_trains(tmp_path):
 
     def first_epoch_images(workers: int) -> list[torch.Tensor]:
         return [batch.decode(labels, torch.device("cpu"))[0] for batch, labels, _ in
-                build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True, loader_workers=workers)]
+                build_loader(train_set, 32, rank=0, world_size=1, seed=0, epoch=0, train=True,
+                             loader_workers=workers)]
     with_workers, in_process = first_epoch_images(2), first_epoch_images(0)
     assert len(with_workers) == 3
     assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process))

@@ -129,8 +129,9 @@ def _train_run(rank: int, world_size: int, config, dataset: Dataset, wrap=None) 
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model, config)
+    ema = EMA(model, config.train.ema_decay) if config.train.ema_decay else None
     state = TrainingState(model, optimizer, build_scheduler(optimizer, 4, 1, config.schedule),
-                          ema=EMA(model, config.train.ema_decay) if config.train.ema_decay else None)
+                          ema=ema)
     loader = build_loader(dataset, config.micro_batch_size, rank=rank, world_size=world_size,
                           seed=0, epoch=0, train=True,
                           repeated_augmentations=config.data.repeated_augmentations,
@@ -313,11 +314,11 @@ def test_mixing_stochastic_depth_ema_and_repeats_keep_the_step_at_world_sizes_1_
     and 6e-3 in the running variances (measured, 3 vs 1 workers): too close to what a real
     mistake gives to tell them apart. So these runs compute in float64 (`_Float64`), where the
     same rounding is ~1e-16 and grows to ~1e-12 (measured): the weights and BatchNorm statistics
-    must agree within 1e-9, the EMA weights (kept in float32 by design) within 1e-6. Turns red if a draw follows the rank or the world size instead of the
-    micro-batch, if the loss scaling or a rank's share of a step is wrong at an uneven size, or
-    if the BatchNorm statistics or the EMA follow another micro-batch or rank. The regularizers
-    must change the weights (against the same run without them, at 2 micro-batches): the
-    comparison is of something they did."""
+    must agree within 1e-9, the EMA weights (kept in float32 by design) within 1e-6. Turns red
+    if a draw follows the rank or the world size instead of the micro-batch, if the loss scaling
+    or a rank's share of a step is wrong at an uneven size, or if the BatchNorm statistics or the
+    EMA follow another micro-batch or rank. The regularizers must change the weights (against
+    the same run without them, at 2 micro-batches): the comparison is of something they did."""
     one, two, three = finals[1], finals[2], finals[3]
     for part in ("model", "ema"):
         assert _max_difference(two["k2-regularized"][part], one["k2-regularized"][part]) == 0, part

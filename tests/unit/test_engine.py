@@ -5,8 +5,8 @@ from torch import nn
 
 from rn50.core.training_state import TrainingState
 from rn50.config import Config
-from rn50.core.engine import (build_grad_scaler, build_optimizer, evaluate, maybe_compile,
-                         train_one_epoch)
+from rn50.core.device import maybe_compile
+from rn50.core.engine import build_grad_scaler, build_optimizer, evaluate, train_one_epoch
 from rn50.core.schedule import build_scheduler
 
 
@@ -72,7 +72,8 @@ def test_compiled_model_trains_the_same_and_checkpoints_bare_weights():
 
 
 def test_fp16_loss_scaler_trains_and_its_state_survives_a_checkpoint():
-    """The fp16 path (T4/V100) on CPU: the scaler really scales, and a resume gets its scale back."""
+    """The fp16 path (T4/V100) on CPU: the scaler really scales, and a resume gets its scale
+    back."""
     config = _config()
     model = _tiny_model()
     optimizer = build_optimizer(model, config)
@@ -87,7 +88,8 @@ def test_fp16_loss_scaler_trains_and_its_state_survives_a_checkpoint():
     restored = torch.amp.GradScaler("cpu", init_scale=1.0)
     fresh = _tiny_model()
     TrainingState(fresh, build_optimizer(fresh, config),
-                  build_scheduler(optimizer, 8, 1, config.schedule), scaler=restored).restore(state, 8)
+                  build_scheduler(optimizer, 8, 1, config.schedule),
+                  scaler=restored).restore(state, 8)
     assert restored.get_scale() == scaler.get_scale()
 
 

@@ -8,9 +8,10 @@ from PIL import Image
 
 from rn50.data.loaders import build_loader
 from rn50.core.engine import evaluate as engine_evaluate
-from rn50.serve.evaluate import (EvalSpec, build_parser, evaluate_shard, log_training_gallery, merge,
-                           metrics, prepare, run_evaluation, run_from_args)
-from rn50.serve.gallery import Mistake, collect_mistakes, log_gallery, most_confident, strided_indices
+from rn50.serve.evaluate import (EvalSpec, build_parser, evaluate_shard, log_training_gallery,
+                                 merge, metrics, prepare, run_evaluation, run_from_args)
+from rn50.serve.gallery import (Mistake, collect_mistakes, log_gallery, most_confident,
+                                strided_indices)
 from tests.model_helpers import digits_config, write_checkpoint
 
 
@@ -27,8 +28,8 @@ def prepared(checkpoint):
 def test_counts_match_the_training_loops_evaluation(prepared):
     loaded, dataset = prepared
     assert len(dataset) == 96
-    expected = engine_evaluate(loaded.model, build_loader(dataset, 32, rank=0, world_size=1, seed=0, epoch=0, train=False),
-                               torch.device("cpu"))
+    loader = build_loader(dataset, 32, rank=0, world_size=1, seed=0, epoch=0, train=False)
+    expected = engine_evaluate(loaded.model, loader, torch.device("cpu"))
     got = metrics(evaluate_shard(loaded.model, dataset, batch_size=32))
     assert got["images"] == 96
     for key in ("top1", "top5", "loss"):

@@ -2,14 +2,14 @@
 
 Layers, lowest first; a module may import from its own layer and the ones before it:
 
-    config      rn50.config(_sections, _validation), .errors, .search_space  typed config,
-                                                      recipes, sweeps, the run's permanent errors
-    io          rn50.io.*                             storage (local/S3), MLflow tracking, backups
-    data        rn50.data.*                           datasets, transforms, loaders, ImageNet shards
-    core        rn50.core.*                           model, schedule, loop, checkpoint state + store
-    serve       rn50.serve.*                          evaluation, inference, demo, exports
-    distributed rn50.distributed.*                    Ray Train / Tune: the only layer importing ray
-    aliases     rn50.demo, rn50.export, ...           `python -m` short paths kept from the old layout
+    config      rn50.config(_sections, _validation), .errors, .search_space: typed config,
+                                                recipes, sweeps, the run's permanent errors
+    io          rn50.io.*                       storage (local/S3), MLflow tracking, backups
+    data        rn50.data.*                     datasets, transforms, loaders, ImageNet shards
+    core        rn50.core.*                     model, schedule, loop, checkpoint state + store
+    serve       rn50.serve.*                    evaluation, inference, demo, exports
+    distributed rn50.distributed.*              Ray Train / Tune: the only layer importing ray
+    aliases     rn50.demo, rn50.export, ...     `python -m` short paths kept from the old layout
 
 Also: `ray` at module level only in the distributed layer; no import cycle among the modules of
 rn50/, ray_jobs/ and benchmarks/ (function-level imports included); benchmarks never import tests.
@@ -98,7 +98,8 @@ def layer_violations() -> list[str]:
         for name, top_level, line in imports_of(path):
             target = layer_of(name) if name in known else None
             if target and LAYERS.index(target) > LAYERS.index(own):
-                problems.append(f"{path.relative_to(REPO)}:{line} ({own}) imports {name} ({target})")
+                problems.append(f"{path.relative_to(REPO)}:{line} ({own}) imports {name} "
+                                f"({target})")
             if (name == "ray" or name.startswith("ray.")) and top_level and own != "distributed":
                 problems.append(f"{path.relative_to(REPO)}:{line} ({own}) imports {name} at module "
                                 "level; only rn50.distributed may")
@@ -140,7 +141,8 @@ def test_no_import_cycles_in_library_entrypoints_and_benchmarks():
 
 def test_benchmarks_do_not_import_tests():
     offenders = [f"{path.name}:{line} imports {name}" for path in REPO.glob("benchmarks/*.py")
-                 for name, _, line in imports_of(path) if name == "tests" or name.startswith("tests.")]
+                 for name, _, line in imports_of(path)
+                 if name == "tests" or name.startswith("tests.")]
     assert not offenders, offenders
 
 
@@ -152,5 +154,7 @@ def test_the_checks_see_a_violation_and_a_cycle():
     checks = REPO / "rn50" / "config_validation.py"
     assert "rn50.config" in {name for name, _, _ in imports_of(checks)}
     assert "rn50.config" not in {name for name, _, _ in imports_of(checks, runtime_only=True)}
-    assert layer_of("rn50.core.model") == "core" and layer_of("rn50.distributed.driver") == "distributed"
-    assert LAYERS.index(layer_of("rn50.serve.artifacts")) > LAYERS.index(layer_of("rn50.core.engine"))
+    assert layer_of("rn50.core.model") == "core"
+    assert layer_of("rn50.distributed.driver") == "distributed"
+    assert LAYERS.index(layer_of("rn50.serve.artifacts")) > \
+        LAYERS.index(layer_of("rn50.core.engine"))

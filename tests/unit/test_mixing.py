@@ -108,7 +108,7 @@ def _loop_config() -> Config:
     config = Config()
     config.data.num_classes = CLASSES
     config.model.stochastic_depth_prob = 0.5
-    config.model.zero_init_residual = False  # else every residual branch starts at 0: nothing to drop
+    config.model.zero_init_residual = False  # else every residual branch starts at 0: none to drop
     config.train.mixup_alpha, config.train.cutmix_alpha = 0.2, 1.0
     config.optim.label_smoothing, config.schedule.warmup_epochs = 0.1, 0.0
     config.train.log_every_steps = 1000

@@ -32,8 +32,9 @@ class _Indexed(Dataset):
 
 def _epoch(rank: int, world_size: int, epoch: int = 0, skip: int = 0, repeats: int = 3,
            dataset: Dataset | None = None) -> tuple[list[int], torch.Tensor]:
-    loader = build_loader(dataset or _Indexed(), 4, rank=rank, world_size=world_size, seed=0, epoch=epoch,
-                          train=True, skip_steps=skip, repeated_augmentations=repeats)
+    loader = build_loader(dataset or _Indexed(), 4, rank=rank, world_size=world_size, seed=0,
+                          epoch=epoch, train=True, skip_steps=skip,
+                          repeated_augmentations=repeats)
     batches = list(loader)
     return torch.cat([b[1] for b in batches]).tolist(), torch.cat([b[0] for b in batches])
 

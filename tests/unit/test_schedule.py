@@ -14,7 +14,8 @@ def test_warmup_is_linear_from_start_fraction():
 
 
 def test_step_decay_at_milestones():
-    cfg = ScheduleConfig(warmup_epochs=0, decay="step", step_milestones_epochs=[30, 60], step_gamma=0.1)
+    cfg = ScheduleConfig(warmup_epochs=0, decay="step", step_milestones_epochs=[30, 60],
+                         step_gamma=0.1)
     assert lr_multiplier(299, 10, 90, cfg) == pytest.approx(1.0)
     assert lr_multiplier(300, 10, 90, cfg) == pytest.approx(0.1)
     assert lr_multiplier(600, 10, 90, cfg) == pytest.approx(0.01)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from rn50.config import ConfigError
-from rn50.search_space import load_sweep
+from rn50.search_space import load_sweep, trial_run_name
 
 SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
 
@@ -27,7 +27,8 @@ def write(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes, fragment", [
-    ({"space": {"optim.lrr": {"loguniform": [0.01, 0.1]}}}, "space key 'optim.lrr' is not a config field"),
+    ({"space": {"optim.lrr": {"loguniform": [0.01, 0.1]}}},
+     "space key 'optim.lrr' is not a config field"),
     ({"space": {"optim.lr": {"loguniform": [0.1, 0.01]}}}, "empty range"),
     ({"space": {"optim.lr": {"loguniform": [-0.1, 0.1]}}}, "loguniform bounds must be > 0"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.1]}}}, "empty range"),
@@ -55,3 +56,13 @@ def test_grid_and_choice_coerce_to_field_types(tmp_path):
                                              "optim.nesterov": {"choice": ["true", False]}}))
     assert spec.space["train.global_batch_size"].values == [32, 64]
     assert spec.space["optim.nesterov"].values == [True, False]
+
+
+def test_a_trial_run_is_named_by_its_searched_values():
+    """Two trials' curves in MLflow's compare view carry their values, not Tune's ids."""
+    assert trial_run_name({"optim.lr": 0.1, "optim.weight_decay": 5.0e-5}) == \
+        "lr=0.1 weight_decay=5e-05"
+    mixed = {"optim.lr": 0.043217891, "train.global_batch_size": 64, "optim.nesterov": False}
+    assert trial_run_name(mixed) == "lr=0.0432 global_batch_size=64 nesterov=False"
+    # Two keys ending alike keep their full names, so neither hides the other.
+    assert trial_run_name({"optim.lr": 0.2, "data.lr": 1.5}) == "optim.lr=0.2 data.lr=1.5"

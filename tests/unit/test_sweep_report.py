@@ -6,8 +6,10 @@ from PIL import Image
 from rn50.distributed.sweep_report import TrialRecord, curves_png, plane_png, trials_table
 
 RECORDS = [
-    TrialRecord("t1", {"optim.lr": 0.01, "optim.weight_decay": 1e-5}, "completed", [(0, 40.0), (1, 70.0)]),
-    TrialRecord("t2", {"optim.lr": 0.3, "optim.weight_decay": 1e-3}, "stopped_by_asha", [(0, 20.0)]),
+    TrialRecord("t1", {"optim.lr": 0.01, "optim.weight_decay": 1e-5}, "completed",
+                [(0, 40.0), (1, 70.0)]),
+    TrialRecord("t2", {"optim.lr": 0.3, "optim.weight_decay": 1e-3}, "stopped_by_asha",
+                [(0, 20.0)]),
     TrialRecord("t3", {"optim.lr": 0.1, "optim.weight_decay": 1e-4}, "errored", []),
 ]
 

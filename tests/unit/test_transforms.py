@@ -106,7 +106,8 @@ def _ffcv_resolution(epoch, min_res, max_res, start_ramp, end_ramp):
         return min_res
     if epoch >= end_ramp:
         return max_res
-    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
+    resolution = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0]
+    return int(np.round(resolution / 32)) * 32
 
 
 @pytest.mark.parametrize("epochs,start,end", [(16, 11, 13), (24, 17, 20), (88, 65, 76)])
