@@ -60,11 +60,29 @@ def _log_text(tmp_path) -> str:
     return (tmp_path / "job.log").read_text(errors="replace")
 
 
+SEEN_VERIFIED: dict[str, tuple[int, int]] = {}
+"""Checkpoint folder -> (epoch, steps done), for every checkpoint seen complete and verified
+while its run was going (a run keeps only its newest few: the one a resume used may be gone by
+the end)."""
+
+
+def _note_checkpoints(tmp_path) -> None:
+    for manifest in (tmp_path / "runs").glob("*/checkpoint_2*/manifest.json"):
+        folder = str(manifest.parent)
+        if folder not in SEEN_VERIFIED:
+            try:
+                summary = ckpt.verify(folder, hashes=False)["summary"]
+            except Exception:  # noqa: BLE001 - still being written, or already deleted
+                continue
+            SEEN_VERIFIED[folder] = (summary["epoch"], summary.get("steps_done", PER_EPOCH))
+
+
 def _wait_for(pattern, job, tmp_path, timeout_s, count=1, after=0):
     """The distinct matches of `pattern` in the job log past offset `after`, once there are
     `count` (every node's log monitor streams the shared session's worker logs: lines repeat)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        _note_checkpoints(tmp_path)
         found = list(dict.fromkeys(re.findall(pattern, _log_text(tmp_path)[after:])))
         if len(found) >= count:
             return found
@@ -78,6 +96,7 @@ def _wait_for(pattern, job, tmp_path, timeout_s, count=1, after=0):
 def _wait_until(condition, job, tmp_path, timeout_s, what):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and job.poll() is None:
+        _note_checkpoints(tmp_path)
         if condition():
             return
         time.sleep(0.5)
@@ -245,8 +264,7 @@ def _check_no_work_lost(output: str, result: dict, straight: str):
         "a step no group trained"
     groups = list(order)
     for pid, (folder, epoch, steps, _, _) in resumes.items():
-        summary = ckpt.verify(folder, hashes=False)["summary"]
-        assert (summary["epoch"], summary["steps_done"]) == (int(epoch), int(steps)), folder
+        assert SEEN_VERIFIED.get(folder) == (int(epoch), int(steps)), (folder, SEEN_VERIFIED)
         reached = max(trained.get(g, 0) for g in groups[:groups.index(pid)])
         point = _global_steps((epoch, steps), PER_EPOCH)
         assert point <= reached <= point + 2 * EVERY_STEPS, (pid, point, reached)
