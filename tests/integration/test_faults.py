@@ -83,6 +83,17 @@ def _resume_from_copy(tmp, name: str, source, alter=None) -> dict:
     return result
 
 
+def _replace_by_a_directory(snapshot) -> bool:
+    """Replace the controller's snapshot file by a directory; False while there is none (Ray
+    writes it anew after each checkpoint)."""
+    try:
+        snapshot.unlink()
+    except FileNotFoundError:
+        return False
+    snapshot.mkdir()
+    return True
+
+
 def test_a_killed_worker_and_a_failed_controller_resume_to_identical_weights(straight,
                                                                             tmp_path):
     """Two faults in one run. A worker SIGKILLed once the first mid-epoch checkpoint landed:
@@ -102,8 +113,8 @@ def test_a_killed_worker_and_a_failed_controller_resume_to_identical_weights(str
         assert pids, "no Ray Train worker process found under the job"
         os.kill(pids[-1], signal.SIGKILL)
         wait_until(lambda: "resumed from" in log_path.read_text(), job, 600, "the group's restart")
-        snapshot.unlink()
-        snapshot.mkdir()  # the next snapshot write fails: "Is a directory"
+        wait_until(lambda: _replace_by_a_directory(snapshot), job, 600,
+                   "the controller's snapshot")  # its next write fails: "Is a directory"
         wait_until(lambda: "Train controller failed" in log_path.read_text(), job, 600,
                    "the driver to see the ControllerError")
         snapshot.rmdir()  # storage is healthy again
