@@ -214,10 +214,13 @@ class _StartControl:
 
 
 def _expected_end(record: logging.LogRecord) -> bool:
-    """Whether a log record is Ray's traceback of an end the policy decided (not a crash)."""
+    """Whether a log record is Ray's traceback of something the policy decided or handles (not
+    a crash): an end it chose, or a waiting start's timeout, which comes every
+    `scaling.start_check_s` by design and which the policy reports in its own "waiting for"
+    line."""
     error = record.exc_info[1] if record.exc_info else None
     while error is not None:
-        if isinstance(error, (StartGaveUp, PermanentRunFailure)):
+        if isinstance(error, (StartGaveUp, PermanentRunFailure, WorkerGroupStartupTimeoutError)):
             return True
         error = getattr(error, "controller_failure", None) or error.__cause__
     return False
@@ -225,7 +228,8 @@ def _expected_end(record: logging.LogRecord) -> bool:
 
 def _quiet_expected_ends() -> None:
     """Drop Ray's tracebacks of the policy's own decisions (a start that gave up, a permanent
-    error): they are not crashes, and the driver prints the message once, with what to do."""
+    error) and of the start timeouts it waits with: they are not crashes; the policy says what
+    it waits for, and the driver prints an end's message once, with what to do."""
     for name in ("ray.train.v2._internal.execution.callback_manager",
                  "ray.train.v2._internal.execution.controller.controller",
                  "ray.train.v2._internal.execution.failure_handling.default"):

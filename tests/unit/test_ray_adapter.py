@@ -56,3 +56,24 @@ def test_the_cluster_state_readers_exist():
     failed = set(FailedInstanceRequest.DESCRIPTOR.fields_by_name)
     assert {"ray_node_type_name", "start_ts"} <= failed
     assert "get_logs_dir_path" in dir(worker.ray._private.node.Node)
+
+
+def test_the_controllers_tracebacks_of_waits_and_chosen_ends_are_kept_off_the_console():
+    """Every `scaling.start_check_s` a waiting start's Ray start timeout ends in the controller's
+    "Error in control loop iteration" with a traceback: expected, and said by the policy's own
+    "waiting for" line instead. Red if that traceback reached the console (a user reads a crash
+    every few seconds of a normal wait), or if a real crash were hidden with it."""
+    import logging
+    import sys
+
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    def record(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:  # noqa: BLE001 - a record as logger.exception makes it
+            return logging.LogRecord(controller.__name__, logging.ERROR, __file__, 1,
+                                     "Error in control loop iteration", None, sys.exc_info())
+    assert ray_adapter._expected_end(record(WorkerGroupStartupTimeoutError(2)))
+    assert ray_adapter._expected_end(record(ray_adapter.StartGaveUp("no room")))
+    assert not ray_adapter._expected_end(record(RuntimeError("a real crash")))
