@@ -191,6 +191,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
     eta = EpochClock(config.train.epochs - worker.start_epoch)
     log_step_metrics = step_metrics_logger(run) if rank == 0 else None  # one per run: warns once
     budget = BudgetGuard(run.cost, run.tracking_uri, run.mlflow_run_id, rank)
+    logged = _epochs_in_mlflow(run) if rank == 0 else set()
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
 
@@ -219,7 +220,10 @@ def _train(worker: _Worker, run: RunContext) -> None:
                    "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
                    "train_crop_px": crop_px}
         _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + eta.epoch_done())
-        if rank == 0:
+        if rank == 0 and epoch in logged:
+            _log(rank, f"epoch {epoch} is in MLflow already, from a start whose checkpoint of it "
+                       "was lost: not logged twice")
+        elif rank == 0:
             tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, _mlflow_names(metrics),
                                  step=epoch)
         last = epoch == config.train.epochs - 1
@@ -285,6 +289,18 @@ def _load_resume_state(rank: int) -> dict | None:
                f"steps done, saved by {state.get('world_size', '?')} workers, now {world_size})"
                + (", newer than Ray's record of the run" if unregistered else ""))
     return state
+
+
+def _epochs_in_mlflow(run: RunContext) -> set[int]:
+    """The epochs the run's MLflow run has already (an earlier start may have logged an epoch
+    and lost it before its checkpoint landed: the redone epoch is not logged twice; at the same
+    world size its figures are the same to the bit)."""
+    try:
+        return tracking.logged_steps(run.tracking_uri, run.mlflow_run_id, "val/top1")
+    except Exception as err:  # noqa: BLE001 - MLflow down must never stop training
+        logger.warning("could not read the run's MLflow history (%s): epochs are logged as "
+                       "they end", err)
+        return set()
 
 
 def _mlflow_names(metrics: dict) -> dict:

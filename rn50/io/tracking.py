@@ -107,6 +107,11 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
 
 
+def logged_steps(tracking_uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which a run already has metric `key`."""
+    return {metric.step for metric in MlflowClient(tracking_uri).get_metric_history(run_id, key)}
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
     """Set several tags on a run."""
     MlflowClient(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

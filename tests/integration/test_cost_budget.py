@@ -38,7 +38,10 @@ def test_a_node_type_missing_from_the_price_table_stops_the_job_before_it_starts
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "RESULT" not in output, output[-4000:]
-    assert "no price for node type(s) ['ray.head.default']" in output, output[-4000:]
+    # Every type the cluster config defines is priced before anything starts, the head's too.
+    refusal = next((line for line in output.splitlines() if "no price for node type(s) [" in line),
+                   "")
+    assert "'ray.head.default'" in refusal and "'gpu.a100x8.spot'" in refusal, output[-4000:]
     assert "cost.usd_per_hour" in output
     client = MlflowClient(tracking_uri)  # no run opened in any experiment of the head's store
     experiments = [e.experiment_id for e in client.search_experiments()]
