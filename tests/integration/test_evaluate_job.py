@@ -70,9 +70,11 @@ def test_an_mlflow_model_uri_is_evaluated_with_its_runs_recipe(tmp_path, mlflow_
     config = digits_config(tmp_path / "digits")
     loaded = load_model(str(write_checkpoint(tmp_path / "checkpoint_0", config, seed=5)))
     mlflow.set_tracking_uri(mlflow_server.tracking_uri)
-    mlflow.set_experiment("trained-elsewhere")
+    # An experiment id, not mlflow.set_experiment: that would stay the active experiment of this
+    # pytest process and make MLflow refuse later tests' runs of other experiments.
+    experiment_id = MlflowClient(mlflow_server.tracking_uri).create_experiment("trained-elsewhere")
     example = torch.zeros(1, 3, 32, 32)
-    with mlflow.start_run() as run:  # what the training driver logs: recipe + model
+    with mlflow.start_run(experiment_id=experiment_id) as run:  # what training logs: recipe + model
         mlflow.log_text(config.to_yaml(), "recipe.yaml")
         with torch.no_grad():
             signature = mlflow.models.infer_signature(example.numpy(),

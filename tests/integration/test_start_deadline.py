@@ -93,21 +93,32 @@ def _sweep_job(tmp_path, address: str):
                    "--storage", str(tmp_path / "sweeps")], address, tmp_path / "sweep.log")
 
 
-def _wait(job, log_path, timeout_s: float) -> tuple[float, float | None]:
-    """(seconds from `job`'s launch until it ended, seconds from its first "waiting for" line
-    until it ended, None if it printed none); fails (after killing it) if it is still running
-    `timeout_s` after its launch."""
-    waiting_since = None
-    while job.poll() is None and time.monotonic() < job.launched + timeout_s:
-        if waiting_since is None and "[rn50] waiting for " in log_path.read_text(errors="replace"):
-            waiting_since = time.monotonic()
+def _wait_all(jobs: dict, tmp_path, timeout_s: float) -> dict[str, tuple[float, float | None]]:
+    """{name: (seconds from its launch until it ended, seconds from its first "waiting for" line
+    until it ended, None if it printed none)} for jobs running at once, all watched together (a
+    job watched only after another ended could have ended unseen); fails (after killing them)
+    if any is still running `timeout_s` after its launch."""
+    waiting_since: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    while len(ended) < len(jobs):
+        now = time.monotonic()
+        for name, job in jobs.items():
+            if name in ended:
+                continue
+            text = (tmp_path / f"{name}.log").read_text(errors="replace")
+            if name not in waiting_since and "[rn50] waiting for " in text:
+                waiting_since[name] = now
+            if job.poll() is not None:
+                ended[name] = now
+            elif now > job.launched + timeout_s:
+                for other in jobs.values():
+                    other.kill()
+                pytest.fail(f"{name} still waiting {timeout_s:.0f} s after its launch: it would "
+                            "have hung")
         time.sleep(0.5)
-    if job.poll() is None:
-        job.kill()
-        job.wait()
-        pytest.fail(f"still waiting {timeout_s:.0f} s after its launch: it would have hung")
-    ended = time.monotonic()
-    return ended - job.launched, None if waiting_since is None else ended - waiting_since
+    return {name: (ended[name] - job.launched,
+                   ended[name] - waiting_since[name] if name in waiting_since else None)
+            for name, job in jobs.items()}
 
 
 def _no_reservation_left() -> None:
@@ -136,10 +147,10 @@ def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tm
             "elastic3": _run_job(tmp_path, two_cpus, "elastic3", "scaling.num_workers=[3,4]",
                                  f"tracking.uri=sqlite:///{tmp_path / 'elastic3-mlflow.db'}"),
             "sweep": _sweep_job(tmp_path, two_cpus)}
+    timings = _wait_all(jobs, tmp_path, START_TIMEOUT_S + OVERHEAD_S)
     for name, job in jobs.items():
-        log_path = tmp_path / f"{name}.log"
-        seconds, waited_s = _wait(job, log_path, START_TIMEOUT_S + OVERHEAD_S)
-        output = log_path.read_text(errors="replace")
+        seconds, waited_s = timings[name]
+        output = (tmp_path / f"{name}.log").read_text(errors="replace")
         assert job.returncode == 4 and "RESULT" not in output, output[-3000:]
         if name == "elastic3":  # more than the cluster has, and no autoscaler: no wait at all
             assert "at least 3 workers x {CPU: 1} can never fit here: this Ray cluster has " \
@@ -163,10 +174,11 @@ def test_a_sweep_and_a_run_beside_a_job_holding_their_cpus_finish_or_fail_clearl
     time.sleep(10)
     ray.kill(blocker)  # the other job ends: both CPUs are free again
     outcomes = {}
+    # A completing job trains one small epoch after the release; a failing one has its start
+    # timeout; both get the same start-up allowance.
+    timings = _wait_all(jobs, tmp_path, START_TIMEOUT_S + OVERHEAD_S + 300)
     for name, job in jobs.items():
-        # A completing job trains one small epoch after the release; a failing one has its
-        # start timeout; both get the same start-up allowance.
-        seconds, _ = _wait(job, tmp_path / f"{name}.log", START_TIMEOUT_S + OVERHEAD_S + 300)
+        seconds, _ = timings[name]
         output = (tmp_path / f"{name}.log").read_text(errors="replace")
         outcomes[name] = job.returncode
         assert job.returncode in (0, 4), f"{name}: {output[-3000:]}"

@@ -153,8 +153,7 @@ NOT_MEASURED = {
     "docs/fault-tolerance.md": [
         "back-off (2-30 s", "back-off 2-30 s", "back 15 s later", "every 5 min",
         "AWS's 120 s (or 0 s)",
-        "(120 s in all", "watcher poll 1 s", "(45 s of it", "up to 10 minutes",  # settings
-        "(~30 s to notice)",  # Ray's node health check
+        "(120 s in all", "watcher poll 1 s", "up to 10 minutes",  # settings
         # the spot notice's time budget: settings and estimates, an upper bound by design
         "| 5 s |", "~0.07 s a step: 1,024 images at ~16,000 images/s) | 1 s |",
         "~200 MB; off the training thread) | ~2 s |",
