@@ -77,3 +77,24 @@ def test_the_controllers_tracebacks_of_waits_and_chosen_ends_are_kept_off_the_co
     assert ray_adapter._expected_end(record(WorkerGroupStartupTimeoutError(2)))
     assert ray_adapter._expected_end(record(ray_adapter.StartGaveUp("no room")))
     assert not ray_adapter._expected_end(record(RuntimeError("a real crash")))
+
+
+def test_tunes_traceback_of_a_trial_without_resources_is_kept_off_the_console():
+    """A sweep whose trials cannot get their CPUs ends with one message naming who holds them;
+    Tune's own traceback of each such trial (logged with exc_info by its controller) is noise.
+    Red if a Ray upgrade moves that log, or if another trial error were hidden with it."""
+    import logging
+
+    from ray.tune.execution import tune_controller
+
+    from rn50.distributed import tune
+    from rn50.distributed.capacity import ResourcesUnavailableError
+    source = inspect.getsource(tune_controller.TuneController._trial_task_failure)
+    assert "logger.error(" in source and "exc_info=exception" in source
+    assert tune_controller.logger.name == "ray.tune.execution.tune_controller"
+
+    def record(error: Exception) -> logging.LogRecord:
+        return logging.LogRecord(tune_controller.logger.name, logging.ERROR, __file__, 1,
+                                 "Trial task failed", None, (type(error), error, None))
+    assert not tune._keep_unless_no_resources(record(ResourcesUnavailableError("no room")))
+    assert tune._keep_unless_no_resources(record(RuntimeError("a trial's real crash")))
