@@ -39,6 +39,7 @@ from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, Wo
 from rn50.config import ScalingConfig
 from rn50.errors import PermanentError
 from rn50.distributed import cluster_view
+from rn50.distributed.capacity import ResourcesUnavailableError
 from rn50.distributed.start_rules import MARKET_LABEL, StartRules, StartState
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class _StartControl:
         """The first start's wait begins now, in the controller (not when the driver built us)."""
         super().after_controller_start(train_run_context)
         self.start = StartState(self.start.market, time.time())
-        _quiet_expected_ends()
+        quiet_expected_ends()
 
     def on_controller_start_worker_group(self, scaling_config, num_workers):
         """The label selector of this start: the market's (None: any node)."""
@@ -215,29 +216,39 @@ class _StartControl:
 
 def _expected_end(record: logging.LogRecord) -> bool:
     """Whether a log record is Ray's traceback of something the policy decided or handles (not
-    a crash): an end it chose, or a waiting start's timeout, which comes every
-    `scaling.start_check_s` by design and which the policy reports in its own "waiting for"
-    line."""
+    a crash): an end it chose, a waiting start's timeout (every `scaling.start_check_s` by
+    design, reported in the policy's own "waiting for" line), or a sweep trial that found no
+    room (the sweep ends with one message naming what it asked for and who holds it)."""
     error = record.exc_info[1] if record.exc_info else None
     while error is not None:
-        if isinstance(error, (StartGaveUp, PermanentRunFailure, WorkerGroupStartupTimeoutError)):
+        if isinstance(error, (StartGaveUp, PermanentRunFailure, WorkerGroupStartupTimeoutError,
+                              ResourcesUnavailableError)):
             return True
         error = getattr(error, "controller_failure", None) or error.__cause__
     return False
 
 
-def _quiet_expected_ends() -> None:
-    """Drop Ray's tracebacks of the policy's own decisions (a start that gave up, a permanent
-    error) and of the start timeouts it waits with: they are not crashes; the policy says what
-    it waits for, and the driver prints an end's message once, with what to do."""
-    for name in ("ray.train.v2._internal.execution.callback_manager",
+TRAIN_LOGGERS = ("ray.train.v2._internal.execution.callback_manager",
                  "ray.train.v2._internal.execution.controller.controller",
-                 "ray.train.v2._internal.execution.failure_handling.default"):
+                 "ray.train.v2._internal.execution.failure_handling.default")
+"""Where Ray Train logs the tracebacks `_expected_end` recognises."""
+TUNE_LOGGERS = ("ray.tune.execution.tune_controller",)
+"""Where Ray Tune logs each failed trial's traceback."""
+
+
+def quiet_expected_ends(loggers: tuple[str, ...] = TRAIN_LOGGERS) -> None:
+    """Drop Ray's tracebacks of the policy's own decisions (a start that gave up, a permanent
+    error, a trial without room) and of the start timeouts it waits with from `loggers`: they
+    are not crashes; the policy says what it waits for, and the driver prints an end's message
+    once, with what to do. Every other traceback still shows."""
+    for name in loggers:
         target = logging.getLogger(name)
-        if not any(getattr(f, "__name__", "") == "_keep" for f in target.filters):
-            def _keep(record: logging.LogRecord) -> bool:
-                return not _expected_end(record)
-            target.addFilter(_keep)
+        if _keep_unexpected not in target.filters:
+            target.addFilter(_keep_unexpected)
+
+
+def _keep_unexpected(record: logging.LogRecord) -> bool:
+    return not _expected_end(record)
 
 
 def _say(message: str) -> None:

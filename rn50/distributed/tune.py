@@ -8,7 +8,6 @@ the cluster's resources, so Tune never starts more trial drivers than there are 
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import ray
@@ -22,6 +21,7 @@ from rn50.distributed.sweep_report import TrialRecord, log_sweep_report
 from rn50.distributed.contexts import RunContext, SweepContext
 from rn50.distributed.capacity import ResourcesUnavailableError
 from rn50.distributed.driver import fit_run
+from rn50.distributed.ray_adapter import TUNE_LOGGERS, quiet_expected_ends
 from rn50.distributed.ray_setup import init_ray
 
 
@@ -45,21 +45,6 @@ def max_concurrent_trials(spec: SweepSpec, extra_overrides: list[str]) -> int:
             f"one trial needs {scaling.max_workers} workers x {scaling.cpus_per_worker} "
             f"CPUs{' + 1 GPU' if scaling.use_gpu else ''}; the cluster has {resources}")
     return min(fits, spec.max_concurrent_trials) if spec.max_concurrent_trials else fits
-
-
-def _keep_unless_no_resources(record: logging.LogRecord) -> bool:
-    """False for Tune's traceback of a trial that could not get its resources."""
-    error = record.exc_info[1] if record.exc_info else None
-    return not isinstance(error, ResourcesUnavailableError)
-
-
-def _quiet_trials_without_resources() -> None:
-    """Keep Tune's traceback of each trial that found no room off the console: the trial's own
-    start said what it waited for, and the sweep ends with one message naming what it asked for
-    and who holds it (`_raise_if_no_trial_got_resources`). Other trial errors still show."""
-    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
-    if _keep_unless_no_resources not in tune_log.filters:
-        tune_log.addFilter(_keep_unless_no_resources)
 
 
 def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
@@ -218,7 +203,7 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
                          epochs=base.train.epochs)
     concurrency = max_concurrent_trials(spec, overrides)
     print(f"[rn50] sweep '{name}': at most {concurrency} trial(s) at once", flush=True)
-    _quiet_trials_without_resources()
+    quiet_expected_ends(TUNE_LOGGERS)  # a trial without room: the sweep's own message says it
     results = _tuner(spec, sweep, concurrency).fit()
     _raise_if_no_trial_got_resources(results, tracking_uri, parent_id)
     records = _records(results, spec, base.train.epochs)

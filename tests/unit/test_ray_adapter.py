@@ -87,14 +87,13 @@ def test_tunes_traceback_of_a_trial_without_resources_is_kept_off_the_console():
 
     from ray.tune.execution import tune_controller
 
-    from rn50.distributed import tune
     from rn50.distributed.capacity import ResourcesUnavailableError
     source = inspect.getsource(tune_controller.TuneController._trial_task_failure)
     assert "logger.error(" in source and "exc_info=exception" in source
-    assert tune_controller.logger.name == "ray.tune.execution.tune_controller"
+    assert (tune_controller.logger.name,) == ray_adapter.TUNE_LOGGERS
 
     def record(error: Exception) -> logging.LogRecord:
         return logging.LogRecord(tune_controller.logger.name, logging.ERROR, __file__, 1,
                                  "Trial task failed", None, (type(error), error, None))
-    assert not tune._keep_unless_no_resources(record(ResourcesUnavailableError("no room")))
-    assert tune._keep_unless_no_resources(record(RuntimeError("a trial's real crash")))
+    assert not ray_adapter._keep_unexpected(record(ResourcesUnavailableError("no room")))
+    assert ray_adapter._keep_unexpected(record(RuntimeError("a trial's real crash")))
