@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -104,16 +105,10 @@ def _wait_until(condition, job, tmp_path, timeout_s, what):
                 f"{_log_text(tmp_path)[-4000:]}")
 
 
-def _verified_checkpoints(run_dir) -> list:
-    """The run's checkpoint folders whose manifest verifies (fully uploaded)."""
-    good = []
-    for manifest in sorted(run_dir.glob("checkpoint_*/manifest.json")):
-        try:
-            ckpt.verify(str(manifest.parent), hashes=False)
-        except Exception:  # noqa: BLE001 - still uploading
-            continue
-        good.append(manifest.parent)
-    return good
+def _verified_checkpoints(run_dir) -> dict[str, tuple[int, int]]:
+    """The run's checkpoints seen complete and verified so far: folder -> (epoch, steps done)."""
+    _note_checkpoints(run_dir.parent.parent)
+    return {folder: at for folder, at in SEEN_VERIFIED.items() if Path(folder).parent == run_dir}
 
 
 STEP = r"\[rn50 rank0\] epoch (\d+) step (\d+) "
@@ -193,7 +188,8 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(reference, clus
         _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training
         _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "elastic"), job, tmp_path,
                     60, "the step-5 checkpoint in storage")
-        newest_at_kill = _global_steps(_newest_verified(tmp_path / "runs" / "elastic"), PER_EPOCH)
+        newest_at_kill = _global_steps(  # the newest checkpoint in storage
+            max(_verified_checkpoints(tmp_path / "runs" / "elastic").values()), PER_EPOCH)
         killed_at = time.time()
         kill_tree(cluster.worker_raylets()[victim])  # the node is gone; nothing replaces it
         shrunk = _wait_for(RESUMED, job, tmp_path, 300)[0]
@@ -228,13 +224,6 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(reference, clus
             steps_lost=0, final_weights_equal_the_fixed_size_runs=1,
             steps_repeated_at_shrink=trained[first_pid] - _global_steps(shrink[1:3], PER_EPOCH),
             steps_repeated_at_growth=trained[shrink[0]] - _global_steps(grow[1:3], PER_EPOCH))
-
-
-def _newest_verified(run_dir) -> tuple[int, int]:
-    """(epoch, steps done) of the newest checkpoint in storage that verifies."""
-    summaries = [ckpt.verify(str(folder), hashes=False)["summary"]
-                 for folder in _verified_checkpoints(run_dir)]
-    return max((s["epoch"], s["steps_done"]) for s in summaries)
 
 
 def _check_no_work_lost(output: str, result: dict, straight: str):
