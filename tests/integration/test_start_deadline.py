@@ -18,7 +18,7 @@ import yaml
 
 from tests.integration.jobs import REPO, small
 
-START_TIMEOUT_S = 30
+START_TIMEOUT_S = 20
 CHECK_S = 5  # scaling.start_check_s: how often a waiting start looks again
 # Python, MLflow, Ray and Train controller start-up on a busy shared 2-core machine (seen: 80 s):
 # what a job may take before it starts waiting, counted from the moment it was launched. The wait
@@ -26,9 +26,10 @@ CHECK_S = 5  # scaling.start_check_s: how often a waiting start looks again
 OVERHEAD_S = 180
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_cpus():
-    """A one-node cluster with 2 CPUs, this process its first driver; yields its address."""
+    """A one-node cluster with 2 CPUs, this process its first driver, for both tests (each test's
+    blocker is gone when it ends); yields its address."""
     from ray.cluster_utils import Cluster
     # Its own dashboard port: the state API (who holds what) is served by the dashboard, and
     # another Ray on this shared machine may have the default one.
@@ -56,11 +57,16 @@ class Blocker:
         return os.getpid()
 
 
-def _blocker():
-    blocker = Blocker.remote()
-    ray.get(blocker.ready.remote(), timeout=60)
-    blocker.process_id = ray.get(blocker.pid.remote(), timeout=60)
-    return blocker
+@pytest.fixture
+def blocker(two_cpus):
+    """The other job, holding both CPUs of `two_cpus` until the test kills it or ends."""
+    holder = Blocker.remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    holder.process_id = ray.get(holder.pid.remote(), timeout=60)
+    try:
+        yield holder
+    finally:
+        ray.kill(holder)  # the next test starts with both CPUs free, whatever this one did
 
 
 def _start(script: list[str], address: str, log_path):
@@ -138,8 +144,7 @@ def _assert_clear_failure(output: str, blocker) -> None:
 
 
 def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tmp_path,
-                                                                               two_cpus):
-    blocker = _blocker()
+                                                                               two_cpus, blocker):
     # Elastic runs: [2, 4] waits for 2 (both held); [3, 4] can never fit on this cluster.
     jobs = {"starved": _run_job(tmp_path, two_cpus, "starved"),
             "elastic": _run_job(tmp_path, two_cpus, "elastic", "scaling.num_workers=[2,4]",
@@ -164,12 +169,10 @@ def test_a_run_and_a_sweep_that_cannot_get_their_cpus_end_in_time_naming_them(tm
         print(f"{name} ended with exit 4 after {seconds:.0f} s (waited {waited_s} s)")
     assert "no trial of the sweep could get its resources" in (tmp_path / "sweep.log").read_text()
     _no_reservation_left()
-    del blocker
 
 
-def test_a_sweep_and_a_run_beside_a_job_holding_their_cpus_finish_or_fail_clearly(tmp_path,
-                                                                                  two_cpus):
-    blocker = _blocker()
+def test_a_sweep_and_a_run_beside_a_job_holding_their_cpus_finish_or_fail_clearly(
+        tmp_path, two_cpus, blocker):
     jobs = {"run": _run_job(tmp_path, two_cpus, "run"), "sweep": _sweep_job(tmp_path, two_cpus)}
     time.sleep(10)
     ray.kill(blocker)  # the other job ends: both CPUs are free again

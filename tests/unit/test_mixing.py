@@ -144,3 +144,43 @@ def test_a_resumed_epoch_is_bit_identical_with_mixing_and_stochastic_depth():
     other = _run(config, None)
     assert any(not torch.equal(straight[k], other[k]) for k in straight
                if straight[k].dtype.is_floating_point)
+
+
+def _resumed_through_a_checkpoint(config: Config, alter=None) -> dict:
+    """`_run` split after step 1, the second half in fresh objects restored from the first
+    half's checkpoint state (altered by `alter`), as a restarted worker does."""
+    def objects() -> TrainingState:
+        torch.manual_seed(0)
+        model = build_model(config.model, CLASSES)
+        optimizer = build_optimizer(model, config)
+        return TrainingState(model, optimizer, build_scheduler(optimizer, 4, 1, config.schedule))
+    batches, first = _batches(), objects()
+    train_one_epoch(first, batches[:1], torch.device("cpu"), config)
+    saved = first.state_dict(epoch=0, steps_done=1, config_dict={})
+    if alter is not None:
+        alter(saved)
+    second = objects()
+    torch.manual_seed(12345)  # a restarted process: the global RNG is somewhere else
+    epoch, step = second.restore(saved, steps_per_epoch=3)
+    assert (epoch, step) == (0, 1)
+    train_one_epoch(second, batches[1:], torch.device("cpu"), config, start_step=step)
+    return second.model.state_dict()
+
+
+def test_a_resume_without_the_optimizer_and_rng_state_changes_the_weights():
+    """The negative control of every bit-exact resume (tests/integration/test_faults.py): the
+    same checkpoint restored without its momentum buffers and RNG states must not end on the
+    straight run's weights, while restored whole it does. Red if the comparison is blind to
+    the state a resume restores."""
+    config = _loop_config()
+    straight = _run(config, None)
+
+    def same(weights: dict) -> bool:
+        return all(torch.equal(straight[k], weights[k]) for k in straight)
+
+    def forget_optimizer_and_rng(state: dict) -> None:
+        state["optimizer"]["state"] = {}  # momentum buffers gone, as if never saved
+        torch.manual_seed(12345)
+        state["rng"] = [{**state["rng"][0], "torch": torch.get_rng_state()}]
+    assert same(_resumed_through_a_checkpoint(config))
+    assert not same(_resumed_through_a_checkpoint(config, forget_optimizer_and_rng))
