@@ -1,7 +1,7 @@
 """The first real run, rehearsed on the fake multi-node cluster with the cloud's own faults, set
 from outside the product (tests/integration/rehearsal_provider.py): every launch of a spot A100
-node is refused as EC2 refuses one it has no capacity for, and a spot A10G node takes a minute to
-come up (a cold node booting and installing). One cluster for the module; jobs go in with
+node is refused as EC2 refuses one it has no capacity for, and a spot A10G node takes half a
+minute to come up (a cold node booting and installing). One cluster for the module; jobs go in with
 `ray job submit`, as docs/aws.md has it.
 
 - A cold node is waited for by what it is doing and used, not abandoned on a wall clock.
@@ -25,7 +25,7 @@ from tests.integration.fake_cluster import RAY, REPO, FakeCluster
 from tests.integration.jobs import small
 
 pytestmark = pytest.mark.integration
-NODE_DELAY_S = 45  # the A10G spot node's launch (a cold node: boot, image pull, installs)
+NODE_DELAY_S = 30  # the A10G spot node's launch (a cold node booting): 3x the test's spot_wait_s
 PRICE_PER_H = {"ray.head.default": 0.384, "gpu.a100x8.ondemand": 21.96}  # rn50/node_types.yaml
 
 
