@@ -5,7 +5,6 @@ Train's TorchTrainer sets one up), so these functions also run in a single proce
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from rn50.config import Config
-from rn50.data.device_decode import DeferredBatch
 from rn50.core.device import autocast_context, configure_backends, prefetch_to_device, to_device
-from rn50.core.mixing import DEPTH_STREAM, BatchMixer, build_mixer, seeded_rng
 from rn50.core.model import parameter_groups
+from rn50.core.step import StepContext, train_step, world_size
 from rn50.core.training_state import TrainingState
 
 
@@ -51,52 +49,6 @@ def _all_reduce_sum(values: list[torch.Tensor | float], device: torch.device) ->
     return tensor.tolist()
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  criterion: nn.Module, mixer: BatchMixer | None, global_step: int,
-                  micro_batch: int, device: torch.device, config: Config) -> torch.Tensor:
-    """The micro-batch's loss, with MixUp/CutMix targets and stochastic-depth masks drawn from
-    generators seeded by (train.seed, global_step, micro-batch index) (rn50.core.mixing)."""
-    targets = labels
-    if mixer is not None:
-        images, targets = mixer(images, labels, global_step, micro_batch)
-        if config.model.channels_last and device.type == "cuda":  # roll/clone may give NCHW
-            images = images.contiguous(memory_format=torch.channels_last)
-    depth_rng = seeded_rng(device, config.train.seed, global_step, micro_batch, DEPTH_STREAM) \
-        if config.model.stochastic_depth_prob > 0 else contextlib.nullcontext()
-    with depth_rng, autocast_context(device, config.train.amp, config.train.amp_dtype):
-        return criterion(model(images), targets)
-
-
-@contextlib.contextmanager
-def _accumulating(model: nn.Module, first: bool, last: bool):
-    """One micro-batch of a step: DDP's gradient all-reduce only after the rank's last one, and
-    BatchNorm's running statistics updated only by its first.
-
-    Why the BatchNorm rule: DDP copies rank 0's buffers to every rank, so without accumulation the
-    running statistics follow micro-batch 0 of each step alone. Updating them from micro-batch 0
-    only at any world size keeps them independent of it (and the checkpoint with them)."""
-    no_sync = getattr(model, "no_sync", None)
-    frozen = [] if first else [m for m in model.modules()
-                               if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                               and m.track_running_stats]
-    for module in frozen:  # train-mode BN then normalises by the batch and updates nothing
-        module.track_running_stats = False
-    try:
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            yield
-    finally:
-        for module in frozen:
-            module.track_running_stats = True
-
-
 @dataclass
 class EpochStats:
     """What one training epoch measured, summed over all workers.
@@ -115,15 +67,6 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _optimizer_step(state: TrainingState, scaler: torch.amp.GradScaler) -> None:
-    """The optimizer on the accumulated gradients, the per-step schedule, then the EMA."""
-    scaler.step(state.optimizer)
-    scaler.update()
-    state.scheduler.step()  # the schedule is per step, so warmup is smooth and resumes exactly
-    if state.ema is not None:
-        state.ema.update(state.model)
-
-
 def _step_batches(batches: Iterable, per_step: int, window: "StepWindow") -> Iterator[list]:
     """`batches` grouped into the rank's micro-batches of each step; the wait for each group
     is added to `window.data_wait_s`. A ragged last group (never dealt) is dropped."""
@@ -135,47 +78,6 @@ def _step_batches(batches: Iterable, per_step: int, window: "StepWindow") -> Ite
             return
         yield group
         fetch_start = time.perf_counter()
-
-
-def _accumulate(state: TrainingState, scaler: torch.amp.GradScaler, micro_batches: list,
-                slots: list[int], loss_scale: float, criterion: nn.Module,
-                mixer: BatchMixer | None, device: torch.device, config: Config):
-    """Forward and backward every micro-batch of one step, the gradients adding up in `.grad`:
-    (sum of loss x images, images trained, images skipped, the last micro-batch's loss)."""
-    loss_sum, trained, skipped, loss = torch.zeros((), device=device), 0, 0, None
-    for index, (images_uint8, labels, num_skipped) in enumerate(micro_batches):
-        skipped += num_skipped
-        if isinstance(images_uint8, DeferredBatch):  # data.decode_on_device: decode here
-            images_uint8, labels, undecodable = images_uint8.decode(labels, device)
-            skipped += undecodable
-        if labels.numel() == 0:  # every image undecodable
-            if _is_ddp(state.model):
-                _join_empty(state.model, scaler, first=index == 0, last=index == len(slots) - 1,
-                            device=device)
-            continue
-        images, labels = to_device(images_uint8, labels, device, config.model.channels_last)
-        with _accumulating(state.model, first=index == 0, last=index == len(slots) - 1):
-            loss = _forward_loss(state.model, images, labels, criterion, mixer,
-                                 state.scheduler.last_epoch, slots[index], device, config)
-            scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
-        loss_sum += loss.detach().float() * labels.numel()
-        trained += labels.numel()
-    return loss_sum, trained, skipped, loss
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    """Whether `model` is DDP-wrapped: its forward and backward then run collectives."""
-    return getattr(model, "no_sync", None) is not None
-
-
-def _join_empty(model: nn.Module, scaler: torch.amp.GradScaler, first: bool, last: bool,
-                device: torch.device) -> None:
-    """Take part in DDP's collectives with an empty micro-batch: a forward (DDP broadcasts the
-    buffers in it) and a zero loss's backward (the gradient all-reduce, after the last one).
-    Skipping them would leave the other ranks waiting for this one forever."""
-    empty = torch.zeros((0, 3, 32, 32), device=device)  # BatchNorm leaves its statistics alone
-    with _accumulating(model, first=first, last=last):
-        scaler.scale(model(empty).sum() * 0).backward()
 
 
 class StepWindow:
@@ -213,86 +115,109 @@ def train_one_epoch(state: TrainingState, batches: Iterable, device: torch.devic
 
     `micro_slots` are the micro-batches of each step this rank trains (rn50.data.samplers:
     `micro_batch_slots`; default: each batch is one rank's whole step); `batches` yields them step
-    by step. Their
-    gradients are accumulated, each loss scaled by world size / micro-batches per step, so that
-    DDP's average over ranks is the mean over the whole global batch at any world size.
-    `start_step` is how many steps of this epoch were done before (a mid-epoch resume);
-    `after_step(steps_done_in_epoch)` runs after every optimizer step (checkpoints). The global
-    step that seeds mixing and stochastic depth is `scheduler.last_epoch` (LambdaLR counts
-    optimizer steps, and a checkpoint restores the count), so a resume needs nothing more.
+    by step, and `rn50.core.step.train_step` accumulates their gradients. `start_step` is how many
+    steps of this epoch were done before (a mid-epoch resume); `after_step(steps_done_in_epoch)`
+    runs after every optimizer step (checkpoints); `log` gets a progress line and
+    `on_step_metrics(global_step, metrics)` its figures every `train.log_every_steps` steps.
     """
-    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
-    model.train()
-    configure_backends(device)
-    # A disabled scaler passes straight through: scale() is the loss, step() is optimizer.step().
-    scaler = state.scaler or torch.amp.GradScaler(device.type, enabled=False)
-    # With soft (mixed) targets torch smooths the probabilities: see rn50.core.mixing.
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    mixer = build_mixer(config)
-    world = _world_size()
-    slots = micro_slots if micro_slots is not None else [_rank()]
-    # Without micro_slots every batch is a whole per-rank step (world size x batch = global).
-    loss_scale = world / config.micro_batches_per_step if micro_slots is not None else 1.0
+    ctx = StepContext.for_epoch(state, device, config, micro_slots)
     # The loss is summed on the device: a `.item()` per step would make the host wait for the
     # GPU every step; it syncs only when a log line is due.
     loss_sum, images_seen, skipped = torch.zeros((), device=device), 0, 0
-    window = StepWindow(world)
+    window = StepWindow(world_size())
     start = time.perf_counter()
     # On a GPU the next batch's copy to the device overlaps this step (a no-op on CPU).
     on_device = prefetch_to_device(batches, device)
-    for step, micro_batches in enumerate(_step_batches(on_device, len(slots), window),
+    for step, micro_batches in enumerate(_step_batches(on_device, len(ctx.slots), window),
                                          start=start_step):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss_sum, trained, step_skipped, loss = _accumulate(
-            state, scaler, micro_batches, slots, loss_scale, criterion, mixer, device, config)
-        skipped += step_skipped
-        # Every image of the step undecodable: no step on one worker. Under DDP this rank's
-        # gradients are the other ranks' average now, so it steps with them (with all ranks
-        # empty that is momentum and weight decay alone, on every rank alike).
-        if not trained and not _is_ddp(model):
+        result = train_step(ctx, micro_batches)
+        skipped += result.skipped
+        if not result.stepped:
             continue
-        loss_sum += step_loss_sum
-        images_seen += trained
-        window.images += trained
-        _optimizer_step(state, scaler)
-        if trained and step % config.train.log_every_steps == 0:  # no loss of its own: no line
-            metrics = window.close(loss.item(), optimizer.param_groups[0]["lr"])
+        loss_sum += result.loss_sum
+        images_seen += result.images
+        window.images += result.images
+        if result.images and step % config.train.log_every_steps == 0:  # no loss: no line
+            metrics = window.close(result.last_loss.item(), state.optimizer.param_groups[0]["lr"])
             log(_progress_line(step, metrics))
             if on_step_metrics is not None:
-                on_step_metrics(scheduler.last_epoch, metrics)
+                on_step_metrics(state.scheduler.last_epoch, metrics)
         if after_step is not None:
             after_step(step + 1)
     seconds = time.perf_counter() - start
     loss_sum, images_seen, skipped, seconds = _all_reduce_sum(
         [loss_sum, images_seen, skipped, seconds], device)
     return EpochStats(loss=loss_sum / max(images_seen, 1), images=int(images_seen),
-                      seconds=seconds / world, skipped_images=int(skipped))
+                      seconds=seconds / world_size(), skipped_images=int(skipped))
+
+
+@dataclass
+class EvalTotals:
+    """Sums of one evaluation on this process, kept on the device: a read per batch would drain
+    the GPU's queue every batch, so they are read once, at the end."""
+    loss_sum: torch.Tensor
+    top1: torch.Tensor
+    """Images whose top-1 prediction is right."""
+    top5: torch.Tensor
+    """Images whose label is among the top 5 (top `classes` with fewer than 5 classes)."""
+    images: int = 0
+    skipped: int = 0
+    """Images the loader could not decode."""
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EvalTotals:
+        """Empty sums on `device` (float64: exact counts and a loss sum that does not drift)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(loss_sum, torch.zeros_like(loss_sum), torch.zeros_like(loss_sum))
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch's summed loss and top-1 / top-5 hits."""
+        self.loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        self.top1 += hits[:, 0].sum()
+        self.top5 += hits.any(dim=1).sum()
+        self.images += labels.numel()
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """Float32 logits of a normalized batch; with `tta_flip`, averaged with the mirrored batch's."""
+    logits = model(images).float()
+    if tta_flip:
+        logits = (logits + model(images.flip(-1)).float()) / 2
+    return logits
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, *,
-             channels_last: bool = False, amp: bool = False,
-             amp_dtype: str = "bfloat16") -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""
+def evaluation_loop(model: nn.Module, batches: Iterable, device: torch.device, *,
+                    channels_last: bool = False, amp: bool = False, amp_dtype: str = "bfloat16",
+                    tta_flip: bool = False,
+                    on_batch: Callable[..., None] | None = None) -> EvalTotals:
+    """The one evaluation loop (training's validation and `rn50.serve.evaluate`): the sums over
+    `batches` of (uint8 images, labels, *extras, skipped) on this process. `on_batch(logits,
+    labels, *extras)` sees each non-empty batch (the evaluate job's gallery keeps mistakes)."""
     model.eval()
     configure_backends(device)
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    # Summed on the device and read once at the end: a read per batch would drain the GPU's
-    # queue every batch.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top1, top5, count = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum), 0
-    for images_uint8, labels, _ in prefetch_to_device(batches, device):
+    totals = EvalTotals.zeros(device)
+    for images_uint8, labels, *extras, skipped in prefetch_to_device(batches, device):
+        totals.skipped += skipped
         if labels.numel() == 0:
             continue
         images, labels = to_device(images_uint8, labels, device, channels_last)
         with autocast_context(device, amp, amp_dtype):
-            logits = model(images).float()
-        loss_sum += criterion(logits, labels)
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        count += labels.numel()
-    loss_sum, top1, top5, count = _all_reduce_sum([loss_sum, top1, top5, count], device)
+            logits = predict_logits(model, images, tta_flip)
+        totals.add(logits, labels)
+        if on_batch is not None:
+            on_batch(logits, labels, *extras)
+    return totals
+
+
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, *,
+             channels_last: bool = False, amp: bool = False,
+             amp_dtype: str = "bfloat16") -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean loss over `batches`, summed across all workers."""
+    totals = evaluation_loop(model, batches, device, channels_last=channels_last, amp=amp,
+                             amp_dtype=amp_dtype)
+    loss_sum, top1, top5, count = _all_reduce_sum(
+        [totals.loss_sum, totals.top1, totals.top5, totals.images], device)
     count = max(count, 1)
     return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}

@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from rn50.serve.artifacts import LATEST_HELP, ArtifactError, LoadedModel, load_model
 from rn50.config_sections import AUTO
+from rn50.core.engine import evaluation_loop
 from rn50.data.cpu_budget import plan_cpus
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
 from rn50.io import storage
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
-from rn50.serve.inference import normalize
 
 log = logging.getLogger(__name__)
 
@@ -88,40 +88,27 @@ def prepare(spec: EvalSpec) -> tuple[LoadedModel, Dataset]:
     return loaded, build_val_dataset(loaded.config.data)
 
 
-def predict_logits(model: nn.Module, images: torch.Tensor, tta_flip: bool) -> torch.Tensor:
-    """Logits of a normalized batch; with `tta_flip`, averaged with the mirrored batch's."""
-    logits = model(images).float()
-    if tta_flip:
-        logits = (logits + model(images.flip(-1)).float()) / 2
-    return logits
-
-
 @torch.no_grad()
 def evaluate_shard(model: nn.Module, dataset: Dataset, shard: int = 0, num_shards: int = 1,
                    device: torch.device | str = "cpu", batch_size: int = 64,
                    tta_flip: bool = False, gallery_size: int = 16,
                    loader_workers: int = 0) -> ShardResult:
     """Top-1/top-5 hits, summed loss and the most confident mistakes over one shard."""
-    model.eval()
-    start, result = time.perf_counter(), ShardResult()
+    start, mistakes = time.perf_counter(), []
     loader = DataLoader(IndexedDataset(dataset, range(shard, len(dataset), num_shards)),
                         batch_size=batch_size, num_workers=loader_workers,
                         collate_fn=collate_indexed)
-    for images, labels, indices, skipped in loader:
-        result.skipped += skipped
-        if labels.numel() == 0:
-            continue
-        logits = predict_logits(model, normalize(images.to(device)), tta_flip).cpu()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        result.top1 += int(hits[:, 0].sum())
-        result.top5 += int(hits.any(dim=1).sum())
-        result.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        result.images += labels.numel()
-        result.mistakes = most_confident(
-            result.mistakes + mistakes_in_batch(logits.softmax(dim=1), labels, indices),
-            gallery_size)
-    result.seconds = time.perf_counter() - start
-    return result
+
+    def keep_mistakes(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        found = mistakes_in_batch(logits.softmax(dim=1).cpu(), labels.cpu(), indices)
+        mistakes[:] = most_confident(mistakes + found, gallery_size)
+
+    # Training's validation loop, so the job's figures are computed as the run's were.
+    totals = evaluation_loop(model, loader, torch.device(device), tta_flip=tta_flip,
+                             on_batch=keep_mistakes)
+    return ShardResult(images=totals.images, top1=int(totals.top1), top5=int(totals.top5),
+                       loss_sum=float(totals.loss_sum), skipped=int(totals.skipped),
+                       seconds=time.perf_counter() - start, mistakes=mistakes)
 
 
 def _device() -> torch.device:
