@@ -101,9 +101,11 @@ def _build_section(section_name: str, section_type: type, raw: Any):
 
 def coerce(key: str, value: Any, expected: Any) -> Any:
     """`value` (maybe a string from the command line) as type `expected`, else ConfigError."""
+    origin = typing.get_origin(expected)
+    if origin is typing.Literal:
+        return _choice(key, value, typing.get_args(expected))
     if isinstance(value, str) and expected is not str:
         value = _parse_scalar(value)
-    origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(expected):
             try:
@@ -141,6 +143,18 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"'{key}' expects {getattr(expected, '__name__', expected)}, got {value!r}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> Any:
+    """`value` as one of the `allowed` values of a `Literal[...]` field, else ConfigError."""
+    try:
+        typed = coerce(key, value, type(allowed[0]))  # "320" from the command line is 320
+    except ConfigError:
+        typed = value
+    # Compared with their types: `False == 0` must not pass as the choice 0.
+    if not any(type(typed) is type(option) and typed == option for option in allowed):
+        raise ConfigError(f"'{key}' must be one of {list(allowed)}, got {typed!r}")
+    return typed
 
 
 def _parse_scalar(text: str) -> Any:

@@ -6,15 +6,33 @@ recipes; import the sections from there.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 AUTO = "auto"
 """The value of `train.torch_threads` / `data.loader_workers` sized on the worker from its CPUs."""
 
+# Every field with a fixed set of values declares it here, once: `coerce` refuses anything else
+# (the message lists these), and the code that switches on a field checks it covers its choices.
+DataSource = Literal["digits", "imagefolder", "parquet", "imagenette"]
+ImagenetteSize = Literal[160, 320, 0]
+AutoAugment = Literal["none", "trivialaugment_wide", "randaugment", "autoaugment"]
+Arch = Literal["resnet50", "resnet50d", "resnet50_blurpool"]
+AmpDtype = Literal["bfloat16", "float16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Decay = Literal["step", "cosine", "linear"]
+KeepBestBy = Literal["val_top1", "val_top1_ema", "none"]
+
+
+def choices(alias: typing.Any) -> tuple:
+    """The allowed values of a `Literal[...]` choice, in their declared order."""
+    return typing.get_args(alias)
+
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    dataset: DataSource = "digits"
     """Source: `digits` (scikit-learn's bundled digits, written as JPEGs), `imagefolder`
     (train/ and val/ class folders, incl. ILSVRC layout), `parquet` (HF-style shards of JPEG bytes
     + label) or `imagenette` (downloaded from its public URL and cached)."""
@@ -34,7 +52,7 @@ class DataConfig:
     """Random horizontal flip during training (off for digits, where it changes the class)."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength; 0 disables it."""
-    auto_augment: str = "none"
+    auto_augment: AutoAugment = "none"
     """Per-image policy after crop/flip/jitter (torchvision.transforms.v2, bilinear): `none`,
     `trivialaugment_wide`, `randaugment` (2 ops, magnitude 9) or `autoaugment` (ImageNet policy)."""
     random_erasing_prob: float = 0.0
@@ -57,7 +75,7 @@ class DataConfig:
     """Use only the first N training samples (after a fixed shuffle); 0 uses all."""
     max_val_samples: int = 0
     """Use only the first N validation samples; 0 uses all."""
-    imagenette_size_px: int = 160
+    imagenette_size_px: ImagenetteSize = 160
     """Which Imagenette archive to download: 160, 320 or 0 for full size."""
     progressive_min_px: int = 0
     """Progressive resizing (FFCV): the train crop side up to `progressive_start_epoch`, growing
@@ -70,7 +88,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
+    arch: Arch = "resnet50"
     """`resnet50` (torchvision v1.5), `resnet50d` (deep stem + avg-pool downsample) or
     `resnet50_blurpool` (a blur before every strided conv, as FFCV trains it)."""
     zero_init_residual: bool = True
@@ -106,7 +124,7 @@ class ScheduleConfig:
     """Linear warmup from `warmup_start_fraction` × peak LR to the peak, in epochs."""
     warmup_start_fraction: float = 0.1
     """LR at step 0 as a fraction of the peak LR."""
-    decay: str = "step"
+    decay: Decay = "step"
     """After warmup: `step` (×step_gamma at each milestone), `cosine` or `linear` to
     final_lr_fraction."""
     step_milestones_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
@@ -132,7 +150,7 @@ class TrainConfig:
     """Seed for weights, data order and augmentation."""
     amp: bool = True
     """Mixed-precision autocast when training on a GPU (ignored on CPU, which trains in fp32)."""
-    amp_dtype: str = "bfloat16"
+    amp_dtype: AmpDtype = "bfloat16"
     """Autocast dtype: `bfloat16` (A100, H100, A10G, L4) or `float16` with a dynamic loss scaler
     (T4 and V100, which have no fast bf16); the scaler's state is checkpointed."""
     compile: bool = False
@@ -153,7 +171,7 @@ class TrainConfig:
     log_every_steps: int = 50
     """Every N steps: a progress line on rank 0 and the per-step MLflow metrics (train/loss, lr,
     images_per_s, data_wait_fraction) at the global step."""
-    ray_log_level: str = "WARNING"
+    ray_log_level: LogLevel = "WARNING"
     """Ray Train's own console messages (a line per report and per checkpoint from every worker)
     at this level and above; Ray's log files under the session folder keep every level."""
     budget_usd: float = 0.0
@@ -240,7 +258,7 @@ class CheckpointConfig:
     notice) and checkpoint at once if so; 0 = never ask."""
     keep_last: int = 2
     """How many recent checkpoints Ray keeps in storage."""
-    keep_best_by: str = "val_top1"
+    keep_best_by: KeepBestBy = "val_top1"
     """Also keep the epoch-end checkpoint that is best by this validation metric, in the run's
     `best/` folder, never pruned while it is the best: `val_top1` (the trained weights),
     `val_top1_ema` (the EMA weights, evaluated each epoch; needs train.ema_decay > 0) or `none`."""

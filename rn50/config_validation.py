@@ -2,10 +2,12 @@
 each failure a `ConfigError` that names the key and says what to set."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from typing import TYPE_CHECKING
 
-from rn50.config_sections import AUTO
+from rn50.config_sections import AUTO, choices
 
 if TYPE_CHECKING:
     from rn50.config import Config
@@ -17,16 +19,6 @@ class ConfigError(ValueError):
     """What `ray_jobs/train_full.py` exits with when a run ends on it."""
 
 
-_CHOICES = {
-    "data.dataset": ("digits", "imagefolder", "parquet", "imagenette"),
-    "data.imagenette_size_px": (160, 320, 0),
-    "data.auto_augment": ("none", "trivialaugment_wide", "randaugment", "autoaugment"),
-    "model.arch": ("resnet50", "resnet50d", "resnet50_blurpool"),
-    "train.amp_dtype": ("bfloat16", "float16"),
-    "train.ray_log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
-    "schedule.decay": ("step", "cosine", "linear"),
-    "checkpoint.keep_best_by": ("val_top1", "val_top1_ema", "none"),
-}
 _POSITIVE = ("data.num_classes", "data.train_crop_px", "data.val_resize_px", "data.val_crop_px",
              "optim.lr", "optim.lr_reference_batch_size", "train.epochs",
              "train.global_batch_size", "train.log_every_steps",
@@ -47,7 +39,7 @@ _FRACTIONS = ("optim.label_smoothing", "train.ema_decay", "data.min_crop_scale",
 def validate(config: Config) -> None:
     """Check value ranges and choices, raising ConfigError that names the key."""
     flat = config.flat()
-    for key, allowed in _CHOICES.items():
+    for key, allowed in choice_fields(config).items():  # also values set in code, not coerced
         if flat[key] not in allowed:
             raise ConfigError(f"'{key}' must be one of {list(allowed)}, got {flat[key]!r}")
     for key in _POSITIVE:
@@ -73,6 +65,16 @@ def validate(config: Config) -> None:
     _validate_regularizers(config)
     _validate_capacity(config)
     _validate_cost(config)
+
+
+def choice_fields(config: Config) -> dict[str, tuple]:
+    """{dotted key: allowed values} of every `Literal[...]` field of the config's sections."""
+    found = {}
+    for section in dataclasses.fields(config):
+        hints = typing.get_type_hints(type(getattr(config, section.name)))
+        found.update({f"{section.name}.{name}": choices(hint) for name, hint in hints.items()
+                      if typing.get_origin(hint) is typing.Literal})
+    return found
 
 
 def _validate_regularizers(config: Config) -> None:

@@ -15,6 +15,8 @@ masks are drawn from generators the training loop seeds per step (rn50.core.engi
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import StochasticDepth
 
 from rn50.config import ModelConfig
+from rn50.config_sections import Arch, choices
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -31,10 +34,12 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     # which is what lets a from-scratch ResNet-50 take a large LR in its first epochs.
     model = resnet50(weights=None, num_classes=num_classes,
                      zero_init_residual=model_cfg.zero_init_residual)
-    if model_cfg.arch == "resnet50d":
-        _make_resnet_d(model)
-    elif model_cfg.arch == "resnet50_blurpool":
-        _add_blurpool(model)
+    if model_cfg.arch not in ARCH_CHANGES:
+        raise ValueError(f"'model.arch' must be one of {list(choices(Arch))}, "
+                         f"got {model_cfg.arch!r}")
+    change = ARCH_CHANGES[model_cfg.arch]
+    if change is not None:
+        change(model)
     if model_cfg.stochastic_depth_prob > 0:
         _add_stochastic_depth(model, model_cfg.stochastic_depth_prob)
     return model
@@ -201,3 +206,9 @@ class EMA:
                                  f"model has {tuple(self.state[name].shape)}")
             self.state[name] = value.detach().clone().float()
         self._lists = None  # the cached lists held the replaced tensors
+
+
+ARCH_CHANGES: dict[str, Callable[[nn.Module], None] | None] = {
+    "resnet50": None, "resnet50d": _make_resnet_d, "resnet50_blurpool": _add_blurpool}
+"""Each `model.arch` choice (`Arch` in rn50.config_sections): what it changes in torchvision's
+ResNet-50, in place."""

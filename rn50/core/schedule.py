@@ -10,6 +10,7 @@ import math
 import torch
 
 from rn50.config import ScheduleConfig
+from rn50.config_sections import Decay, choices
 
 
 def lr_multiplier(step: int, steps_per_epoch: int, total_epochs: int, cfg: ScheduleConfig) -> float:
@@ -25,8 +26,11 @@ def lr_multiplier(step: int, steps_per_epoch: int, total_epochs: int, cfg: Sched
     progress = min(max((epoch - cfg.warmup_epochs) / decay_epochs, 0.0), 1.0)
     if cfg.decay == "cosine":
         shape = 0.5 * (1 + math.cos(math.pi * progress))
-    else:
+    elif cfg.decay == "linear":
         shape = 1 - progress
+    else:
+        raise ValueError(f"'schedule.decay' must be one of {list(choices(Decay))}, "
+                         f"got {cfg.decay!r}")
     return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * shape
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
+from rn50.config_sections import DataSource, choices
 from rn50.data.datasets import DataError, ImageFolderDataset, ParquetDataset
 from rn50.data.device_decode import DeferredBatch, DeviceDecodePreset, EncodedImage
 from rn50.data.class_names import readable_classes, readable_names
@@ -55,7 +56,8 @@ def _prepared_root(data_cfg) -> Path:
         return prepare_imagenette(root, data_cfg.imagenette_size_px)
     if data_cfg.dataset == "imagefolder":
         return root
-    raise DataError(f"unknown data.dataset {data_cfg.dataset!r}")
+    raise DataError(f"'data.dataset' must be one of {list(choices(DataSource))}, "
+                    f"got {data_cfg.dataset!r}")
 
 
 def build_val_dataset(data_cfg, classes: list[str] | None = None) -> Dataset:

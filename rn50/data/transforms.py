@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from rn50.config_sections import AutoAugment, choices
 from rn50.data.turbo_decode import decode_crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,17 +145,22 @@ def train_transform(data_cfg) -> Preset:
                   tensor_steps=tuple(erasing_steps(data_cfg.random_erasing_prob)))
 
 
-def auto_augment_policy(name: str) -> v2.Transform | None:
+_BILINEAR = v2.InterpolationMode.BILINEAR
+AUTO_AUGMENT_POLICIES: dict[str, Callable[[], v2.Transform] | None] = {
+    "none": None,
+    "trivialaugment_wide": lambda: v2.TrivialAugmentWide(interpolation=_BILINEAR),
+    "randaugment": lambda: v2.RandAugment(interpolation=_BILINEAR),
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, _BILINEAR)}
+"""Each `data.auto_augment` choice (`AutoAugment` in rn50.config_sections) and its policy."""
+
+
+def auto_augment_policy(name: AutoAugment) -> v2.Transform | None:
     """torchvision's v2 policy for `data.auto_augment`, set up as the classification references."""
-    bilinear = v2.InterpolationMode.BILINEAR
-    policies = {"trivialaugment_wide": lambda: v2.TrivialAugmentWide(interpolation=bilinear),
-                "randaugment": lambda: v2.RandAugment(interpolation=bilinear),
-                "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, bilinear)}
-    if name == "none":
-        return None
-    if name not in policies:
-        raise ValueError(f"unknown data.auto_augment {name!r}; known: none, {', '.join(policies)}")
-    return policies[name]()
+    if name not in AUTO_AUGMENT_POLICIES:
+        raise ValueError(f"'data.auto_augment' must be one of {list(choices(AutoAugment))}, "
+                         f"got {name!r}")
+    make = AUTO_AUGMENT_POLICIES[name]
+    return make() if make is not None else None
 
 
 def erasing_steps(prob: float) -> list[v2.Transform]:
