@@ -2,8 +2,8 @@
 an elastic run does on fewer workers, `train.micro_batch_size`) against the same images as one
 batch, with the project's own training step (`rn50.core.engine.train_one_epoch`), side by side.
 
-    python benchmarks/accumulation.py                      # ResNet-50, 64 px, batch 32, on CPU
-    python benchmarks/accumulation.py --px 224 --batch 64  # on a GPU machine
+    python -m benchmarks.accumulation                      # ResNet-50, 64 px, batch 32, on CPU
+    python -m benchmarks.accumulation --px 224 --batch 64  # on a GPU machine
 
 Each configuration trains the same `--steps` steps (after one untimed warm-up step), alternating
 A = 1, 2, 4 over `--repeats` rounds; the figure per A is images/s (median over rounds) and its
@@ -11,11 +11,7 @@ ratio to A = 1. Writes benchmarks/results/accumulation.json.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

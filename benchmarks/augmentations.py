@@ -3,8 +3,8 @@ from the uint8 tensors the loader yields (and, for MixUp/CutMix, the normalised 
 gets, mapped back to pixels): what the model sees; (b) the per-image CPU cost of each per-image
 policy on one core, every policy timed in the same run, alternating, against the plain preset.
 
-    python benchmarks/augmentations.py --max-images 200     # the figures in benchmarks/results/
-    python benchmarks/augmentations.py --images DIR --max-images 4 --repeats 1 \\
+    python -m benchmarks.augmentations --max-images 200     # the figures in benchmarks/results/
+    python -m benchmarks.augmentations --images DIR --max-images 4 --repeats 1 \\
         --out /tmp/a.json --grid /tmp/a.png                  # smoke check
 
 Per image, as a loader worker does it: Pillow decode (draft) + the train preset, inside the
@@ -20,8 +20,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 from PIL import Image, ImageDraw

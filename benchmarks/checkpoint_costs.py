@@ -2,8 +2,8 @@
 SeaweedFS server) against a plain boto3 multipart upload of the same bytes, and the extra wall
 time one SIGKILLed worker adds to a run.
 
-    python benchmarks/checkpoint_costs.py            # size, stall, upload (~1 min)
-    python benchmarks/checkpoint_costs.py --with-kill  # + straight vs killed demo runs (~3 min)
+    python -m benchmarks.checkpoint_costs            # size, stall, upload (~1 min)
+    python -m benchmarks.checkpoint_costs --with-kill  # + straight vs killed demo runs (~3 min)
 """
 import argparse
 import json
@@ -14,8 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 
@@ -107,7 +105,8 @@ def _timed_run(args: list[str], kill_in: Path | None = None) -> tuple[float, dic
     marks: dict[str, float] = {}
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen([sys.executable, "ray_jobs/train_full.py", *args], cwd=REPO, text=True,
+    # `-m` from the checkout runs its own rn50, installed or not.
+    with subprocess.Popen([sys.executable, "-m", "rn50.train", *args], cwd=REPO, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as job:
         if kill_in is not None:
             threading.Thread(target=lambda: marks.update(

@@ -2,9 +2,9 @@
 with its checkpoints going to the local S3 server (SeaweedFS), split into the steps that save a
 checkpoint, the steps that run while its upload is in flight, and the rest.
 
-    python benchmarks/ckpt_step_times.py --quick   # 40 timed steps, a checkpoint every 10 (~2 min)
-    python benchmarks/ckpt_step_times.py           # 90 timed steps, a checkpoint every 15 (~4 min)
-    python benchmarks/run.py --ckpt-steps          # the same (quick or not), into run.py's JSON
+    python -m benchmarks.ckpt_step_times --quick   # 40 timed steps, a checkpoint every 10 (~2 min)
+    python -m benchmarks.ckpt_step_times           # 90 timed steps, a checkpoint every 15 (~4 min)
+    python -m benchmarks.run --ckpt-steps          # the same (quick or not), into run.py's JSON
 
 Each worker runs the project's `rn50.core.engine.train_one_epoch` on ResNet-50 (demo recipe: 10
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
@@ -22,12 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 from benchmarks.results import write_result
 

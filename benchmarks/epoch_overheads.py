@@ -1,6 +1,6 @@
 """Fixed cost per epoch on the training thread, before and after issue 24, side by side.
 
-    python benchmarks/epoch_overheads.py     # -> results/epoch_overheads.json (~3-5 min on dev)
+    python -m benchmarks.epoch_overheads     # -> results/epoch_overheads.json (~3-5 min on dev)
 
 One rank of an 8-GPU ImageNet run, scaled to a CPU: the train set is 1,281,167 samples (ImageNet's
 length: the sample streams are drawn over all of it) cycling over generated ImageNet-size JPEGs,
@@ -32,12 +32,9 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 from torch import nn

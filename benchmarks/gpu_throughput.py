@@ -1,8 +1,8 @@
 """ResNet-50 training throughput on one GPU, in figures that can be trusted, in one short run.
 
-    python benchmarks/gpu_throughput.py                # on a GPU: ~7 min on an H100/H200
-    python benchmarks/gpu_throughput.py --smoke        # every section on CPU, tiny (< 3 min)
-    python benchmarks/gpu_throughput.py --images DIR   # real photos for the real-data section
+    python -m benchmarks.gpu_throughput                # on a GPU: ~7 min on an H100/H200
+    python -m benchmarks.gpu_throughput --smoke        # every section on CPU, tiny (< 3 min)
+    python -m benchmarks.gpu_throughput --images DIR   # real photos for the real-data section
 
 Sections, in this order, each with its own time limit, the whole run within `--budget-s`
 (default 510 s, 8.5 min): `env`; `sync_audit` (host syncs per step, CUDA's sync reports:
@@ -31,8 +31,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 

@@ -1,6 +1,6 @@
 """Host syncs per training step: the operations that make the host wait for the device.
 
-    python benchmarks/host_syncs.py        # -> results/host_syncs.json (CPU: ~1 min)
+    python -m benchmarks.host_syncs        # -> results/host_syncs.json (CPU: ~1 min)
 
 The project's `train_one_epoch` runs a ResNet-50 under `torch.profiler` with the checkpoint
 schedule's hook (`MidEpochSaves`, `checkpoint.every_minutes` on) after every step, EMA on, two
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import warnings
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule

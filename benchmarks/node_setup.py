@@ -1,6 +1,6 @@
 """What a cold node installs at setup, and how long setup takes when the image holds it already.
 
-    python benchmarks/node_setup.py        # -> results/node_setup.json (~1 min)
+    python -m benchmarks.node_setup        # -> results/node_setup.json (~1 min)
 
 The measured half of docs/aws.md's cold-node estimate ("A prebuilt image"):
 - `deps_installed_gb`: the installed size of pyproject.toml's dependency closure (every
@@ -30,8 +30,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_result
+
+from benchmarks.results import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_STACK = ("torch", "torchvision", "triton", "nvidia-")

@@ -2,10 +2,10 @@
 per core end to end (listing + conversion), on a synthetic ILSVRC-shaped tar set, with the
 projection to full ImageNet on the `cpu.spot` nodes of cluster.yaml.
 
-    python benchmarks/prepare_listing.py                      # 100 classes x 100 sample JPEGs
-    python benchmarks/prepare_listing.py --images small \
+    python -m benchmarks.prepare_listing                      # 100 classes x 100 sample JPEGs
+    python -m benchmarks.prepare_listing --images small \
         --result benchmarks/results/prepare_listing_small.json     # 100 x 100 small JPEGs
-    python benchmarks/prepare_listing.py --classes 10 --per-class 20 --no-write   # smoke check
+    python -m benchmarks.prepare_listing --classes 10 --per-class 20 --no-write   # smoke check
 
 The tars are written with benchmarks/ilsvrc_tars.py from the 1,000 real ImageNet JPEGs beside
 the repository (cycled; generated ImageNet-like JPEGs when they are absent) or small generated
@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import numpy as np
 from PIL import Image

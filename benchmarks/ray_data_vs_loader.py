@@ -1,8 +1,8 @@
 """Ray Data vs the project's DataLoader on prepared ImageNet shards (issue 7, item 4).
 
-    python benchmarks/ray_data_vs_loader.py --quick   # 2,000 rows, 2 passes per side (~2 min)
-    python benchmarks/ray_data_vs_loader.py           # 8,000 rows, 3 passes per side (~6 min)
-    python benchmarks/run.py --ray-data               # the same, into run.py's JSON line
+    python -m benchmarks.ray_data_vs_loader --quick   # 2,000 rows, 2 passes per side (~2 min)
+    python -m benchmarks.ray_data_vs_loader           # 8,000 rows, 3 passes per side (~6 min)
+    python -m benchmarks.run --ray-data               # the same, into run.py's JSON line
 
 Both sides read the same 16 parquet shards (`prepare_imagenet`'s format: shorter side re-encoded to
 <= 256 px, 128-row row groups; the JPEGs repeated to the row count, so per-pass start-up weighs
@@ -27,12 +27,9 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import numpy as np
 import pyarrow as pa

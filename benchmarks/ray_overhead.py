@@ -1,10 +1,10 @@
 """Ray Train overhead: images/s of the project's training step through `TorchTrainer` against the
 same step in a plain PyTorch DDP loop (torch.multiprocessing spawn + gloo), same everything else.
 
-    python benchmarks/ray_overhead.py --quick      # 20 timed steps, 2 repeats per side (~2-3 min)
-    python benchmarks/ray_overhead.py              # 60 timed steps, 3 repeats per side (~6 min)
-    python benchmarks/ray_overhead.py --workers 1  # one worker: a core left to Ray's processes
-    python benchmarks/run.py --ray-overhead        # the same (full), into run.py's JSON line
+    python -m benchmarks.ray_overhead --quick      # 20 timed steps, 2 repeats per side (~2-3 min)
+    python -m benchmarks.ray_overhead              # 60 timed steps, 3 repeats per side (~6 min)
+    python -m benchmarks.ray_overhead --workers 1  # one worker: a core left to Ray's processes
+    python -m benchmarks.run --ray-overhead        # the same (full), into run.py's JSON line
 
 Both sides run `worker_body`: the `demo` recipe (digits as 32 px JPEGs, ResNet-50, global batch
 64 = 32 per worker, 2 workers x 1 thread), DDP over gloo, the project's optimizer, scheduler,
@@ -26,13 +26,10 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import torch
 import torch.distributed as dist

@@ -32,11 +32,13 @@ def write_result(name: str, figures: dict, argv: list[str] | None = None,
     the command, machine and date; `context` adds what the figures were measured on."""
     argv = sys.argv if argv is None else argv
     script = Path(argv[0]).resolve()
-    try:
-        shown = script.relative_to(RESULTS_DIR.parents[1])
-    except ValueError:
-        shown = script
-    record = {"command": " ".join(["python", str(shown), *argv[1:]]), "machine": machine(),
+    # Benchmarks run as modules from the checkout's root (`python -m benchmarks.run`): that puts
+    # the checkout's `benchmarks` and `rn50` on the path, with no sys.path edits in the scripts.
+    if script.parent == RESULTS_DIR.parent:
+        shown = ["-m", f"benchmarks.{script.stem}"]
+    else:
+        shown = [str(script)]
+    record = {"command": " ".join(["python", *shown, *argv[1:]]), "machine": machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "figures": figures,
               **(context or {})}
     path = Path(path) if path else RESULTS_DIR / f"{name}.json"

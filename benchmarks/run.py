@@ -2,12 +2,12 @@
 pipeline (what a user writes) against the project's two paths (benchmarks/pipeline.py: the same
 files as an ImageFolder, and the same files as prepared parquet shards), at 224 and 128 px.
 
-    python benchmarks/run.py --quick               # up to 500 images, 3 timed passes (~30 s)
-    python benchmarks/run.py                       # all images, 5 timed passes
-    python benchmarks/run.py --images DIR --max-images 20 --repeats 1   # smoke check
-    python benchmarks/run.py --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
-    python benchmarks/run.py --ckpt-steps          # also step times at S3 checkpoints (+2-4 min)
-    python benchmarks/run.py --ray-data            # also Ray Data vs the DataLoader (+2-4 min)
+    python -m benchmarks.run --quick               # up to 500 images, 3 timed passes (~30 s)
+    python -m benchmarks.run                       # all images, 5 timed passes
+    python -m benchmarks.run --images DIR --max-images 20 --repeats 1   # smoke check
+    python -m benchmarks.run --ray-overhead        # also Ray Train vs plain DDP (+3-6 min)
+    python -m benchmarks.run --ckpt-steps          # also step times at S3 checkpoints (+2-4 min)
+    python -m benchmarks.run --ray-data            # also Ray Data vs the DataLoader (+2-4 min)
 
 Every pipeline reads the same images in the same order through a DataLoader with num_workers=0 in
 one process with torch.set_num_threads(1), so images/s is images/s per core. Writes a PNG of
@@ -22,8 +22,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50 from this checkout
 
 import numpy as np
 import simplejpeg

@@ -58,7 +58,8 @@ def test_every_result_file_says_how_where_and_when_it_was_made():
     for path in files:
         record = json.loads(path.read_text())
         # A benchmark script, or a documented rehearsal test that records what it measured.
-        assert record["command"].startswith(("python benchmarks/", "python -m pytest tests/")), \
+        assert record["command"].startswith(("python -m benchmarks.", "python benchmarks/",
+                                              "python -m pytest tests/")), \
             path.name
         assert record["machine"]["cpus"] >= 1 and record["machine"]["cpu"], path.name
         assert re.match(r"\d{4}-\d\d-\d\dT", record["date"]), path.name

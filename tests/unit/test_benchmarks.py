@@ -23,7 +23,7 @@ def test_pipeline_benchmark_prints_its_figures(tmp_path):
     images.mkdir()
     generate_jpegs(images, count=12)
     grid = tmp_path / "crops.png"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--images",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--images",
                            str(images), "--repeats", "1", "--grid", str(grid)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -83,14 +83,14 @@ def test_augmentation_benchmark_writes_its_grid_and_figures(tmp_path):
     images.mkdir()
     generate_jpegs(images, count=4)
     out, grid = tmp_path / "augmentations.json", tmp_path / "augmentations.png"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "augmentations.py"),
+    done = subprocess.run([sys.executable, "-m", "benchmarks.augmentations",
                            "--images", str(images), "--repeats", "1", "--grid-images", "3",
                            "--crop-px", "64", "--out", str(out), "--grid", str(grid)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["images"] == 4 and figures["machine"]["cpus"] == os.cpu_count()
-    assert figures["command"].startswith("python benchmarks/augmentations.py --images")
+    assert figures["command"].startswith("python -m benchmarks.augmentations --images")
     rows = figures["per_image"]
     assert set(rows) == {"none", "trivialaugment_wide", "randaugment", "autoaugment",
                          "random_erasing", "all"} and rows["none"]["ratio_vs_none"] == 1.0

@@ -9,7 +9,7 @@ Layers, lowest first; a module may import from its own layer and the ones before
     core        rn50.core.*                     model, schedule, loop, checkpoint state + store
     serve       rn50.serve.*                    evaluation, inference, demo, exports
     distributed rn50.distributed.*              Ray Train / Tune: the only layer importing ray
-    aliases     rn50.demo, rn50.export, ...     `python -m` short paths kept from the old layout
+    aliases     rn50.demo, rn50.train, ...      the commands: `python -m rn50.X`, `rn50-X`
 
 Also: `ray` at module level only in the distributed layer; no import cycle among the modules of
 rn50/, ray_jobs/ and benchmarks/ (function-level imports included); benchmarks never import tests.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = ["config", "io", "data", "core", "serve", "distributed", "aliases"]
-ALIASES = {"rn50.demo", "rn50.export", "rn50.checkpoint", "rn50.mlflow_backup"}
+ALIASES = {"rn50.demo", "rn50.export", "rn50.checkpoint", "rn50.mlflow_backup", "rn50.train",
+           "rn50.tune", "rn50.evaluate", "rn50.prepare_imagenet"}
 
 
 def module_name(path: Path) -> str:
