@@ -54,7 +54,7 @@ def upload_times(directory: Path) -> dict:
     """Seconds to copy the checkpoint to S3 with pyarrow (what Ray uses) and with boto3."""
     import boto3
     import pyarrow.fs as pafs
-    from rn50.io.local_servers import S3Server
+    from tools.local_servers import S3Server
 
     server = S3Server(Path(tempfile.mkdtemp(prefix="rn50-s3-")))
     server.start()

@@ -119,7 +119,7 @@ def run_benchmark(quick: bool) -> dict:
     from rn50.distributed.ray_setup import init_ray
     from rn50.io import storage
     from rn50.config import load_config
-    from rn50.io.local_servers import S3Server
+    from tools.local_servers import S3Server
 
     sizes = SIZES["quick" if quick else "full"]
     work = Path(tempfile.mkdtemp(prefix="rn50-ckpt-steps-"))

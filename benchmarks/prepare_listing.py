@@ -9,7 +9,7 @@ projection to full ImageNet on the `cpu.spot` nodes of cluster.yaml.
 
 The tars are written with benchmarks/ilsvrc_tars.py from the 1,000 real ImageNet JPEGs beside
 the repository (cycled; generated ImageNet-like JPEGs when they are absent) or small generated
-ones, uploaded to a SeaweedFS S3 server (rn50.io.local_servers.S3Server), and prepared by
+ones, uploaded to a SeaweedFS S3 server (tools.local_servers.S3Server), and prepared by
 rn50.distributed.prepare on a local Ray with --cpus CPUs, exactly as ray_jobs/prepare_imagenet.py
 does. Requests are the server's own counts (SeaweedFS_s3_request_total), so requests made by Ray
 tasks in other processes count too. Phases: cold listing (train, val), warm listing (from
@@ -36,7 +36,7 @@ from benchmarks.ilsvrc_tars import TRAIN_TAR, VAL_CSV, VAL_TAR, synthetic_ilsvrc
 from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
 from benchmarks.prepare_projection import project
 from benchmarks.results import write_result
-from rn50.io.local_servers import S3Server
+from tools.local_servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from rn50.io.local_servers import MlflowServer, S3Server
+from tools.local_servers import MlflowServer, S3Server
 from tests.integration.faults import fingerprint
 from tests.integration.jobs import reference_maths, run_job
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rn50.io.local_servers import free_ports, log_tail
+from tools.local_servers import free_ports, log_tail
 from tests.browser import launch
 from tests.model_helpers import digits_config, random_image, write_checkpoint
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from rn50.core import checkpoint as ckpt
 from rn50.io import mlflow_backup
-from rn50.io.local_servers import MlflowServer
+from tools.local_servers import MlflowServer
 from tests.integration.jobs import run_job, small
 
 pytestmark = pytest.mark.integration

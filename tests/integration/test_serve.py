@@ -13,7 +13,7 @@ import torch
 from rn50.serve import inference
 from rn50.serve.artifacts import load_model
 from rn50.serve.export import export
-from rn50.io.local_servers import free_ports, log_tail
+from tools.local_servers import free_ports, log_tail
 from tests.model_helpers import digits_config, write_checkpoint
 
 pytestmark = pytest.mark.integration

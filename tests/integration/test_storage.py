@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from rn50.io import storage
 from rn50.io.storage import StorageError
-from rn50.io.local_servers import free_ports
+from tools.local_servers import free_ports
 
 pytestmark = pytest.mark.integration
 

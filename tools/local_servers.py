@@ -1,4 +1,7 @@
-"""Real local servers for tests, benchmarks and rehearsals: SeaweedFS as S3, and an MLflow server.
+"""Real local servers for the tests and benchmarks: SeaweedFS as S3, and an MLflow server.
+
+Not part of the library (nothing in rn50/ imports it, and it is not installed): the tests and
+`python -m benchmarks.X` import it from the checkout's root.
 
 Each runs as its own process group on free loopback ports in its own directory, so a test session
 never touches a developer's servers and teardown can kill everything the server spawned.
