@@ -29,7 +29,7 @@ from rn50.core.resume_order import check_same_steps, resumed_order
 from rn50.core.schedule import build_scheduler
 from rn50.core.training_state import TrainingState
 from rn50.data.epoch_loader import EpochLoader
-from rn50.data.loaders import (build_datasets, build_loader, dataset_classes,
+from rn50.data.loaders import (build_datasets, dataset_classes,
                                set_train_crop_px)
 from rn50.data.samplers import micro_batch_slots
 from rn50.data.transforms import train_crop_px_at
@@ -86,13 +86,8 @@ class _Worker:
     def loader(self, dataset: Dataset, epoch: int, train: bool, skip_steps: int = 0):
         """This rank's loader of `dataset` set up for `epoch` (rn50.data.epoch_loader)."""
         if train not in self.loaders:
-            self.loaders[train] = EpochLoader(
-                dataset, self.config.micro_batch_size, rank=self.rank,
-                world_size=self.world_size, seed=self.config.train.seed, train=train,
-                loader_workers=self.loader_workers,
-                repeated_augmentations=self.config.data.repeated_augmentations,
-                micro_batches_per_step=self.config.micro_batches_per_step,
-                channels_last=self.config.model.channels_last and self.device.type == "cuda")
+            self.loaders[train] = _epoch_loader(self.config, dataset, self.rank, self.world_size,
+                                                self.device, self.loader_workers, train)
         crop_px = train_crop_px_at(self.config.data, epoch) if train else 0
         order = self.resumed_order if train and skip_steps else 0  # only the resumed epoch
         return self.loaders[train].epoch(epoch, skip_steps, crop_px, order)
@@ -152,12 +147,11 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
     if world_size > 1:
         model = wrap_ddp(model, device)
     model = maybe_compile(model, config.train.compile, config.micro_batch_size)
-    # Global steps, as the samplers deal them: the same at every world size.
-    steps_per_epoch = build_loader(
-        train_set, config.micro_batch_size, rank=rank, world_size=world_size,
-        seed=config.train.seed, epoch=0, train=True,
-        repeated_augmentations=config.data.repeated_augmentations,
-        micro_batches_per_step=config.micro_batches_per_step).batch_sampler.steps
+    # The run's train loader, built once: its global steps, as the samplers deal them, are the
+    # same at every world size.
+    train_loader = _epoch_loader(config, train_set, rank, world_size, device, cpus.loader_workers,
+                                 train=True)
+    steps_per_epoch = train_loader.steps
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one global "
                          f"batch ({config.train.global_batch_size}); lower train.global_batch_size")
@@ -169,7 +163,8 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
         scaler=build_grad_scaler(device, config))
     worker = _Worker(config, rank, world_size, device, train_set, val_set, class_names,
                      micro_batch_slots(rank, world_size, config.micro_batches_per_step),
-                     steps_per_epoch, state, loader_workers=cpus.loader_workers)
+                     steps_per_epoch, state, loader_workers=cpus.loader_workers,
+                     loaders={True: train_loader})
     resumed = _load_resume_state(rank)
     if resumed is not None:
         check_same_steps(resumed, config)
@@ -182,6 +177,16 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
                        f"{config.micro_batches_per_step}: each of its samples once")
         worker.best_value = resumed.get("best_value")
     return worker
+
+
+def _epoch_loader(config: Config, dataset: Dataset, rank: int, world_size: int,
+                  device: torch.device, loader_workers: int, train: bool) -> EpochLoader:
+    """This rank's train or val loader for the whole run; its worker processes live as long."""
+    return EpochLoader(dataset, config.micro_batch_size, rank=rank, world_size=world_size,
+                       seed=config.train.seed, train=train, loader_workers=loader_workers,
+                       repeated_augmentations=config.data.repeated_augmentations,
+                       micro_batches_per_step=config.micro_batches_per_step,
+                       channels_last=config.model.channels_last and device.type == "cuda")
 
 
 def _train(worker: _Worker, run: RunContext) -> None:
