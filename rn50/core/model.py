@@ -35,8 +35,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     model = resnet50(weights=None, num_classes=num_classes,
                      zero_init_residual=model_cfg.zero_init_residual)
     if model_cfg.arch not in ARCH_CHANGES:
-        raise ValueError(f"'model.arch' must be one of {list(choices(Arch))}, "
-                         f"got {model_cfg.arch!r}")
+        raise ValueError(f"unknown model.arch {model_cfg.arch!r}; must be one of "
+                         f"{list(choices(Arch))}")
     change = ARCH_CHANGES[model_cfg.arch]
     if change is not None:
         change(model)

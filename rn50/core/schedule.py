@@ -29,8 +29,8 @@ def lr_multiplier(step: int, steps_per_epoch: int, total_epochs: int, cfg: Sched
     elif cfg.decay == "linear":
         shape = 1 - progress
     else:
-        raise ValueError(f"'schedule.decay' must be one of {list(choices(Decay))}, "
-                         f"got {cfg.decay!r}")
+        raise ValueError(f"unknown schedule.decay {cfg.decay!r}; must be one of "
+                         f"{list(choices(Decay))}")
     return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * shape
 
 

@@ -56,8 +56,8 @@ def _prepared_root(data_cfg) -> Path:
         return prepare_imagenette(root, data_cfg.imagenette_size_px)
     if data_cfg.dataset == "imagefolder":
         return root
-    raise DataError(f"'data.dataset' must be one of {list(choices(DataSource))}, "
-                    f"got {data_cfg.dataset!r}")
+    raise DataError(f"unknown data.dataset {data_cfg.dataset!r}; must be one of "
+                    f"{list(choices(DataSource))}")
 
 
 def build_val_dataset(data_cfg, classes: list[str] | None = None) -> Dataset:

@@ -157,8 +157,8 @@ AUTO_AUGMENT_POLICIES: dict[str, Callable[[], v2.Transform] | None] = {
 def auto_augment_policy(name: AutoAugment) -> v2.Transform | None:
     """torchvision's v2 policy for `data.auto_augment`, set up as the classification references."""
     if name not in AUTO_AUGMENT_POLICIES:
-        raise ValueError(f"'data.auto_augment' must be one of {list(choices(AutoAugment))}, "
-                         f"got {name!r}")
+        raise ValueError(f"unknown data.auto_augment {name!r}; must be one of "
+                         f"{list(choices(AutoAugment))}")
     make = AUTO_AUGMENT_POLICIES[name]
     return make() if make is not None else None
 
