@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.results import write_result
-from rn50.core.checkpoint import save_checkpoint
+from rn50.io.checkpoints import (CheckpointError, checkpoints_newest_first, save_checkpoint,
+                                 verify)
 from rn50.core.training_state import capture_rng_state
 from rn50.config import ModelConfig
 from rn50.core.model import build_model
@@ -84,10 +85,10 @@ def _kill_a_worker_after_first_checkpoint(job: subprocess.Popen, run_dir: Path) 
     checkpoint has landed; return when (perf_counter seconds), or None if the run ended first."""
     import psutil
     while job.poll() is None:
-        for manifest in run_dir.glob("checkpoint_2*/manifest.json"):
+        for path in checkpoints_newest_first(str(run_dir)):
             try:
-                steps = json.loads(manifest.read_text())["summary"].get("steps_done", 0)
-            except (OSError, ValueError, KeyError):
+                steps = verify(path, hashes=False)["summary"].get("steps_done", 0)
+            except (OSError, CheckpointError, KeyError):
                 continue
             workers = [p for p in psutil.Process(job.pid).children(recursive=True)
                        if "RayTrainWorker" in " ".join(p.cmdline())]

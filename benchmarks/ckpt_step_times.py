@@ -10,7 +10,7 @@ Each worker runs the project's `rn50.core.engine.train_one_epoch` on ResNet-50 (
 classes, 32 px, global batch 64 = 32 per worker, 1 thread each) over in-memory batches, and at
 the due steps does what the training worker does: `TrainingState.snapshot` (RNG all-gather +
 state), then `rn50.distributed.reporting.report` (serialise + SHA-256 on rank 0, `ray.train.report`
-with the ASYNC upload through `rn50.core.checkpoint.upload_with_retries`). `report`'s
+with the ASYNC upload through `rn50.io.checkpoints.upload_with_retries`). `report`'s
 `on_upload` observer timestamps each upload, so a step can be classed as "upload in flight" from
 when it ran, not from a guess.
 A step's time runs from the end of the previous step's hook to the end of its own, so a saving

@@ -44,7 +44,7 @@ from benchmarks.images import CycledFiles
 
 from rn50.config import DataConfig, ModelConfig
 from rn50.core.background_save import save_in_background
-from rn50.core.checkpoint import save_checkpoint
+from rn50.io.checkpoints import save_checkpoint
 from rn50.core.engine import evaluate
 from rn50.core.model import build_model
 from rn50.data.epoch_loader import EpochLoader

@@ -213,7 +213,7 @@ def section_checkpoint(bench: Bench, report) -> dict:
     """Seconds a ResNet-50 checkpoint (weights, momentum, EMA) holds the training thread:
     write + hash from device tensors (before issue 24) vs the host copy (after)."""
     from rn50.core.background_save import save_in_background
-    from rn50.core.checkpoint import save_checkpoint
+    from rn50.io.checkpoints import files_bytes, save_checkpoint, verify
     px, batch = bench.px[0], bench.batches[0]
     config = bench_config(batch, px, "train.ema_decay=0.9999")
     training = training_state(config, bench.device)
@@ -229,7 +229,7 @@ def section_checkpoint(bench: Bench, report) -> dict:
     written = save_in_background(work / "after", state, {})
     stall_s = time.perf_counter() - start_s
     written.result()
-    size_mb = (work / "before" / "state.pt").stat().st_size / 2**20
+    size_mb = files_bytes(verify(work / "before", hashes=False)) / 2**20
     return {"ckpt_size_mb": size_mb, "ckpt_sync_save_s": before_s, "ckpt_stall_s": stall_s,
             "ckpt_background_write_s": time.perf_counter() - start_s}
 

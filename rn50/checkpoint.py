@@ -5,7 +5,7 @@
     python -m rn50.checkpoint ls RUN                   # a run's checkpoints, each verified,
                                                        # the best (checkpoint.keep_best_by) marked
 
-The API underneath is `rn50.core.checkpoint`.
+The API underneath is `rn50.io.checkpoints`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import posixpath
 import sys
 from typing import Any
 
-from rn50.core.checkpoint import (BEST_DIR, CHECKPOINT_DIR_NAME, CheckpointError, best_checkpoint,
-                                  load_state, verify)
+from rn50.io.checkpoints import (CheckpointError, best_checkpoint, checkpoint_names, files_bytes,
+                                 load_state, verify)
 from rn50.core.training_state import fingerprint_weights
 from rn50.io import storage
 
@@ -25,9 +25,8 @@ def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
     """One row per checkpoint of a run (its `checkpoint_*` folders, then its best copy): name,
     epoch, steps, size, val_top1, verified, best."""
     best = best_checkpoint(run_uri)
-    names = sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n))
     rows = []
-    for name in names + ([f"{BEST_DIR}/{posixpath.basename(best)}"] if best else []):
+    for name in checkpoint_names(run_uri):
         row = {"checkpoint": name, "epoch": None, "steps_done": None, "size_mb": None,
                "val_top1": None, "verified": "yes",
                "best": bool(best) and posixpath.basename(name) == posixpath.basename(best)}
@@ -39,7 +38,7 @@ def list_checkpoints(run_uri: str) -> list[dict[str, Any]]:
             summary = manifest.get("summary", {})
             row.update(epoch=summary.get("epoch"), steps_done=summary.get("steps_done", "end"),
                        val_top1=summary.get("val_top1"),
-                       size_mb=round(sum(f["size"] for f in manifest["files"].values()) / 2**20, 1))
+                       size_mb=round(files_bytes(manifest) / 2**20, 1))
         rows.append(row)
     return rows
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rn50.core.checkpoint import save_checkpoint
+from rn50.io.checkpoints import save_checkpoint
 from rn50.config import Config, load_config
 from rn50.core.model import EMA, build_model
 

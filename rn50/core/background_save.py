@@ -4,7 +4,7 @@ Saving on the training thread serialises ~200 MB and hashes it while every other
 the next collective. Only the copy has to happen there: tensors keep changing as training goes
 on, so the state is copied to host memory first (pinned, one device sync, on a GPU; a clone on
 CPU), and the copy is written and hashed by one background thread. The checkpoint folder has no
-manifest until the write is complete (rn50.core.checkpoint), so nothing can load, upload or
+manifest until the write is complete (rn50.io.checkpoints), so nothing can load, upload or
 verify a half-written one; whoever hands the folder on waits for `Future.result()`, which also
 raises the write's error.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rn50.core.checkpoint import save_checkpoint
+from rn50.io.checkpoints import save_checkpoint
 
 log = logging.getLogger(__name__)
 _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rn50-ckpt-writer")

@@ -3,7 +3,7 @@
 `TrainingState` bundles the objects one training process updates (model, optimizer, per-step LR
 schedule, EMA, loss scaler). `snapshot()` turns them into the plain state dict a checkpoint holds;
 `restore()` loads one back and says where in the run to continue. The files themselves (manifest,
-upload, verification) are `rn50.core.checkpoint`'s concern.
+upload, verification) are `rn50.io.checkpoints`'s concern.
 """
 from __future__ import annotations
 

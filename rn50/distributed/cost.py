@@ -19,7 +19,7 @@ import ray
 import torch.distributed as dist
 
 from rn50.config import Config
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.distributed import cluster_view
 from rn50.distributed.cluster_view import MARKET_LABEL
 from rn50.io import pricing, tracking

@@ -20,7 +20,7 @@ import torch
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.config_sections import AUTO

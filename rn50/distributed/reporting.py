@@ -2,7 +2,6 @@
 and uploaded in the background through our retrying, verifying upload function."""
 from __future__ import annotations
 
-import tempfile
 import time
 from concurrent.futures import Future
 from typing import Callable
@@ -10,7 +9,7 @@ from typing import Callable
 import ray
 import ray.train
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.core.background_save import save_in_background
 
 UploadObserver = Callable[[float, float], None]
@@ -29,7 +28,7 @@ def report(metrics: dict, state: dict | None, rank: int,
     # thread (rn50.core.background_save), Ray's upload thread waits for them, uploads the folder
     # and deletes it afterwards. The manifest inside is what makes a half-written or
     # half-uploaded copy unloadable.
-    directory = tempfile.mkdtemp(prefix="rn50-ckpt-")
+    directory = ckpt.staging_folder()
     written = save_in_background(directory, state, summary=metrics)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
@@ -39,7 +38,7 @@ def report(metrics: dict, state: dict | None, rank: int,
 
 def _verified_upload(storage_context, on_upload: UploadObserver | None, keep_as_best: bool,
                      written: Future | None = None):
-    """Ray's own upload, retried and checked by `rn50.core.checkpoint.upload_with_retries`, of
+    """Ray's own upload, retried and checked by `rn50.io.checkpoints.upload_with_retries`, of
     the folder `written` completes (its error, if the write failed, fails the upload)."""
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         start_s = time.perf_counter()  # the write's remainder counts: it is off the loop too

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from rn50.config import Config
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.core.device import maybe_compile
 from rn50.core.engine import build_grad_scaler, build_optimizer, evaluate, train_one_epoch
 from rn50.core.model import EMA, build_model, place_model, unwrap

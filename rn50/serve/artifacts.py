@@ -1,7 +1,7 @@
 """Trained models for inference, from a checkpoint (local or s3://) or an MLflow model URI.
 
-`load_model(uri)` accepts a checkpoint directory (`.../checkpoint_*`, holding state.pt and
-manifest.json), a run directory (its newest checkpoint is used), either of those on S3 (copied
+`load_model(uri)` accepts a checkpoint directory (`.../checkpoint_*`, as `rn50.io.checkpoints`
+writes it), a run directory (its newest checkpoint is used), either of those on S3 (copied
 to a verified local cache first), or `runs:/<run id>/model`, `models:/<name>/<version>`,
 `models:/<name>@<alias>`, `models:/m-<id>` (the model a training run logged, which takes
 normalized float NCHW input; its run's `recipe.yaml` supplies the class count and crop sizes).
@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from rn50.io import storage
-from rn50.core.checkpoint import CheckpointError, download, load_checkpoint
+from rn50.io.checkpoints import CheckpointError, download, load_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
 from rn50.data.datasets import DataError
 from rn50.data.class_names import imagenet_names, imagenet_wnids, readable_classes

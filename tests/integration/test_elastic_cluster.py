@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from tests.integration.fake_cluster import REPO, FakeCluster, kill_tree
 from tests.integration.faults import fingerprint
 from tests.integration.jobs import (REFERENCE_EPOCHS, epochs_logged, reference_maths,

@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from rn50.core.checkpoint import download
+from rn50.io.checkpoints import download
 from rn50.serve.artifacts import load_model
 from rn50.serve.evaluate import (build_parser, build_val_dataset, evaluate_shard, metrics,
                                  run_from_args)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from rn50.core.checkpoint import load_checkpoint, save_checkpoint
+from rn50.io.checkpoints import load_checkpoint, save_checkpoint
 from tests.integration.faults import (STEPS_PER_EPOCH, common, fingerprint, kill_job, result_of,
                                       start_job, summaries, train_worker_pids, wait_until)
 from tests.integration.jobs import run_job

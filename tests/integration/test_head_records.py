@@ -16,7 +16,7 @@ import shutil
 import pytest
 from mlflow import MlflowClient
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.io import mlflow_backup
 from tools.local_servers import MlflowServer
 from tests.integration.jobs import run_job, small

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from tests.fake_imds import NOTICE, FakeImds
 from tests.integration.fake_cluster import RAY, REPO, FakeCluster, kill_tree
 from tests.integration.faults import fingerprint

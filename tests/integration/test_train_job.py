@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from rn50.config import load_config
-from rn50.core.checkpoint import find_checkpoint, load_checkpoint
+from rn50.io.checkpoints import find_checkpoint, load_checkpoint
 from rn50.serve.artifacts import load_model
 from rn50.core.training_state import fingerprint_weights
 from tests.integration.faults import summaries

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from rn50.core.checkpoint import CheckpointError, download, find_checkpoint
+from rn50.io.checkpoints import CheckpointError, download, find_checkpoint
 from rn50.serve.artifacts import ArtifactError, class_names_for, load_model
 from rn50.config import load_config
 from tests.model_helpers import digits_config, write_checkpoint

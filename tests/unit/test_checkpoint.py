@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rn50.checkpoint import main
-from rn50.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify
+from rn50.io.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, verify
 from rn50.core.training_state import (TrainingState, capture_rng_state, fingerprint_weights,
                                       restore_rng_state)
 from rn50.config import ModelConfig
@@ -182,7 +182,7 @@ def _run_with_three_checkpoints(run):
 
 
 def test_resume_picks_the_newest_checkpoint_that_verifies(tmp_path, caplog):
-    from rn50.core.checkpoint import load_newest_good
+    from rn50.io.checkpoints import load_newest_good
     first, second, third = _run_with_three_checkpoints(tmp_path / "run")
     (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")  # not a checkpoint
     chosen, state = load_newest_good(str(tmp_path / "run"))
@@ -234,7 +234,7 @@ def _flaky_filesystem(failures: int):
 
 def test_a_passing_read_error_is_retried_not_taken_for_a_bad_checkpoint(tmp_path, monkeypatch):
     """A read error on the newest checkpoint must not fall back to an older one (lost work)."""
-    from rn50.core import checkpoint as ckpt
+    from rn50.io import checkpoints as ckpt
     _, _, third = _run_with_three_checkpoints(tmp_path / "run")
     monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)  # the back-off, not the behaviour
     filesystem, handler = _flaky_filesystem(failures=2)
@@ -248,7 +248,7 @@ def test_a_passing_read_error_is_retried_not_taken_for_a_bad_checkpoint(tmp_path
 def test_upload_is_retried_until_the_copy_verifies(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
-    from rn50.core import checkpoint as ckpt
+    from rn50.io import checkpoints as ckpt
     monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)
     source = save_checkpoint(tmp_path / "src", {"model": {"w": torch.ones(1000)}}, {})
     dest, attempts = tmp_path / "dest", []
@@ -270,7 +270,7 @@ def test_upload_is_retried_until_the_copy_verifies(tmp_path, monkeypatch):
 
 
 def test_the_best_checkpoint_is_kept_apart_found_first_and_marked(tmp_path, capsys):
-    from rn50.core.checkpoint import best_checkpoint, download, find_checkpoint, keep_as_best
+    from rn50.io.checkpoints import best_checkpoint, download, find_checkpoint, keep_as_best
     run = tmp_path / "run"
     first, second, third = _run_with_three_checkpoints(run)
     assert best_checkpoint(str(run)) is None and find_checkpoint(str(run)) == str(third)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from rn50.config import DataConfig
 from rn50.core.background_save import host_copy, save_in_background
-from rn50.core.checkpoint import load_checkpoint
+from rn50.io.checkpoints import load_checkpoint
 from rn50.data.epoch_loader import EpochLoader
 from rn50.data.loaders import build_loader, collate_skip_corrupt, set_train_crop_px
 from rn50.data.samplers import epoch_streams

@@ -2,7 +2,7 @@
 one relative to the folder the job happened to start in (`./runs/...` beside `/abs/...`)."""
 import os
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.distributed.driver import _best_of_run
 from rn50.io import storage
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rn50.config import load_config
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.distributed import cost
 from rn50.io import pricing, tracking
 from rn50.io.pricing import CostBasis, Prices

@@ -1,6 +1,7 @@
-"""Checkpoints in storage: writing, uploading, verifying, choosing what to resume, downloading.
+"""The checkpoint store: writing, uploading, verifying, choosing what to resume, downloading.
 
-A checkpoint is a folder with the whole training state in `state.pt` and a `manifest.json`,
+The one module that knows a checkpoint's files and folder names; everything else calls it. A
+checkpoint is a folder with the whole training state in `state.pt` and a `manifest.json`,
 written last, listing every file's size and SHA-256. A folder without a manifest, or whose files
 do not match it, was cut short (a worker died mid-write, an upload broke) and is never loaded.
 Loading uses `torch.load(weights_only=True)`, so a checkpoint cannot execute code. Every function
@@ -240,6 +241,24 @@ def keep_as_best(run: str | Location, checkpoint_path: str) -> str:
         if info.type == pafs.FileType.Directory and info.path.rstrip("/") != target:
             filesystem.delete_dir(info.path)
     return target
+
+
+def checkpoint_names(run_uri: str) -> list[str]:
+    """A run's checkpoints as paths relative to it: its `checkpoint_*` folders, oldest first,
+    then its best copy (`best/checkpoint_*`) if it keeps one."""
+    best = best_checkpoint(run_uri)
+    names = sorted(n for n in storage.list_dir(run_uri) if CHECKPOINT_DIR_NAME.match(n))
+    return names + ([f"{BEST_DIR}/{posixpath.basename(best)}"] if best else [])
+
+
+def files_bytes(manifest: dict[str, Any]) -> int:
+    """Total size of the files a checkpoint's manifest lists."""
+    return sum(entry["size"] for entry in manifest["files"].values())
+
+
+def staging_folder() -> str:
+    """A new local folder to write a checkpoint into before it is uploaded."""
+    return tempfile.mkdtemp(prefix="rn50-ckpt-")
 
 
 def best_checkpoint(run_uri: str) -> str | None:
