@@ -24,6 +24,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config as BotoConfig
 
+from rn50.io.s3 import s3_uri
+
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
@@ -221,7 +223,7 @@ class MlflowServer:
 
     @property
     def artifacts_destination(self) -> str:
-        return f"s3://{self.s3.bucket}/mlflow-artifacts"
+        return s3_uri(self.s3.bucket, "mlflow-artifacts")
 
     @property
     def log_path(self) -> Path:

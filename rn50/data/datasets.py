@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from rn50.io import storage
 from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,
                               find_parquet_shards, hf_label_names, image_bytes)
 from rn50.data.transforms import load_rgb
@@ -131,12 +132,10 @@ class ImageFolderDataset(Dataset):
 def _filesystem_and_path(root: str, filesystem: pafs.FileSystem | None):
     if filesystem is not None:
         return filesystem, root.split("://", 1)[-1].rstrip("/")
-    if "://" in root:
-        try:
-            return pafs.FileSystem.from_uri(root)
-        except Exception as err:
-            raise DataError(f"cannot open '{root}': {err}") from err
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+    try:  # the one resolver: S3 with the project's timeouts, retries and messages
+        return storage.filesystem_and_path(root)
+    except storage.StorageError as err:
+        raise DataError(f"cannot open '{root}': {err}") from err
 
 
 class ParquetDataset(Dataset):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from rn50.io import storage
 from rn50.data.class_names import readable_classes
-from rn50.data.imagenet_sources import Record, filesystem, read_records
+from rn50.data.imagenet_sources import Record, read_records
 
 JPEG_QUALITY = 90
 ROW_GROUP_ROWS = 128  # ParquetDataset reads whole row groups: keep them a few MB
@@ -104,7 +104,7 @@ def _existing(fs, out_path: str, sidecar: str, plan: str) -> dict | None:
 
 def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict:
     """Write one shard (unless a verified copy exists); return its manifest entry."""
-    fs, root = filesystem(out)
+    fs, root = storage.filesystem_and_path(out)
     split_dir, progress_dir = f"{root}/{item['split']}", f"{root}/_progress"
     out_path, sidecar = f"{split_dir}/{item['name']}", f"{progress_dir}/{item['name']}.json"
     plan = _plan_hash(item, options)
@@ -112,7 +112,7 @@ def write_shard(item: dict, out: str, classes: list[str], options: dict) -> dict
     if done is not None:
         return {**done, "skipped": True}
     records = [Record(**r) for r in json.loads(item["records"])]
-    source_fs, _ = filesystem(options["source"])
+    source_fs, _ = storage.filesystem_and_path(options["source"])
     images = [{"bytes": shrink(data, options["max_px"]), "path": r.name}
               for r, data in zip(records, read_records(source_fs, records))]
     table = pa.table({"image": images, "label": [r.label for r in records]},
@@ -149,7 +149,7 @@ def write_manifest(out: str, entries: list[dict], classes: list[str], options: d
                 "class_labels": classes, "splits": splits,
                 "options": {k: v for k, v in options.items() if k != "source"},
                 "source": options["source"]}
-    fs, root = filesystem(out)
+    fs, root = storage.filesystem_and_path(out)
     with fs.open_output_stream(f"{root}/manifest.json") as stream:
         stream.write(json.dumps(manifest, indent=1).encode())
     return manifest

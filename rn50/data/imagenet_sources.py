@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from rn50.data.common import (IMAGE_EXTENSIONS, VAL_SOLUTION_CSV, DataError,
                               find_parquet_shards, hf_label_names, image_bytes)
 from rn50.data.tar_listing import TarListingError, group_ranges, members_of_range, tar_members
-from rn50.io.storage import explain_error, resolve_storage
+from rn50.io.storage import explain_error, filesystem_and_path
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -40,12 +40,6 @@ class Record:
     label: int
     name: str
     row: int = -1
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or s3:// URI, S3 configured as rn50.io.storage does."""
-    fs, path = resolve_storage(uri)
-    return fs or pafs.LocalFileSystem(), path
 
 
 def read_record(fs: pafs.FileSystem, record: Record, handles: dict) -> bytes:
@@ -91,7 +85,7 @@ def _parquet_row_group(fs: pafs.FileSystem, record: Record, handles: dict) -> li
 def list_parquet(root: str, split: str, classes: list[str] | None = None):
     """Records of HF-style parquet shards (`data/train-00000-of-00294.parquet`, `image` {bytes,
     path} + `label`); class names from the HF metadata, else the given or numbered ones."""
-    fs, base = filesystem(root)
+    fs, base = filesystem_and_path(root)
     records, names = [], None
     for path in find_parquet_shards(fs, base.rstrip("/"), split):
         parquet = pq.ParquetFile(fs.open_input_file(path))
@@ -131,7 +125,7 @@ def list_folders(root: str, split: str, classes: list[str] | None = None):
 def list_class_tars(uri: str, tars: list[tuple[str, int, int, int]]) -> list[Record]:
     """Records of class tars (name, start, size, label) lying back to back in the train tar at
     `uri`, read with one large read (a listing task: see `list_train_tar`)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem_and_path(uri)
     with _opened(fs, path, uri) as handle:
         listed = members_of_range(handle, [(n, s, z) for n, s, z, _ in tars], uri)
     return [Record(path, offset, length, label, PurePosixPath(name).name)
@@ -145,7 +139,7 @@ def list_train_tar(uri: str, map_fn: Callable = map):
     The outer tar's 1,000 headers are read here; the class tars are listed by
     `list_class_tars` in runs of >= TASK_BYTES, through `map_fn(function, *argument lists)`
     (`map` here; Ray tasks in `rn50.distributed.prepare`)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem_and_path(uri)
     with _opened(fs, path, uri) as handle:
         inner = sorted(m for m in tar_members(handle, 0, handle.size(), uri)
                        if m[0].endswith(".tar"))
@@ -174,7 +168,7 @@ def _opened(fs: pafs.FileSystem, path: str, uri: str):
 
 def _val_labels(uri: str) -> dict[str, str]:
     """ImageId -> wnid from Kaggle's LOC_val_solution.csv (local or S3)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem_and_path(uri)
     try:
         with fs.open_input_stream(path) as stream:
             rows = csv.DictReader(io.StringIO(stream.read().decode()))
@@ -192,7 +186,7 @@ def _val_labels(uri: str) -> dict[str, str]:
 def list_val_tar(uri: str, solution_uri: str, classes: list[str]):
     """Records of ILSVRC2012_img_val.tar (flat JPEGs) labelled by LOC_val_solution.csv."""
     wnids, index = _val_labels(solution_uri), {name: i for i, name in enumerate(classes)}
-    fs, path = filesystem(uri)
+    fs, path = filesystem_and_path(uri)
     records = []
     with _opened(fs, path, uri) as handle:
         for name, offset, size in tar_members(handle, 0, handle.size(), uri):
@@ -212,8 +206,8 @@ def list_val_tar(uri: str, solution_uri: str, classes: list[str]):
 
 def source_files(source: str, split: str) -> tuple[str, list[str]]:
     """(kind, paths): `tars`, `parquet` or `folders`, and the files a listing of `split` reads
-    (none for folders, whose listing is its own check), on `filesystem(source)`."""
-    fs, path = filesystem(source)
+    (none for folders, whose listing is its own check), on `filesystem_and_path(source)`."""
+    fs, path = filesystem_and_path(source)
     base = path.rstrip("/")
     tar_path = f"{base}/{TRAIN_TAR if split == 'train' else VAL_TAR}"
     try:
@@ -241,7 +235,7 @@ def list_source(source: str, split: str, classes: list[str] | None = None,
     HF-style parquet shards. `map_fn` runs the train tar's listing tasks (see list_train_tar)."""
     kind, _ = source_files(source, split)
     if kind == "folders":
-        return list_folders(filesystem(source)[1], split, classes)
+        return list_folders(filesystem_and_path(source)[1], split, classes)
     if kind == "parquet":
         return list_parquet(source, split, classes)
     base = source.rstrip("/")

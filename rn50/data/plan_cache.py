@@ -14,7 +14,8 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from rn50.data.imagenet_sources import Record, filesystem, list_source, source_files
+from rn50.io.storage import filesystem_and_path
+from rn50.data.imagenet_sources import Record, list_source, source_files
 
 PLAN_FILE = "_plan.json"
 FORMAT = "rn50-imagenet-listing/1"
@@ -26,14 +27,14 @@ def source_key(source: str, split: str, classes: list[str] | None) -> str | None
     kind, paths = source_files(source, split)
     if kind == "folders":
         return None
-    fs, _ = filesystem(source)
+    fs, _ = filesystem_and_path(source)
     files = [[info.path, info.size, info.mtime_ns] for info in fs.get_file_info(paths)]
     text = json.dumps([FORMAT, split, files, classes if split != "train" else None])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read(out: str) -> dict:
-    fs, root = filesystem(out)
+    fs, root = filesystem_and_path(out)
     try:
         with fs.open_input_stream(f"{root}/{PLAN_FILE}") as stream:
             plan = json.loads(stream.read())
@@ -69,7 +70,7 @@ def save_listing(out: str, split: str, key: str, records: list[Record],
     """Store `split`'s listing in `OUT/_plan.json`, keeping the other splits' entries."""
     plan = _read(out) or {"format": FORMAT, "splits": {}}
     plan["splits"][split] = _encode(records, classes, key)
-    fs, root = filesystem(out)
+    fs, root = filesystem_and_path(out)
     fs.create_dir(root, recursive=True)
     path = f"{root}/{PLAN_FILE}"
     # Written whole under a temporary name on local disks (an S3 object appears complete or

@@ -18,7 +18,6 @@ import posixpath
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -45,17 +44,11 @@ BEST_DIR = "best"
 SPENT_KEYS = ("spent_usd", "spent_run_s")
 
 log = logging.getLogger(__name__)
-Location = tuple[pafs.FileSystem, str]
+Location = storage.Location
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
-
-
-def _locate(where: str | Path | Location) -> Location:
-    if isinstance(where, tuple):
-        return (where[0] or pafs.LocalFileSystem()), where[1].rstrip("/")
-    return storage.filesystem_and_path(str(where).rstrip("/"))
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], summary: dict[str, Any]) -> Path:
@@ -80,7 +73,7 @@ def verify(where: str | Path | Location, hashes: bool = True) -> dict[str, Any]:
     """The manifest, if every file is there at its size (and SHA-256, unless `hashes=False`, the
     cheap check run before Ray records an upload); else CheckpointError saying what is wrong.
     Storage errors other than a missing file are raised as they are (OSError): retry those."""
-    filesystem, path = _locate(where)
+    filesystem, path = storage.locate(where)
     try:
         with filesystem.open_input_stream(f"{path}/{MANIFEST_FILE}") as stream:
             manifest = json.loads(stream.read())
@@ -113,23 +106,6 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from None
 
 
-def _with_retries(what: str, action: Callable, attempts: int):
-    """`action()`, retried with back-off on OSError (a storage blip); CheckpointError is final."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except CheckpointError:
-            raise
-        except OSError as err:
-            if attempt == attempts:
-                raise
-            delay_s = min(2 ** attempt, 30)
-            log.warning("%s failed (attempt %d/%d): %s; retrying in %d s", what, attempt,
-                        attempts, err, delay_s)
-            time.sleep(delay_s)
-    raise AssertionError("unreachable")
-
-
 def upload_with_retries(upload: Callable[[], Location], name: str,
                         attempts: int = UPLOAD_ATTEMPTS) -> Location:
     """Run `upload()` (which returns where the copy landed) until the copy verifies cheaply.
@@ -144,12 +120,12 @@ def upload_with_retries(upload: Callable[[], Location], name: str,
         except CheckpointError as err:  # torn by the outage: upload again
             raise OSError(str(err)) from err
         return landed
-    return _with_retries(f"checkpoint upload {name}", attempt, attempts)
+    return storage.with_retries(f"checkpoint upload {name}", attempt, attempts)
 
 
 def checkpoints_newest_first(run: str | Location, also: tuple[str, ...] = ()) -> list[str]:
     """Every `checkpoint_*` folder of a run in storage (plus `also`), newest first."""
-    filesystem, run_dir = _locate(run)
+    filesystem, run_dir = storage.locate(run)
     listing = filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     paths = {info.path.rstrip("/") for info in listing if info.type == pafs.FileType.Directory
              and CHECKPOINT_DIR_NAME.match(posixpath.basename(info.path.rstrip("/")))}
@@ -178,13 +154,13 @@ def load_newest_good(run: str | Location, registered: str | None = None
     verifies, a run whose checkpoints were all torn mid-upload (none `registered` with Ray, which
     records one only after its upload verified) starts over; if the registered one is broken too,
     storage lost completed work, and that is an error."""
-    filesystem, _ = _locate(run)
+    filesystem, _ = storage.locate(run)
     candidates = checkpoints_newest_first(run, (registered,) if registered else ())
     for path in candidates:
         try:
-            return path, _with_retries(f"reading checkpoint {path}",
-                                       lambda path=path: _load_from(filesystem, path),
-                                       READ_ATTEMPTS)
+            return path, storage.with_retries(f"reading checkpoint {path}",
+                                              lambda path=path: _load_from(filesystem, path),
+                                              READ_ATTEMPTS)
         except CheckpointError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
     if registered:
@@ -200,10 +176,10 @@ def load_newest_good(run: str | Location, registered: str | None = None
 def spent_of_run(run: str | Location) -> tuple[float, int] | None:
     """(US$, run seconds) the run had cost at its newest checkpoint that records it and whose
     manifest verifies (file sizes only: nothing is downloaded); None when none does."""
-    filesystem, _ = _locate(run)
+    filesystem, _ = storage.locate(run)
     for path in checkpoints_newest_first(run):
         try:
-            summary = _with_retries(f"reading checkpoint {path}", lambda path=path: verify(
+            summary = storage.with_retries(f"reading checkpoint {path}", lambda path=path: verify(
                 (filesystem, path), hashes=False), READ_ATTEMPTS)["summary"]
         except CheckpointError as err:
             log.warning("not reading the cost recorded in %s: %s", path, err)
@@ -215,9 +191,9 @@ def spent_of_run(run: str | Location) -> tuple[float, int] | None:
 
 def load_state(path: str | Location) -> dict[str, Any]:
     """Load one checkpoint (local or in storage), retrying passing read errors."""
-    filesystem, where = _locate(path)
-    return _with_retries(f"reading checkpoint {where}", lambda: _load_from(filesystem, where),
-                         READ_ATTEMPTS)
+    filesystem, where = storage.locate(path)
+    return storage.with_retries(f"reading checkpoint {where}",
+                                lambda: _load_from(filesystem, where), READ_ATTEMPTS)
 
 
 def cache_root() -> Path:
@@ -228,14 +204,14 @@ def cache_root() -> Path:
 def keep_as_best(run: str | Location, checkpoint_path: str) -> str:
     """Copy an uploaded checkpoint into the run's `best/` folder, then drop the previous best
     (only once the new copy verifies, so there is always a best); return the copy's path."""
-    filesystem, run_dir = _locate(run)
+    filesystem, run_dir = storage.locate(run)
     best_dir = f"{run_dir}/{BEST_DIR}"
     target = f"{best_dir}/{posixpath.basename(checkpoint_path.rstrip('/'))}"
     def copy() -> None:
         filesystem.create_dir(target, recursive=True)  # copy_files does not create it
         pafs.copy_files(checkpoint_path, target, source_filesystem=filesystem,
                         destination_filesystem=filesystem)
-    _with_retries(f"copying {checkpoint_path} to {best_dir}", copy, UPLOAD_ATTEMPTS)
+    storage.with_retries(f"copying {checkpoint_path} to {best_dir}", copy, UPLOAD_ATTEMPTS)
     verify((filesystem, target), hashes=False)
     for info in filesystem.get_file_info(pafs.FileSelector(best_dir, allow_not_found=True)):
         if info.type == pafs.FileType.Directory and info.path.rstrip("/") != target:
@@ -292,7 +268,8 @@ def download(uri: str, cache_dir: str | Path | None = None, latest: bool = False
     """A verified local checkpoint folder for `uri` (a run: its best, or newest if `latest`);
     s3:// ones are copied to a cache once."""
     uri = find_checkpoint(uri, latest)
-    if not uri.startswith("s3://"):
+    filesystem, path = storage.filesystem_and_path(uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
         path = Path(uri).expanduser()
         verify(path)
         return path
@@ -309,10 +286,9 @@ def download(uri: str, cache_dir: str | Path | None = None, latest: bool = False
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
     part.mkdir()  # copy_files writes into the folder but does not create it
-    filesystem, path = storage.resolve_storage(uri)
     try:
         try:
-            _with_retries(f"downloading {uri}", lambda: pafs.copy_files(
+            storage.with_retries(f"downloading {uri}", lambda: pafs.copy_files(
                 path, str(part), source_filesystem=filesystem,
                 destination_filesystem=pafs.LocalFileSystem()), READ_ATTEMPTS)
         except OSError as err:

@@ -1,28 +1,35 @@
 """Where runs live: a local directory or `s3://bucket/prefix`, reached through pyarrow.fs.
 
-Ray Train writes checkpoints through the same pyarrow filesystem, so everything here (the
-preflight check included) exercises the exact code path the run will use. This module must not
-import Ray: the CLI calls `preflight` before Ray starts so that a bad key fails in seconds.
-Error messages never contain the secret key or session token; the access key id is masked.
+The one resolver of storage URIs: every path rn50 reads or writes (runs, checkpoints, data,
+backups) becomes a (filesystem, path) here, S3 ones with the settings and messages of
+`rn50.io.s3`, and URIs are put together by `join` / `from_ray_path`, never by hand. Ray Train
+writes checkpoints through the same pyarrow filesystem, so everything here (the preflight check
+included) exercises the exact code path the run will use. This module must not import Ray: the
+CLI calls `preflight` before Ray starts so that a bad key fails in seconds.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import re
+import time
 import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-DEFAULT_REGION = "us-east-1"
+from rn50.io.s3 import StorageError, credentials_note, endpoint_url, is_s3, region, s3_error, \
+    s3_filesystem, s3_uri, split_s3
+
+__all__ = ["StorageError"]  # re-exported: callers catch storage.StorageError
+log = logging.getLogger(__name__)
+Location = tuple[pafs.FileSystem, str]
+T = TypeVar("T")
+FILE_SCHEME = "file://"
+
 SUPPORTED = "a local path (/data/runs, ./runs, ~/runs) or s3://BUCKET/PREFIX"
-# Seconds, not the SDK's minutes: a dead endpoint must fail the preflight quickly. The request
-# timeout is an idle-socket limit, so large checkpoint uploads are not cut off by it.
-CONNECT_TIMEOUT_S = 5.0
-REQUEST_TIMEOUT_S = 30.0
-RETRY_ATTEMPTS = 3
 # Set on the head (cluster.yaml does, beside MLFLOW_TRACKING_URI): where runs go when a command
 # is not given --storage, so `ray job submit ... train_full.py` typed bare keeps its work.
 STORAGE_ENV = "RN50_STORAGE"
@@ -59,83 +66,14 @@ def _in_job_scratch(path: str) -> bool:
     return f"{os.sep}runtime_resources{os.sep}" in _local(path)
 
 
-class StorageError(RuntimeError):
-    """Storage is unusable; the message says what is wrong and what to do about it."""
-    exit_code = 3
-
-
-def _env(*names: str) -> str:
-    return next((os.environ[n] for n in names if os.environ.get(n)), "")
-
-
-def _region() -> str:
-    return _env("AWS_REGION", "AWS_DEFAULT_REGION") or DEFAULT_REGION
-
-
-def _endpoint() -> tuple[str, str] | None:
-    """(scheme, host:port) from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, None for AWS itself."""
-    url = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    if not url:
-        return None
-    parts = urlsplit(url if "://" in url else f"https://{url}")
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
-        raise StorageError(f"S3 endpoint {url!r} is not of the form http(s)://HOST[:PORT]: fix "
-                           "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or unset them to use AWS S3")
-    return parts.scheme, parts.netloc
-
-
-def _endpoint_url() -> str:
-    endpoint = _endpoint()
-    return f"{endpoint[0]}://{endpoint[1]}" if endpoint else f"https://s3.{_region()}.amazonaws.com"
-
-
-def _masked_key() -> str:
-    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
-    # Enough to tell two keys apart in a log, not enough to be one.
-    return f"{key[:4]}…" if len(key) > 8 else ("…" if key else "")
-
-
-def _credentials_note() -> str:
-    key = _masked_key()
-    if key:
-        return f"access key {key} from AWS_ACCESS_KEY_ID"
-    return "no AWS_ACCESS_KEY_ID set, so the default credential chain (instance profile, ~/.aws)"
-
-
-def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem from the standard AWS_* environment, with short timeouts."""
-    key = os.environ.get("AWS_ACCESS_KEY_ID", "")
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-    if bool(key) != bool(secret):
-        raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set "
-                           "both, or neither to use the instance profile / default credential "
-                           "chain")
-    options: dict = dict(region=_region(), connect_timeout=CONNECT_TIMEOUT_S,
-                         request_timeout=REQUEST_TIMEOUT_S,
-                         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
-    if key:  # no keys: leave them out so pyarrow walks its default chain (IAM role on EC2)
-        options.update(access_key=key, secret_key=secret,
-                       session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
-    endpoint = _endpoint()
-    if endpoint:
-        options.update(scheme=endpoint[0], endpoint_override=endpoint[1])
-    return pafs.S3FileSystem(**options)
-
-
-def _split_s3(storage: str) -> str:
-    """`s3://bucket/prefix` -> `bucket/prefix` (no trailing slash), validated."""
-    path = storage[len("s3://"):].strip("/")
-    if not path or not path.split("/")[0]:
-        raise StorageError(f"storage {storage!r} names no bucket: use s3://BUCKET/PREFIX")
-    return path
-
-
 def resolve_storage(storage: str) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path) as Ray's RunConfig wants: (None, /abs/path) or (S3, bucket/prefix)."""
     if not storage:
         raise StorageError(f"no storage given: pass {SUPPORTED}")
-    if storage.startswith("s3://"):
-        return s3_filesystem(), _split_s3(storage)
+    if is_s3(storage):
+        return s3_filesystem(), split_s3(storage)
+    if storage.startswith(FILE_SCHEME):  # as pyarrow reads it: file:///abs/path is a local path
+        storage = urlsplit(storage).path
     if "://" in storage:
         raise StorageError(f"unsupported storage {storage!r}: use {SUPPORTED}")
     return None, os.path.abspath(os.path.expanduser(storage))
@@ -143,57 +81,15 @@ def resolve_storage(storage: str) -> tuple[pafs.FileSystem | None, str]:
 
 def describe_storage(storage: str) -> str:
     """A one-line description of `storage` that is safe to log (never a secret)."""
-    if not storage.startswith("s3://"):
+    if not is_s3(storage):
         return f"{resolve_storage(storage)[1]} (local filesystem)"
-    return (f"{storage} (endpoint {_endpoint_url()}, region {_region()}, "
-            f"{_credentials_note()})")
-
-
-def _scrub(text: str) -> str:
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        secret = os.environ.get(name, "")
-        if len(secret) >= 4:  # belt and braces: pyarrow does not echo secrets, but never risk it
-            text = text.replace(secret, "***")
-    return text
-
-
-def _s3_error(exc: BaseException, storage: str) -> StorageError:
-    """Turn a pyarrow/AWS SDK error into a StorageError that says what to do."""
-    text = str(exc)
-    found = re.search(r"AWS Error (\w+) during (\w+) operation", text)
-    code, operation = found.groups() if found else ("", "")
-    bucket = _split_s3(storage).split("/")[0]
-    said = f" (S3 said {code} during {operation})" if code else f" ({_scrub(text)})"
-    if code in ("SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "INVALID_CLIENT_TOKEN_ID",
-                "UNRECOGNIZED_CLIENT", "MISSING_AUTHENTICATION_TOKEN", "EXPIRED_TOKEN"):
-        return StorageError(
-            f"S3 at {_endpoint_url()} rejected the credentials ({_credentials_note()}){said}: "
-            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN if you use "
-            "temporary credentials) belong together and to this endpoint")
-    if code == "NO_SUCH_BUCKET" or "NoSuchBucket" in text:
-        return StorageError(f"bucket '{bucket}' does not exist at {_endpoint_url()}{said}: create "
-                            f"it (`aws s3 mb s3://{bucket}`) or fix the bucket name in {storage}")
-    if code in ("NETWORK_CONNECTION", "REQUEST_TIMEOUT") or "curlCode" in text:
-        return StorageError(f"cannot reach S3 endpoint {_endpoint_url()}{said}: is the server "
-                            "running, and is AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) right?")
-    if code in ("REQUEST_TIME_TOO_SKEWED", "REQUEST_EXPIRED"):
-        return StorageError(f"S3 rejected the request time{said}: fix this machine's clock (NTP)")
-    if "HTTP status 301" in text or "PermanentRedirect" in text:
-        return StorageError(f"bucket '{bucket}' is in another region{said}: set AWS_REGION to the "
-                            "bucket's region")
-    if code == "ACCESS_DENIED" or "HTTP status 403" in text:
-        return StorageError(
-            f"access denied to {storage} ({_credentials_note()}){said}: grant these credentials "
-            f"s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on bucket '{bucket}', "
-            "or set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to credentials that have them")
-    return StorageError(f"S3 storage {storage} at {_endpoint_url()} failed{said}: check the "
-                        "endpoint, credentials and bucket")
+    return f"{storage} (endpoint {endpoint_url()}, region {region()}, {credentials_note()})"
 
 
 def explain_error(exc: BaseException, uri: str) -> str:
     """What a failed read of `uri` means and what to do, for messages of other layers."""
-    if uri.startswith("s3://"):
-        return str(_s3_error(exc, uri))
+    if is_s3(uri):
+        return str(s3_error(exc, uri))
     return f"{exc}: check the path and its permissions"
 
 
@@ -220,7 +116,7 @@ def preflight(storage: str) -> None:
             stream.write(b"rn50 preflight\n")
         filesystem.delete_file(probe)  # Ray deletes old checkpoints, so delete must work too
     except OSError as exc:
-        raise _s3_error(exc, storage) from exc
+        raise s3_error(exc, storage) from exc
 
 
 def join(storage: str, *parts: str) -> str:
@@ -245,7 +141,7 @@ def from_ray_path(path: str, storage: str) -> str:
     """A path Ray reports (a checkpoint's, bucket/key on S3) as a URI in `storage`'s form."""
     if not path:
         return ""
-    return f"s3://{path}" if storage.startswith("s3://") else absolute(path)
+    return s3_uri(path) if is_s3(storage) else absolute(path)
 
 
 def run_uri(storage: str, name: str) -> str:
@@ -253,10 +149,34 @@ def run_uri(storage: str, name: str) -> str:
     return join(storage, name)
 
 
-def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_and_path(uri: str) -> Location:
     """(filesystem, path) for a local path or s3:// URI; local paths get a LocalFileSystem."""
     filesystem, path = resolve_storage(uri)
     return filesystem or pafs.LocalFileSystem(), path
+
+
+def locate(where: str | Path | Location) -> Location:
+    """(filesystem, path) for a URI, a local path, or a (filesystem, path) pair already resolved
+    (as Ray hands them over; a None filesystem is the local one), without a trailing slash."""
+    if isinstance(where, tuple):
+        return (where[0] or pafs.LocalFileSystem()), where[1].rstrip("/")
+    return filesystem_and_path(str(where).rstrip("/"))
+
+
+def with_retries(what: str, action: Callable[[], T], attempts: int) -> T:
+    """`action()`, retried with back-off (2, 4, 8, ... 30 s) on OSError, a storage blip; any
+    other error is final at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except OSError as err:
+            if attempt == attempts:
+                raise
+            delay_s = min(2 ** attempt, 30)
+            log.warning("%s failed (attempt %d/%d): %s; retrying in %d s", what, attempt,
+                        attempts, err, delay_s)
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
 
 
 def _call(uri: str, action):
@@ -266,8 +186,8 @@ def _call(uri: str, action):
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if uri.startswith("s3://"):
-            raise _s3_error(exc, uri) from exc
+        if is_s3(uri):
+            raise s3_error(exc, uri) from exc
         raise
 
 

@@ -7,7 +7,7 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
-from rn50.io import storage
+from rn50.io import s3, storage
 from rn50.io.storage import StorageError
 from tools.local_servers import free_ports
 
@@ -42,7 +42,7 @@ def test_bad_credentials_name_the_variables_and_hide_the_secret(s3_env, monkeypa
     everything = _everything(caught.value)
     secret = wrong if variable == "AWS_SECRET_ACCESS_KEY" else s3_env.secret_key
     assert secret not in everything
-    assert storage._masked_key() in message  # the key id, masked, tells which key was used
+    assert s3.masked_key() in message  # the key id, masked, tells which key was used
 
 
 def test_missing_bucket_is_named_with_how_to_create_it(s3_env):

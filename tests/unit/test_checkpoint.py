@@ -9,6 +9,7 @@ from torch import nn
 
 from rn50.checkpoint import main
 from rn50.io.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, verify
+from rn50.io import storage
 from rn50.core.training_state import (TrainingState, capture_rng_state, fingerprint_weights,
                                       restore_rng_state)
 from rn50.config import ModelConfig
@@ -236,7 +237,7 @@ def test_a_passing_read_error_is_retried_not_taken_for_a_bad_checkpoint(tmp_path
     """A read error on the newest checkpoint must not fall back to an older one (lost work)."""
     from rn50.io import checkpoints as ckpt
     _, _, third = _run_with_three_checkpoints(tmp_path / "run")
-    monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)  # the back-off, not the behaviour
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the back-off, not the behaviour
     filesystem, handler = _flaky_filesystem(failures=2)
     chosen, state = ckpt.load_newest_good((filesystem, str(tmp_path / "run")))
     assert chosen == str(third) and state["step"] == 3 and handler.opens > 2
@@ -249,7 +250,7 @@ def test_upload_is_retried_until_the_copy_verifies(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
     from rn50.io import checkpoints as ckpt
-    monkeypatch.setattr(ckpt.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     source = save_checkpoint(tmp_path / "src", {"model": {"w": torch.ones(1000)}}, {})
     dest, attempts = tmp_path / "dest", []
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from rn50.data.datasets import ParquetDataset
 from rn50.data.imagenet_shards import plan_shards, shrink, write_shard
-from rn50.data.imagenet_sources import Record, filesystem, list_source, read_record
+from rn50.io.storage import filesystem_and_path
+from rn50.data.imagenet_sources import Record, list_source, read_record
 from tests.ilsvrc_fixture import WNIDS, make_hf_parquet, make_ilsvrc, make_tars
 
 
@@ -22,7 +23,7 @@ def ilsvrc(module_tmp):
 
 def _contents(source, split, classes=None):
     records, classes = list_source(str(source), split, classes)
-    fs, _ = filesystem(str(source))
+    fs, _ = filesystem_and_path(str(source))
     handles = {}
     return {r.name: (classes[r.label], read_record(fs, r, handles)) for r in records}, classes
 
