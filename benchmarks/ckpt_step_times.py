@@ -119,6 +119,7 @@ def run_benchmark(quick: bool) -> dict:
     from rn50.distributed.ray_setup import init_ray
     from rn50.io import storage
     from rn50.config import load_config
+    from rn50.io.s3 import s3_uri
     from tools.local_servers import S3Server
 
     sizes = SIZES["quick" if quick else "full"]
@@ -129,7 +130,7 @@ def run_benchmark(quick: bool) -> dict:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
                                                              os.environ.get("PYTHONPATH")]))
     config = load_config("demo", ["train.ema_decay=0", "train.compile=false"])
-    filesystem, storage_path = storage.resolve_storage(f"s3://{server.bucket}/ckpt-steps")
+    filesystem, storage_path = storage.resolve_storage(s3_uri(server.bucket, "ckpt-steps"))
     try:
         init_ray(NUM_WORKERS, exact=True)
         trainer = TorchTrainer(

@@ -36,6 +36,7 @@ from benchmarks.ilsvrc_tars import TRAIN_TAR, VAL_CSV, VAL_TAR, synthetic_ilsvrc
 from benchmarks.images import DEFAULT_IMAGES, find_jpegs, generate_jpegs
 from benchmarks.prepare_projection import project
 from benchmarks.results import write_result
+from rn50.io.s3 import s3_uri
 from tools.local_servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def main(argv=None) -> dict:
         try:
             upload(server, Path(tmp) / "tars", "ilsvrc")
             os.environ.update(server.env())
-            source, out = f"s3://{server.bucket}/ilsvrc", f"s3://{server.bucket}/prepared"
+            source, out = s3_uri(server.bucket, "ilsvrc"), s3_uri(server.bucket, "prepared")
             options = {"source": source, "max_px": args.max_px,
                        "images_per_shard": args.images_per_shard, "seed": 0}
             phases = run_phases(server, source, out, options, args.cpus)

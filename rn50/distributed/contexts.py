@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from rn50.config import Config
 from rn50.io import storage
 from rn50.io.pricing import CostBasis
+from rn50.io.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,11 @@ class RunContext:
     cost: CostBasis | None = None
     """What rank 0 prices the run's nodes with for `train.budget_usd`; None: no budget check
     (sweep trials)."""
+
+    @cached_property
+    def tracker(self) -> Tracker:
+        """The run's MLflow tracker (one client per process that uses it)."""
+        return Tracker(self.tracking_uri, self.mlflow_run_id)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,11 @@ class SweepContext:
     """The sweep's MLflow parent run; trials log into child runs of it."""
     epochs: int
     """Epochs of a full trial (ASHA's max_t)."""
+
+    @cached_property
+    def parent(self) -> Tracker:
+        """The sweep's MLflow parent run."""
+        return Tracker(self.tracking_uri, self.parent_run_id)
 
     @property
     def run_key(self) -> str:

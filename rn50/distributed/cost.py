@@ -106,8 +106,8 @@ class CostMeter:
     """A driver thread logging the run's `cost/usd` and `cost/usd_per_hour` to MLflow every
     `cost.log_every_s` (step: the run's seconds over all its starts)."""
 
-    def __init__(self, basis: CostBasis, tracking_uri: str, run_id: str, every_s: float):
-        self.basis, self.tracking_uri, self.run_id = basis, tracking_uri, run_id
+    def __init__(self, basis: CostBasis, tracker: tracking.Tracker, every_s: float):
+        self.basis, self.tracker = basis, tracker
         self.every_s = every_s
         self.total_usd: float | None = None
         self._stop = threading.Event()
@@ -131,10 +131,9 @@ class CostMeter:
         """Log the cost so far once; return it (US$)."""
         nodes, now = node_spans(), time.time()
         total = self.basis.total_usd(nodes, now)
-        tracking.log_metrics(self.tracking_uri, self.run_id,
-                             {"cost/usd": total,
-                              "cost/usd_per_hour": pricing.usd_per_hour(nodes, self.basis.prices)},
-                             step=self.basis.run_s(now))
+        rate = pricing.usd_per_hour(nodes, self.basis.prices)
+        self.tracker.log_metrics({"cost/usd": total, "cost/usd_per_hour": rate},
+                                 step=self.basis.run_s(now))
         return total
 
     def _loop(self) -> None:
@@ -148,8 +147,8 @@ class CostMeter:
 class BudgetGuard:
     """Rank 0's budget check at each epoch end, shared with every rank (a collective)."""
 
-    def __init__(self, basis: CostBasis | None, tracking_uri: str, run_id: str, rank: int):
-        self.basis, self.tracking_uri, self.run_id, self.rank = basis, tracking_uri, run_id, rank
+    def __init__(self, basis: CostBasis | None, tracker: tracking.Tracker, rank: int):
+        self.basis, self.tracker, self.rank = basis, tracker, rank
         self._epoch_started = time.monotonic()
 
     def stop_after(self, epoch: int, last: bool) -> bool:
@@ -178,7 +177,6 @@ class BudgetGuard:
             "train.budget_usd=%g; stopping after epoch %d with a checkpoint. Rerun the same "
             "command with a higher train.budget_usd to continue", spent, epoch_s, rate, budget,
             epoch)
-        tracking.set_tags(self.tracking_uri, self.run_id,
-                          {STOPPED_TAG: "budget", "rn50.budget_usd": budget,
-                           "rn50.cost_usd": round(spent, 4), "rn50.stopped_after_epoch": epoch})
+        self.tracker.set_tags({STOPPED_TAG: "budget", "rn50.budget_usd": budget,
+                               "rn50.cost_usd": round(spent, 4), "rn50.stopped_after_epoch": epoch})
         return True

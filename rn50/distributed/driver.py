@@ -67,7 +67,7 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
         accelerator_type=config.scaling.accelerator_type or None)
     policy = (ElasticRunPolicy if config.scaling.elastic else RunPolicy)(
         ray_scaling, config.scaling, capacity.worker_bundle(config.scaling),
-        cluster_view.cluster_node_types(), market, (run.tracking_uri, run.mlflow_run_id))
+        cluster_view.cluster_node_types(), market, run.tracker)
     return Trainer(
         train_loop_per_worker,
         train_loop_config=run,  # typed: the worker receives this RunContext as its argument
@@ -143,8 +143,7 @@ def _progress(storage_uri: str, name: str) -> str | None:
 
 def _tag_market(run: RunContext, market: str) -> None:
     # Both, always: a resumed run that is back on spot must not keep an old fallback reason.
-    tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
-                      {"rn50.market": market, "rn50.fallback_reason": ""})
+    run.tracker.set_tags({"rn50.market": market, "rn50.fallback_reason": ""})
 
 
 def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
@@ -181,12 +180,13 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     spent = cost.spent_before(config, tracking_uri, run_key, name)  # a spent budget: stop here
     init_ray(config.scaling.max_workers * config.scaling.cpus_per_worker)
     basis = cost.prepare(config, since_s, spent)  # an unpriced node type: stop before MLflow
-    run_id = _open_mlflow_run(config, name, storage_uri, run_key, tracking_uri)
-    with cost.CostMeter(basis, tracking_uri, run_id, config.cost.log_every_s) as meter:
+    tracker = _open_mlflow_run(config, name, storage_uri, run_key, tracking_uri)
+    run_id = tracker.run_id
+    with cost.CostMeter(basis, tracker, config.cost.log_every_s) as meter:
         try:
             result = fit_run(RunContext(config, tracking_uri, run_id, basis), name, storage_uri)
         except Exception:
-            tracking.finish_run(tracking_uri, run_id, succeeded=False)
+            tracker.finish(succeeded=False)
             raise
     model, summary = _final_model(result.checkpoint, config)
     outcome = {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
@@ -199,15 +199,15 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     if outcome["epochs"] < config.train.epochs:  # rank 0 leaves early only on the budget
         # KILLED, not FINISHED: MLflow's status for a run stopped before its end; a rerun with a
         # higher budget sets it RUNNING again and finishes it.
-        tracking.finish_run(tracking_uri, run_id, succeeded=False, status="KILLED")
+        tracker.finish(succeeded=False, status="KILLED")
         return {**outcome, "stopped": "budget", "budget_usd": config.train.budget_usd}
-    tracking.delete_tag(tracking_uri, run_id, cost.STOPPED_TAG)  # an earlier start's stop
+    tracker.delete_tag(cost.STOPPED_TAG)  # an earlier start's stop
     # The most confident mistakes, with Grad-CAM.
     from rn50.serve.evaluate import log_training_gallery
-    log_training_gallery(tracking_uri, run_id, model, config)
+    log_training_gallery(tracker, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
-    tracking.finish_run(tracking_uri, run_id, succeeded=True,
-                        model=model if config.tracking.log_model else None, example_input=example)
+    tracker.finish(succeeded=True, model=model if config.tracking.log_model else None,
+                   example_input=example)
     return outcome
 
 
@@ -224,25 +224,25 @@ def _check_data(config: Config) -> None:
 
 
 def _open_mlflow_run(config: Config, name: str, storage_uri: str, run_key: str,
-                     tracking_uri: str) -> str:
+                     tracking_uri: str) -> tracking.Tracker:
     """Start (or find again and resume) the run's MLflow run (`run_key`: `storage.run_uri`); say
     which on the console."""
-    run_id, resumed = tracking.start_or_resume_run(
+    tracker, resumed = tracking.start_or_resume_run(
         config, tracking_uri, run_key, name,
         tags={"git_commit": tracking.git_commit(), "ray_version": ray.__version__,
               "torch_version": torch.__version__, "num_workers": str(config.scaling.num_workers),
               "device_type": "gpu" if config.scaling.use_gpu else "cpu",
               "storage": storage.describe_storage(storage_uri)})
-    print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run {run_id}"
-          f" ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
+    print(f"[rn50] run '{name}' in {storage.describe_storage(storage_uri)}; MLflow run "
+          f"{tracker.run_id} ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
     backup_problem = mlflow_backup.failed_backup_note()
     if backup_problem:  # where the operator looks: the console and the run itself
         logger.error("%s; fix it before `ray down`, or this run's tracking can be lost",
                      backup_problem)
-        tracking.set_tags(tracking_uri, run_id, {"rn50.mlflow_backup_error": backup_problem})
+        tracker.set_tags({"rn50.mlflow_backup_error": backup_problem})
     if config.train.budget_usd:
-        tracking.set_tags(tracking_uri, run_id, {"rn50.budget_usd": config.train.budget_usd})
-    return run_id
+        tracker.set_tags({"rn50.budget_usd": config.train.budget_usd})
+    return tracker
 
 
 def _best_of_run(storage_uri: str, name: str, metric: str) -> dict:

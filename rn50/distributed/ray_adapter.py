@@ -38,6 +38,7 @@ from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, Wo
 
 from rn50.config import ScalingConfig
 from rn50.errors import PermanentError
+from rn50.io.tracking import Tracker
 from rn50.distributed import cluster_view
 from rn50.distributed.capacity import ResourcesUnavailableError
 from rn50.distributed.start_rules import MARKET_LABEL, StartRules, StartState
@@ -113,7 +114,7 @@ class _StartControl:
     """The policy's rn50 half: markets, waits, permanent errors (see the module docstring)."""
 
     def _start_control(self, scaling: ScalingConfig, bundle: dict[str, float],
-                       node_types: dict, market: str, tracking: tuple[str, str] | None):
+                       node_types: dict, market: str, tracking: Tracker | None):
         self.rules = StartRules(scaling, bundle, node_types)
         self.rn50_scaling, self.bundle, self.tracking = scaling, bundle, tracking
         self.preferred_market = market
@@ -207,9 +208,8 @@ class _StartControl:
         if self.tracking is None:
             return
         try:
-            from rn50.io import tracking  # MLflow only when the market changes: rare
-            tracking.set_tags(*self.tracking, {"rn50.market": market,
-                                               "rn50.fallback_reason": reason[:500]})
+            # MLflow is imported only now, when the market changes: rare
+            self.tracking.set_tags({"rn50.market": market, "rn50.fallback_reason": reason[:500]})
         except Exception as err:  # noqa: BLE001 - a tag must never end the run
             logger.warning("could not tag the run's market: %s", err)
 
@@ -264,7 +264,7 @@ class RunPolicy(_StartControl, FixedScalingPolicy):
     """Ray's fixed-size policy plus rn50's start control."""
 
     def __init__(self, ray_scaling, scaling: ScalingConfig, bundle: dict[str, float],
-                 node_types: dict, market: str, tracking: tuple[str, str] | None = None):
+                 node_types: dict, market: str, tracking: Tracker | None = None):
         super().__init__(ray_scaling)
         self._start_control(scaling, bundle, node_types, market, tracking)
 
@@ -273,7 +273,7 @@ class ElasticRunPolicy(_StartControl, ElasticScalingPolicy):
     """Ray's elastic policy, sized from what is free on usable nodes now, plus start control."""
 
     def __init__(self, ray_scaling, scaling: ScalingConfig, bundle: dict[str, float],
-                 node_types: dict, market: str, tracking: tuple[str, str] | None = None):
+                 node_types: dict, market: str, tracking: Tracker | None = None):
         super().__init__(ray_scaling)
         self._start_control(scaling, bundle, node_types, market, tracking)
         self._group_nodes: list[str] = []

@@ -13,7 +13,6 @@ import ray
 import ray.train
 
 from rn50.distributed.contexts import RunContext
-from rn50.io import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +60,9 @@ def system_metrics(run: RunContext):
     if not interval_s or ray.train.get_context().get_local_rank() != 0:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notes
     node = "node-" + ray.get_runtime_context().get_node_id()[:8]
-    monitor = SystemMetricsMonitor(run.mlflow_run_id, sampling_interval=interval_s,
-                                   resume_logging=True, node_id=node,
-                                   tracking_uri=run.tracking_uri)
-    monitor.start()
-    try:
+    with run.tracker.system_metrics(interval_s, node):
         yield
-    finally:
-        monitor.finish()
 
 
 def step_metrics_logger(run: RunContext) -> Callable[[int, dict], None]:
@@ -82,7 +73,7 @@ def step_metrics_logger(run: RunContext) -> Callable[[int, dict], None]:
     def log_step(global_step: int, metrics: dict) -> None:
         nonlocal warned
         try:
-            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, metrics, step=global_step)
+            run.tracker.log_metrics(metrics, step=global_step)
         except Exception as err:  # noqa: BLE001 - any tracking failure
             if not warned:
                 logger.warning("per-step metrics not logged to MLflow (%s); training goes on", err)

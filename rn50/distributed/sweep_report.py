@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from mlflow import MlflowClient
 
 from rn50.config import Config
+from rn50.io.tracking import Tracker
 from rn50.search_space import trial_run_name
 
 
@@ -89,7 +86,7 @@ def curves_png(records: list[TrialRecord], metric: str) -> bytes:
 
 
 def trials_table(records: list[TrialRecord], metric: str, mode: str) -> dict[str, list]:
-    """Columns for `MlflowClient.log_table`: one row per trial."""
+    """Columns for `Tracker.log_table`: one row per trial."""
     keys = sorted({key for record in records for key in record.params})
     table: dict[str, list] = {"trial_id": [], "status": [], "epochs": [], f"best_{metric}": []}
     table.update({key: [] for key in keys})
@@ -103,15 +100,10 @@ def trials_table(records: list[TrialRecord], metric: str, mode: str) -> dict[str
     return table
 
 
-def log_sweep_report(tracking_uri: str, parent_run_id: str, records: list[TrialRecord],
-                     metric: str, mode: str, best_config: Config) -> None:
+def log_sweep_report(parent: Tracker, records: list[TrialRecord], metric: str, mode: str,
+                     best_config: Config) -> None:
     """Log plane, curves, table and best recipe to the parent run."""
-    client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {"lr_wd_plane.png": plane_png(records, metric, mode),
-                 "learning_curves.png": curves_png(records, metric),
-                 "best_recipe.yaml": best_config.to_yaml().encode()}
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-            client.log_artifact(parent_run_id, str(Path(tmp) / name))
-    client.log_table(parent_run_id, trials_table(records, metric, mode), "trials.json")
+    parent.log_bytes(plane_png(records, metric, mode), "lr_wd_plane.png")
+    parent.log_bytes(curves_png(records, metric), "learning_curves.png")
+    parent.log_bytes(best_config.to_yaml().encode(), "best_recipe.yaml")
+    parent.log_table(trials_table(records, metric, mode), "trials.json")

@@ -52,18 +52,18 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     config = spec.trial_config(params, list(sweep.overrides))
-    run_id, _ = tracking.start_or_resume_run(
+    tracker, _ = tracking.start_or_resume_run(
         config, sweep.tracking_uri, sweep.trial_key(trial_id),
         trial_run_name({key: params[key] for key in spec.space}),  # in the sweep file's order
         tags={"mlflow.parentRunId": sweep.parent_run_id, "rn50.trial_id": trial_id,
               "rn50.sweep": sweep.name})
     try:
-        fit_run(RunContext(config, sweep.tracking_uri, run_id), f"{sweep.name}-{trial_id}",
-                sweep.trials_storage, callbacks=[TuneReportCallback()])
+        fit_run(RunContext(config, sweep.tracking_uri, tracker.run_id),
+                f"{sweep.name}-{trial_id}", sweep.trials_storage, callbacks=[TuneReportCallback()])
     except ResourcesUnavailableError:
-        tracking.finish_run(sweep.tracking_uri, run_id, succeeded=False)
+        tracker.finish(succeeded=False)
         raise
-    tracking.finish_run(sweep.tracking_uri, run_id, succeeded=True)
+    tracker.finish(succeeded=True)
 
 
 def _tuner(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.Tuner:
@@ -134,31 +134,27 @@ def _records(results, spec: SweepSpec, epochs: int) -> list[TrialRecord]:
     return records
 
 
-def _mark_children(tracking_uri: str, parent_run_id: str, records: list[TrialRecord]) -> None:
+def _mark_children(parent: tracking.Tracker, records: list[TrialRecord]) -> None:
     """Tag each child run with how its trial ended; ASHA-stopped trials become KILLED runs."""
-    client = tracking.MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    by_trial = {run.data.tags.get("rn50.trial_id"): run for run in children}
+    by_trial = parent.children("rn50.trial_id")
     for record in records:
         child = by_trial.get(record.trial_id)
         if child is None:
             continue
-        client.set_tag(child.info.run_id, "rn50.trial_status", record.status)
+        child.set_tags({"rn50.trial_status": record.status})
         # Tune ends a trial's driver as soon as ASHA (or max_t) says stop, often before the driver
         # could close its own MLflow run: close it here from what Tune recorded.
-        status = {"completed": "FINISHED", "stopped_by_asha": "KILLED"}.get(record.status, "FAILED")
-        client.set_terminated(child.info.run_id, status)
+        child.end({"completed": "FINISHED", "stopped_by_asha": "KILLED"}.get(record.status,
+                                                                             "FAILED"))
 
 
-def _raise_if_no_trial_got_resources(results, tracking_uri: str, parent_run_id: str) -> None:
+def _raise_if_no_trial_got_resources(results, parent: tracking.Tracker) -> None:
     """End the sweep with the trials' own message when every trial failed to get resources."""
     errors = [result.error for result in results]
     if not errors or not all(isinstance(e, ResourcesUnavailableError) or
                              "ResourcesUnavailableError" in repr(e) for e in errors):
         return
-    tracking.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
+    parent.end("FAILED")
     first = str(errors[0])
     # Tune wraps the trial's error in its own traceback text: keep the message from its start.
     start = first.find("the worker group did not start")
@@ -190,35 +186,35 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     tracking_uri = tracking.resolve_tracking_uri(base.tracking.uri)
     storage.refuse_job_scratch(storage_uri, tracking_uri)
     storage.preflight(storage_uri)
-    parent_id, resumed = tracking.start_or_resume_run(
+    parent, resumed = tracking.start_or_resume_run(
         base, tracking_uri, storage.run_uri(storage_uri, name), name,
         tags={"rn50.kind": "sweep", "git_commit": tracking.git_commit(),
               "ray_version": ray.__version__})
     if not resumed:
-        tracking.log_params(tracking_uri, parent_id, _sweep_params(spec))
-    print(f"[rn50] sweep '{name}': MLflow parent run {parent_id} at {tracking_uri}", flush=True)
+        parent.log_params(_sweep_params(spec))
+    print(f"[rn50] sweep '{name}': MLflow parent run {parent.run_id} at {tracking_uri}", flush=True)
     init_ray(base.scaling.max_workers * base.scaling.cpus_per_worker)
     sweep = SweepContext(name=name, storage_uri=storage_uri, overrides=tuple(overrides),
-                         tracking_uri=tracking_uri, parent_run_id=parent_id,
+                         tracking_uri=tracking_uri, parent_run_id=parent.run_id,
                          epochs=base.train.epochs)
     concurrency = max_concurrent_trials(spec, overrides)
     print(f"[rn50] sweep '{name}': at most {concurrency} trial(s) at once", flush=True)
     quiet_expected_ends(TUNE_LOGGERS)  # a trial without room: the sweep's own message says it
     results = _tuner(spec, sweep, concurrency).fit()
-    _raise_if_no_trial_got_resources(results, tracking_uri, parent_id)
+    _raise_if_no_trial_got_resources(results, parent)
     records = _records(results, spec, base.train.epochs)
-    _mark_children(tracking_uri, parent_id, records)
+    _mark_children(parent, records)
     best = results.get_best_result(spec.metric, spec.mode, scope="all")
     best_params = {key: best.config[key] for key in spec.space}
     best_config = spec.trial_config(best_params, overrides)
-    log_sweep_report(tracking_uri, parent_id, records, spec.metric, spec.mode, best_config)
+    log_sweep_report(parent, records, spec.metric, spec.mode, best_config)
     best_value = best.metrics_dataframe[spec.metric].agg(spec.mode)
-    tracking.log_metrics(tracking_uri, parent_id, {f"best_{spec.metric}": best_value}, step=0)
+    parent.log_metrics({f"best_{spec.metric}": best_value}, step=0)
     best_recipe = storage.join(storage.absolute(storage_uri), name, "best_recipe.yaml")
     storage.write_bytes(best_recipe, best_config.to_yaml().encode())
-    tracking.MlflowClient(tracking_uri).set_terminated(parent_id, "FINISHED")
+    parent.end("FINISHED")
     checkpoint = storage.from_ray_path(best.metrics.get("checkpoint_path", ""), storage_uri)
     return {"name": name, "metric": spec.metric, "best_value": float(best_value),
             "best_config": best_params, "best_recipe": best_recipe, "checkpoint": checkpoint,
-            "mlflow_run_id": parent_id,
+            "mlflow_run_id": parent.run_id,
             "trials": {s: sum(r.status == s for r in records) for s in {r.status for r in records}}}

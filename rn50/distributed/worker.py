@@ -41,7 +41,6 @@ from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_me
 from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.distributed.worker_cpus import resolve_cpu_plan
 from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
-from rn50.io import tracking
 from rn50.io.pricing import CostBasis
 
 logger = logging.getLogger(__name__)
@@ -124,12 +123,10 @@ def train_loop_per_worker(run: RunContext) -> None:
         worker.cost = run.cost
         report_device(run, device, worker.rank)
         if worker.rank == 0:
-            tracking.set_tags(run.tracking_uri, run.mlflow_run_id,
-                              {"device": worker.device.type, "world_size": worker.world_size})
+            run.tracker.set_tags({"device": worker.device.type, "world_size": worker.world_size})
             # Over time too: an elastic run shrinks and grows, each time from a checkpoint.
-            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id,
-                                 {"world_size": worker.world_size},
-                                 step=worker.state.scheduler.last_epoch)
+            run.tracker.log_metrics({"world_size": worker.world_size},
+                                    step=worker.state.scheduler.last_epoch)
         _train(worker, run)
 
 
@@ -195,7 +192,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
     saves = MidEpochSaves(config, worker.device)
     eta = EpochClock(config.train.epochs - worker.start_epoch)
     log_step_metrics = step_metrics_logger(run) if rank == 0 else None  # one per run: warns once
-    budget = BudgetGuard(run.cost, run.tracking_uri, run.mlflow_run_id, rank)
+    budget = BudgetGuard(run.cost, run.tracker, rank)
     logged = _epochs_in_mlflow(run) if rank == 0 else set()
     for epoch in range(worker.start_epoch, config.train.epochs):
         skip = worker.start_step if epoch == worker.start_epoch else 0
@@ -229,8 +226,7 @@ def _train(worker: _Worker, run: RunContext) -> None:
             _log(rank, f"epoch {epoch} is in MLflow already, from a start whose checkpoint of it "
                        "was lost: not logged twice")
         elif rank == 0:
-            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, _mlflow_names(metrics),
-                                 step=epoch)
+            run.tracker.log_metrics(_mlflow_names(metrics), step=epoch)
         last = epoch == config.train.epochs - 1
         best = worker.improves_best(metrics)  # the best is always checkpointed, to be kept
         stop = budget.stop_after(epoch, last)  # the next epoch would pass train.budget_usd
@@ -301,7 +297,7 @@ def _epochs_in_mlflow(run: RunContext) -> set[int]:
     and lost it before its checkpoint landed: the redone epoch is not logged twice; at the same
     world size its figures are the same to the bit)."""
     try:
-        return tracking.logged_steps(run.tracking_uri, run.mlflow_run_id, "val/top1")
+        return run.tracker.logged_steps("val/top1")
     except Exception as err:  # noqa: BLE001 - MLflow down must never stop training
         logger.warning("could not read the run's MLflow history (%s): epochs are logged as "
                        "they end", err)

@@ -20,7 +20,7 @@ from rn50.core import device_report
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.cost import NODE_GROUP_LABEL
 from rn50.errors import DeviceError
-from rn50.io import pricing, tracking
+from rn50.io import pricing
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def report_device(run: RunContext, device: torch.device, rank: int) -> None:
     node = ray.get_runtime_context().get_node_id()[:8]
     line = device_report.describe(device).line()
     logger.info("[rn50 rank%d] node-%s device: %s", rank, node, line)
-    tracking.set_tags(run.tracking_uri, run.mlflow_run_id, {f"device/node-{node}": line})
+    run.tracker.set_tags({f"device/node-{node}": line})
 
 
 def wrap_ddp(model, device: torch.device):

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from rn50.io import storage
+from rn50.io.tracking import Tracker, model_run_id
 from rn50.io.checkpoints import CheckpointError, download, load_checkpoint
 from rn50.config import Config, ConfigError, ModelConfig, apply_overrides
 from rn50.data.datasets import DataError
@@ -113,22 +114,6 @@ def _from_checkpoint(uri: str, ema: bool, overrides: list[str], latest: bool) ->
                        "ema" if ema else "model")
 
 
-def _mlflow_run_id(uri: str, client) -> str:
-    """The run that produced an MLflow model URI, or "" if it cannot be told."""
-    if uri.startswith("runs:/"):
-        return uri[len("runs:/"):].split("/", 1)[0]
-    name = uri[len("models:/"):].strip("/")
-    if name.startswith("m-"):
-        return client.get_logged_model(name.split("/", 1)[0]).source_run_id or ""
-    if "@" in name:
-        model_name, alias = name.split("@", 1)
-        return client.get_model_version_by_alias(model_name, alias).run_id or ""
-    model_name, _, version = name.rpartition("/")
-    if not model_name:
-        return ""
-    return client.get_model_version(model_name, version).run_id or ""
-
-
 def _eager_copy(logged: nn.Module, config: Config | None) -> tuple[nn.Module, str]:
     """The logged network rebuilt as a plain eager ResNet with the same weights, and its arch.
 
@@ -151,26 +136,23 @@ def _eager_copy(logged: nn.Module, config: Config | None) -> tuple[nn.Module, st
     return model.eval(), arch
 
 
-def _run_recipe(client, run_id: str, overrides: list[str]) -> Config | None:
+def _run_recipe(run: Tracker, overrides: list[str]) -> Config | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            raw = yaml.safe_load(Path(client.download_artifacts(run_id, "recipe.yaml", tmp))
-                                 .read_text())
+            raw = yaml.safe_load(run.download_artifact("recipe.yaml", tmp).read_text())
         except Exception as err:  # noqa: BLE001 - an MLflow model still works without it
-            log.warning("run %s has no usable recipe.yaml (%s); using defaults", run_id, err)
+            log.warning("run %s has no usable recipe.yaml (%s); using defaults", run.run_id, err)
             return None
     return _config(raw, overrides)  # a bad override is the user's to fix: not swallowed
 
 
 def _from_mlflow(uri: str, tracking_uri: str, overrides: list[str]) -> LoadedModel:
     import mlflow.pytorch
-    from mlflow import MlflowClient
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    run_id = _mlflow_run_id(uri, client)
-    config = _run_recipe(client, run_id, overrides) if run_id else None
+    run_id = model_run_id(uri, tracking_uri)
+    config = _run_recipe(Tracker(tracking_uri, run_id), overrides) if run_id else None
     model, arch = _eager_copy(mlflow.pytorch.load_model(uri, map_location="cpu"), config)
     if config is not None:
         names, wnids = class_labels_for(config)

@@ -26,6 +26,7 @@ from rn50.data.cpu_budget import plan_cpus
 from rn50.data.loaders import build_val_dataset, dataset_classes
 from rn50.data.datasets import DataError
 from rn50.io import storage
+from rn50.io.tracking import Tracker
 from rn50.serve.gallery import (IndexedDataset, Mistake, collate_indexed, log_gallery, log_png,
                           mistakes_in_batch, most_confident, render_gallery)
 
@@ -60,7 +61,7 @@ class ShardResult:
     mistakes: list[Mistake] = field(default_factory=list)
 
 
-def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, config,
+def log_training_gallery(tracker: Tracker, model: nn.Module, config,
                          class_names: list[str] | None = None, max_samples: int = 2000) -> str:
     """End of training: log the gallery of `model` on the run's validation set to its run.
 
@@ -73,7 +74,7 @@ def log_training_gallery(tracking_uri: str, run_id: str, model: nn.Module, confi
         log.warning("no misclassification gallery: validation data unavailable here (%s)", err)
         return ""
     names = class_names or dataset_classes(dataset)[0]  # readable, from the data's own labels
-    return log_gallery(tracking_uri, run_id, model.cpu().eval(), dataset, names,
+    return log_gallery(tracker, model.cpu().eval(), dataset, names,
                        max_samples=max_samples)
 
 
@@ -153,44 +154,25 @@ def metrics(result: ShardResult) -> dict[str, float]:
             "loss": result.loss_sum / count, "images": result.images, "skipped": result.skipped}
 
 
-def _experiment_id(client, name: str, tracking_uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, as training does
-        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - created concurrently: look it up again
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def log_evaluation(tracking_uri: str, experiment: str, spec: EvalSpec, loaded: LoadedModel,
                    workers: int, summary: dict, gallery: bytes) -> str:
     """Record one evaluation as an MLflow run (params, eval/* metrics, gallery); return its id."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri)
     tags = {"rn50.kind": "evaluation", "rn50.source": spec.checkpoint}
     if loaded.mlflow_run_id:
         tags["rn50.evaluated_run_id"] = loaded.mlflow_run_id
-    run = client.create_run(_experiment_id(client, experiment, tracking_uri),
-                            run_name=f"eval-{Path(spec.checkpoint.rstrip('/')).name}", tags=tags)
+    tracker = Tracker.new_run(tracking_uri, experiment,
+                              f"eval-{Path(spec.checkpoint.rstrip('/')).name}", tags)
     data = loaded.config.data
     params = {"checkpoint": spec.checkpoint, "weights": loaded.weights, "tta_flip": spec.tta_flip,
               "workers": workers, "arch": loaded.arch, "data.dataset": data.dataset,
               "data.root": data.root, "data.val_crop_px": data.val_crop_px,
               "data.max_val_samples": data.max_val_samples}
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id,
-                     metrics=[Metric(f"eval/{k}", float(summary[k]), now, 0)
-                              for k in ("top1", "top5", "loss", "images", "skipped")],
-                     params=[Param(k, str(v)) for k, v in params.items()])
-    log_png(tracking_uri, run.info.run_id, gallery)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    tracker.log_params(params)
+    tracker.log_metrics({f"eval/{k}": summary[k]
+                         for k in ("top1", "top5", "loss", "images", "skipped")}, step=0)
+    log_png(tracker, gallery)
+    tracker.end("FINISHED")
+    return tracker.run_id
 
 
 ShardMap = Callable[[EvalSpec, list[tuple[int, int]]], list[ShardResult]]

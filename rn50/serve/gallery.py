@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from rn50.io.tracking import Tracker
 from rn50.serve.inference import gradcam, normalize, overlay, upscale
 
 GALLERY_FILE = "misclassified.png"
@@ -139,21 +138,15 @@ def gallery_png(model: nn.Module, dataset: Dataset, class_names: list[str],
     return render_gallery(model, dataset, mistakes, class_names, device, scanned)
 
 
-def log_png(tracking_uri: str, run_id: str, png: bytes, artifact_file: str = GALLERY_FILE) -> str:
+def log_png(tracker: Tracker, png: bytes, artifact_file: str = GALLERY_FILE) -> str:
     """Log PNG bytes as an artifact of an MLflow run; return the artifact path."""
-    from mlflow import MlflowClient
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / artifact_file
-        path.write_bytes(png)
-        MlflowClient(tracking_uri).log_artifact(run_id, str(path))
-    return artifact_file
+    return tracker.log_bytes(png, artifact_file)
 
 
-def log_gallery(tracking_uri: str, run_id: str, model: nn.Module, val_dataset: Dataset,
+def log_gallery(tracker: Tracker, model: nn.Module, val_dataset: Dataset,
                 class_names: list[str], device: torch.device | str = "cpu", limit: int = 16,
                 max_samples: int = 2000) -> str:
     """Render the misclassification gallery on `val_dataset` and log it to an MLflow run."""
     model = model.to(device)
     png = gallery_png(model, val_dataset, class_names, device, limit, max_samples)
-    return log_png(tracking_uri, run_id, png)
+    return log_png(tracker, png)

@@ -200,7 +200,7 @@ class Starts:
 @pytest.fixture
 def quiet_driver(monkeypatch):
     tags = []
-    monkeypatch.setattr(driver.tracking, "set_tags", lambda uri, run_id, t: tags.append(t))
+    monkeypatch.setattr(driver.tracking.Tracker, "set_tags", lambda tracker, t: tags.append(t))
     monkeypatch.setattr(driver.capacity, "refuse_if_never_fits", lambda scaling: None)
     monkeypatch.setattr(driver.capacity, "initial_market", lambda scaling: "spot")
     monkeypatch.setattr(driver, "_wait_for_storage", lambda uri, timeout_s: None)

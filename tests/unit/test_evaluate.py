@@ -8,6 +8,7 @@ from PIL import Image
 
 from rn50.data.loaders import build_loader
 from rn50.core.engine import evaluate as engine_evaluate
+from rn50.io.tracking import Tracker
 from rn50.serve.evaluate import (EvalSpec, build_parser, evaluate_shard, log_training_gallery,
                                  merge, metrics, prepare, run_evaluation, run_from_args)
 from rn50.serve.gallery import (Mistake, collect_mistakes, log_gallery, most_confident,
@@ -88,7 +89,7 @@ def test_evaluation_is_logged_to_mlflow_with_the_gallery(tmp_path, checkpoint, p
     assert Image.open(png).size[0] >= 800
 
     loaded, dataset = prepared
-    path = log_gallery(tracking, run.info.run_id, loaded.model, dataset,
+    path = log_gallery(Tracker(tracking, run.info.run_id), loaded.model, dataset,
                        loaded.classifier.class_names, limit=4, max_samples=50)
     assert path == "misclassified.png"
 
@@ -98,13 +99,13 @@ def test_end_of_training_gallery_lands_in_the_training_run(tmp_path, prepared):
     client = MlflowClient(tracking)
     run_id = client.create_run(client.create_experiment("train")).info.run_id
     loaded, _ = prepared
-    assert log_training_gallery(tracking, run_id, loaded.model, loaded.config,
+    assert log_training_gallery(Tracker(tracking, run_id), loaded.model, loaded.config,
                                 max_samples=40) == "misclassified.png"
     assert [a.path for a in client.list_artifacts(run_id)] == ["misclassified.png"]
     missing = loaded.config.from_dict({**loaded.config.to_dict(), "data": {
         **loaded.config.to_dict()["data"], "dataset": "imagefolder",
         "root": str(tmp_path / "absent")}})
-    assert log_training_gallery(tracking, run_id, loaded.model, missing) == ""
+    assert log_training_gallery(Tracker(tracking, run_id), loaded.model, missing) == ""
 
 
 def test_gallery_shows_the_most_confident_mistakes(prepared):

@@ -6,23 +6,40 @@ Layers, lowest first; a module may import from its own layer and the ones before
                                                 recipes, sweeps, the run's permanent errors
     io          rn50.io.*                       storage (local/S3), MLflow tracking, backups
     data        rn50.data.*                     datasets, transforms, loaders, ImageNet shards
-    core        rn50.core.*                     model, schedule, loop, checkpoint state + store
+    core        rn50.core.*                     model, schedule, loop, what a checkpoint holds
     serve       rn50.serve.*                    evaluation, inference, demo, exports
     distributed rn50.distributed.*              Ray Train / Tune: the only layer importing ray
     aliases     rn50.demo, rn50.train, ...      the commands: `python -m rn50.X`, `rn50-X`
 
 Also: `ray` at module level only in the distributed layer; no import cycle among the modules of
 rn50/, ray_jobs/ and benchmarks/ (function-level imports included); benchmarks never import tests.
+
+One home each (read from the source text of rn50/, ray_jobs/ and benchmarks/; tests look at the
+files from outside and may name them):
+
+    MLflow clients      only rn50/io/tracking.py builds an `MlflowClient` (the `Tracker`)
+    checkpoint files    only the store, rn50/io/checkpoints.py, names a checkpoint's files/folders
+    storage URIs        only the resolver, rn50/io/storage.py + s3.py, puts an s3:// or file://
+                        URI together from pieces (`"s3://" + x`, f"s3://{x}", "s3://%s" % x)
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = ["config", "io", "data", "core", "serve", "distributed", "aliases"]
 ALIASES = {"rn50.demo", "rn50.export", "rn50.checkpoint", "rn50.mlflow_backup", "rn50.train",
            "rn50.tune", "rn50.evaluate", "rn50.prepare_imagenet"}
+TRACKING = "rn50/io/tracking.py"
+STORE = "rn50/io/checkpoints.py"
+RESOLVER = ("rn50/io/storage.py", "rn50/io/s3.py")
+CHECKPOINT_NAMES = re.compile(r"state\.pt|manifest\.json|checkpoint_manager_snapshot|"
+                              r"(STATE_FILE|MANIFEST_FILE|BEST_DIR|CHECKPOINT_DIR_NAME)")
+# Files that name another `manifest.json`: the prepared data set's, not a checkpoint's.
+DATA_MANIFEST = {"rn50/data/imagenet_shards.py", "rn50/prepare_imagenet.py"}
+URI_HEAD = re.compile(r"(s3|file)://$")
 
 
 def module_name(path: Path) -> str:
@@ -128,6 +145,79 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str]:
         if node not in state and (cycle := visit(node)):
             return cycle
     return []
+
+
+def mlflow_clients(text: str) -> list[int]:
+    """Lines of `text` that build an MlflowClient."""
+    return [number for number, line in enumerate(text.splitlines(), 1)
+            if "MlflowClient(" in line]
+
+
+def checkpoint_file_names(text: str, data_manifest: bool = False) -> list[int]:
+    """Lines of `text` that name a checkpoint's files or folders (or the store's constants for
+    them); `data_manifest`: the file names a data set's manifest.json, which is not one."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        names = {m.group(0) for m in CHECKPOINT_NAMES.finditer(line)}
+        if names - ({"manifest.json"} if data_manifest else set()):
+            found.append(number)
+    return found
+
+
+def uri_concatenations(text: str) -> list[int]:
+    """Lines of `text` where an s3:// or file:// URI is put together by hand: a string ending
+    in the scheme followed by a formatted value, `+`, `%` or `.format`."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.JoinedStr):
+            parts = node.values
+            found += [node.lineno for head, tail in zip(parts, parts[1:])
+                      if isinstance(head, ast.Constant) and URI_HEAD.search(str(head.value))
+                      and isinstance(tail, ast.FormattedValue)]
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+            head = node.left
+            if isinstance(head, ast.Constant) and re.search(r"(s3|file)://(%s)?$",
+                                                            str(head.value)):
+                found.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr == "format" and \
+                isinstance(node.value, ast.Constant) and "://{" in str(node.value.value):
+            found.append(node.lineno)
+    return found
+
+
+def one_home_violations() -> list[str]:
+    """Every MLflow client, checkpoint file name and hand-made storage URI outside its home."""
+    problems = []
+    for path in project_files():
+        name, text = str(path.relative_to(REPO)), path.read_text()
+        if name != TRACKING:
+            problems += [f"{name}:{n} builds an MlflowClient: use rn50.io.tracking.Tracker"
+                         for n in mlflow_clients(text)]
+        if name != STORE:
+            problems += [f"{name}:{n} names a checkpoint file: ask rn50.io.checkpoints"
+                         for n in checkpoint_file_names(text, name in DATA_MANIFEST)]
+        if name not in RESOLVER:
+            problems += [f"{name}:{n} builds a storage URI by hand: use rn50.io.storage (join, "
+                         "from_ray_path) or rn50.io.s3.s3_uri" for n in uri_concatenations(text)]
+    return problems
+
+
+def test_mlflow_checkpoint_files_and_storage_uris_each_have_one_home():
+    problems = one_home_violations()
+    assert not problems, "one-home rules broken:\n" + "\n".join(problems)
+
+
+def test_the_one_home_checks_see_a_violation():
+    """Negative controls: each walker finds what it looks for, and not its look-alikes."""
+    assert mlflow_clients("import x\nclient = MlflowClient(uri)\n") == [2]
+    assert checkpoint_file_names("a = 1\npath / 'state.pt'\nx = ckpt.BEST_DIR\n") == [2, 3]
+    assert checkpoint_file_names("root + '/manifest.json'", data_manifest=True) == []
+    assert checkpoint_file_names("root + '/manifest.json'") == [1]
+    hand_made = ['u = "s3://" + bucket', 'u = f"s3://{bucket}/runs"', 'u = "s3://%s" % bucket',
+                 'u = "s3://{}/x".format(bucket)', 'u = f"file://{path}"']
+    assert [uri_concatenations(line) for line in hand_made] == [[1]] * len(hand_made)
+    assert uri_concatenations('m = f"use s3://BUCKET/PREFIX, not {given}"\n'
+                              'u = storage.join(root, name)\nh = f"http://127.0.0.1:{port}"') == []
 
 
 def test_no_module_imports_from_a_higher_layer_and_only_distributed_imports_ray():

@@ -29,14 +29,15 @@ class _Said(logging.Handler):
 def test_the_logged_model_is_safe_and_takes_any_batch_size(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config("demo", [])
-    run_id, _ = tracking.start_or_resume_run(config, uri, str(tmp_path / "runs/demo"), "demo", {})
+    tracker, _ = tracking.start_or_resume_run(config, uri, str(tmp_path / "runs/demo"), "demo", {})
+    run_id = tracker.run_id
     torch.manual_seed(0)
     model = build_model(config.model, config.data.num_classes).eval()
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)  # as the driver
     said = _Said()  # MLflow's loggers do not propagate: pytest's caplog would see nothing
     logging.getLogger("mlflow").addHandler(said)
     try:
-        tracking.finish_run(uri, run_id, succeeded=True, model=model, example_input=example)
+        tracker.finish(succeeded=True, model=model, example_input=example)
     finally:
         logging.getLogger("mlflow").removeHandler(said)
     assert not [line for line in said.lines if "pickle" in line.lower()], said.lines

@@ -48,8 +48,8 @@ def tracked(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow")
     uri, config = f"sqlite:///{folder / 'mlflow.db'}", load_config("demo")
     run_dir = folder / "runs" / "r"
-    run_id, _ = tracking.start_or_resume_run(config, uri, str(run_dir), "r", tags={})
-    tracking.log_metrics(uri, run_id, {"cost/usd": 5.0}, step=300)
+    tracker, _ = tracking.start_or_resume_run(config, uri, str(run_dir), "r", tags={})
+    tracker.log_metrics({"cost/usd": 5.0}, step=300)
     return uri, run_dir
 
 
@@ -72,8 +72,8 @@ def test_mlflows_figure_counts_when_it_is_the_larger(tracked):
     # The usual case: MLflow's last cost/usd is logged after the last checkpoint was taken.
     uri, run_dir = tracked
     other = run_dir.parent / "other"
-    run_id, _ = tracking.start_or_resume_run(load_config("demo"), uri, str(other), "other", {})
-    tracking.log_metrics(uri, run_id, {"cost/usd": 30.0}, step=900)
+    tracker, _ = tracking.start_or_resume_run(load_config("demo"), uri, str(other), "other", {})
+    tracker.log_metrics({"cost/usd": 30.0}, step=900)
     _checkpoint(other, 1, (29.0, 880))
     assert cost.spent_before(load_config("demo"), uri, str(other), "other") == (30.0, 900)
     with pytest.raises(pricing.BudgetError, match=r"\(MLflow's cost/usd\)"):
