@@ -45,11 +45,6 @@ class SweepContext:
     epochs: int
     """Epochs of a full trial (ASHA's max_t)."""
 
-    @cached_property
-    def parent(self) -> Tracker:
-        """The sweep's MLflow parent run."""
-        return Tracker(self.tracking_uri, self.parent_run_id)
-
     @property
     def run_key(self) -> str:
         """The sweep's key in storage and MLflow (`storage.run_uri`)."""
