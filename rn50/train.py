@@ -19,6 +19,7 @@ from rn50.config import ConfigError, load_config
 from rn50.errors import PermanentError
 from rn50.io import job_defaults
 from rn50.io.storage import StorageError
+from rn50.records import StopReason
 
 
 def main() -> int:
@@ -48,10 +49,10 @@ def main() -> int:
     except (ConfigError, StorageError, ResourcesUnavailableError, PermanentError) as err:
         print(f"error: {err}", file=sys.stderr)  # each says what to fix; its class, the exit code
         return err.exit_code
-    print("RESULT " + json.dumps(summary), flush=True)
-    if summary.get("stopped") == "budget":  # checkpointed, not finished: the same command resumes
-        print(f"[rn50] stopped by train.budget_usd={summary['budget_usd']:g} after "
-              f"{summary['epochs']} epochs (${summary['cost_usd']:.2f} spent); rerun with a "
+    print("RESULT " + json.dumps(summary.to_dict()), flush=True)
+    if summary.stopped is StopReason.BUDGET:  # checkpointed, not finished: the same command resumes
+        print(f"[rn50] stopped by train.budget_usd={summary.budget_usd:g} after "
+              f"{summary.last.epoch + 1} epochs (${summary.cost_usd:.2f} spent); rerun with a "
               "higher train.budget_usd to continue", file=sys.stderr, flush=True)
         return 5
     return 0

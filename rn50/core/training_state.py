@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from rn50.core.model import EMA, unwrap
+from rn50.records import (STATE_FORMAT_VERSION, STATE_VERSION_KEY, CheckpointExtras,
+                          check_state_version)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -59,7 +61,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler | None = None
 
     def state_dict(self, epoch: int, steps_done: int, config_dict: dict,
-                   extra: dict | None = None,
+                   extra: CheckpointExtras | None = None,
                    rng_per_rank: list[dict] | None = None) -> dict[str, Any]:
         """Everything a bit-exact resume needs, after `steps_done` optimizer steps of `epoch`.
 
@@ -70,10 +72,12 @@ class TrainingState:
                 "ema": self.ema.state_dict() if self.ema else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "epoch": epoch, "steps_done": steps_done, "config": config_dict,
-                "rng": rng_per_rank or [capture_rng_state()], **(extra or {})}
+                "rng": rng_per_rank or [capture_rng_state()],
+                **(extra.to_state() if extra else {}),
+                STATE_VERSION_KEY: STATE_FORMAT_VERSION}
 
     def snapshot(self, rank: int, epoch: int, steps_done: int, config_dict: dict,
-                 extra: dict | None = None) -> dict[str, Any] | None:
+                 extra: CheckpointExtras | None = None) -> dict[str, Any] | None:
         """`state_dict` with every rank's RNG states, on rank 0 (None elsewhere). A collective:
         every rank must call it at the same step."""
         rng_per_rank = gather_rng_states()
@@ -85,6 +89,7 @@ class TrainingState:
                 rank: int = 0) -> tuple[int, int]:
         """Load `state` into the live objects (RNGs: this rank's); return (epoch, step) to go on
         from."""
+        check_state_version(state)  # before any object is changed
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

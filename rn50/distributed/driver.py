@@ -17,7 +17,6 @@ import time
 import ray
 import ray.train
 import torch
-from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig
 
 from rn50.io import checkpoints as ckpt
@@ -26,24 +25,26 @@ from rn50.config import Config
 from rn50.config_sections import AUTO
 from rn50.core.model import build_model
 from rn50.data.preflight import check_data
-from rn50.distributed import capacity, cluster_view, cost, ray_adapter
+from rn50.distributed import capacity, cluster_view, cost, ray_errors
 from rn50.distributed.contexts import RunContext
+from rn50.distributed.fit_ladder import Action, Outcome, RetryLadder
 from rn50.distributed.ray_adapter import ElasticRunPolicy, RunPolicy, Trainer
+from rn50.distributed.ray_errors import TrainingFailedError
 from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker_entry import train_loop_per_worker
 from rn50.errors import PermanentError
+from rn50.records import EpochReport, RunSummary, StopReason
 
 logger = logging.getLogger(__name__)
 
 
 def _final_model(result_checkpoint, config: Config):
-    """Rebuild the trained model from the final checkpoint (for MLflow) and its summary."""
+    """Rebuild the trained model from the final checkpoint (for MLflow)."""
     with result_checkpoint.as_directory() as directory:
-        manifest = ckpt.verify(directory)
-        state = ckpt.load_checkpoint(directory)
+        state = ckpt.load_checkpoint(directory)  # verified against its manifest first
     model = build_model(config.model, config.data.num_classes)
     model.load_state_dict(state["model"])
-    return model.eval(), manifest["summary"]
+    return model.eval()
 
 
 def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None,
@@ -96,39 +97,46 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
 
 
 def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None):
-    """`fit()` until the run ends. Started again (resuming from the newest checkpoint) when the
-    Train controller dies (it writes its state to storage after every report, so a storage outage
-    kills it), up to `checkpoint.max_failures` times in a row without progress. Raises
-    `ResourcesUnavailableError` for a start that gave up and `PermanentError` for a worker error
-    no restart fixes; the start policy in the controller decides both (ray_adapter)."""
+    """`fit()` until the run ends; return Ray's result. What happens after each `fit()` that
+    raised is `fit_ladder.RetryLadder`'s decision: a dead Train controller (a storage outage
+    kills it) is resumed from the newest checkpoint; a start that gave up raises
+    `ResourcesUnavailableError`, a worker error no restart fixes `PermanentError` (the start
+    policy in the controller decides both, ray_adapter), anything else Ray's own error."""
     config = run.config
     capacity.refuse_if_never_fits(config.scaling)
     market = capacity.initial_market(config.scaling)
     _tag_market(run, market)
-    failures, progress = 0, _progress(storage_uri, name)
+    ladder = RetryLadder(config.checkpoint.max_failures, _progress(storage_uri, name))
     while True:
         try:
             with capacity.ray_train_env(config.scaling.start_check_s,
                                         config.checkpoint.preemption_poll_s):
                 return build_trainer(run, name, storage_uri, callbacks, market).fit()
         except TrainingFailedError as err:
-            failure = ray_adapter.classify(err)
-            if failure.kind == "no_resources":
-                raise capacity.ResourcesUnavailableError(failure.message) from err
-            if failure.kind == "permanent":
-                stop = PermanentError(failure.message)
-                stop.exit_code = failure.exit_code
+            failure = ray_errors.classify(err)
+            progress = None
+            if failure.kind is Outcome.CONTROLLER:
+                logger.warning("Train controller failed (%s); waiting for storage, then resuming",
+                               failure.message)
+                _wait_for_storage(storage_uri, timeout_s=600)
+                progress = _progress(storage_uri, name)
+            decision = ladder.after(failure.kind, progress)
+            if decision.action is Action.GIVE_UP:
+                stop = _stop_error(decision.reason, failure)
+                if stop is None:
+                    raise  # Ray's own error says what failed
                 raise stop from err
-            if failure.kind != "controller":
-                raise
-            logger.warning("Train controller failed (%s); waiting for storage, then resuming",
-                           failure.message)
-            _wait_for_storage(storage_uri, timeout_s=600)
-            now = _progress(storage_uri, name)
-            failures = 1 if now != progress else failures + 1  # progress resets the count
-            progress = now
-            if failures > config.checkpoint.max_failures:
-                raise
+
+
+def _stop_error(reason: StopReason | None, failure: ray_errors.Failure) -> Exception | None:
+    """The project's error for a run that ends on `reason` (None: Ray's own error)."""
+    if reason is StopReason.NO_RESOURCES:
+        return capacity.ResourcesUnavailableError(failure.message)
+    if reason is StopReason.PERMANENT_ERROR:
+        stop = PermanentError(failure.message)
+        stop.exit_code = failure.exit_code
+        return stop
+    return None
 
 
 def _progress(storage_uri: str, name: str) -> str | None:
@@ -161,16 +169,16 @@ def _wait_for_storage(storage_uri: str, timeout_s: float) -> None:
                 raise
 
 
-def run_training(config: Config, name: str, storage_uri: str) -> dict:
-    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return a
-    summary."""
+def run_training(config: Config, name: str, storage_uri: str) -> RunSummary:
+    """Train `config` as run `name` in `storage_uri` (resuming it if it exists); return its
+    summary (finished, or stopped on its budget)."""
     try:
         return _train_and_track(config, name, storage_uri)
     finally:  # on a cluster head, `ray down` right after the job must lose none of its tracking
         mlflow_backup.backup_at_job_end()
 
 
-def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
+def _train_and_track(config: Config, name: str, storage_uri: str) -> RunSummary:
     since_s = time.time()
     tracking_uri = tracking.resolve_tracking_uri(config.tracking.uri)
     storage.refuse_job_scratch(storage_uri, tracking_uri)
@@ -188,19 +196,14 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
         except Exception:
             tracker.finish(succeeded=False)
             raise
-    model, summary = _final_model(result.checkpoint, config)
-    outcome = {"name": name, "val_top1": summary["val_top1"], "val_top5": summary["val_top5"],
-               "epochs": summary["epoch"] + 1,
-               "checkpoint": storage.from_ray_path(result.checkpoint.path, storage_uri),
-               **_best_of_run(storage_uri, name, config.checkpoint.keep_best_by),
-               "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-               "cost_usd": round(meter.total_usd or 0.0, 4),
-               "wall_s": round(time.time() - since_s, 1)}
-    if outcome["epochs"] < config.train.epochs:  # rank 0 leaves early only on the budget
+    model = _final_model(result.checkpoint, config)
+    summary = run_summary(result, config, name, storage_uri, (tracking_uri, run_id),
+                          cost_usd=meter.total_usd or 0.0, wall_s=time.time() - since_s)
+    if summary.stopped is StopReason.BUDGET:
         # KILLED, not FINISHED: MLflow's status for a run stopped before its end; a rerun with a
         # higher budget sets it RUNNING again and finishes it.
         tracker.finish(succeeded=False, status="KILLED")
-        return {**outcome, "stopped": "budget", "budget_usd": config.train.budget_usd}
+        return summary
     tracker.delete_tag(cost.STOPPED_TAG)  # an earlier start's stop
     # The most confident mistakes, with Grad-CAM.
     from rn50.serve.evaluate import log_training_gallery
@@ -208,7 +211,21 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> dict:
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracker.finish(succeeded=True, model=model if config.tracking.log_model else None,
                    example_input=example)
-    return outcome
+    return summary
+
+
+def run_summary(result, config: Config, name: str, storage_uri: str,
+                mlflow_run: tuple[str, str], cost_usd: float, wall_s: float) -> RunSummary:
+    """The run's summary from Ray's final `result` (`mlflow_run`: MLflow URI and run id)."""
+    # Ray's final result carries the newest checkpoint's report: the run's last, which says why
+    # the run ended (the worker sets it; nothing is inferred from the epoch count).
+    last = EpochReport.from_metrics(result.metrics)
+    return RunSummary(
+        name=name, last=last, stopped=last.stop(config.train.epochs),
+        checkpoint=storage.from_ray_path(result.checkpoint.path, storage_uri),
+        tracking_uri=mlflow_run[0], mlflow_run_id=mlflow_run[1], cost_usd=round(cost_usd, 4),
+        wall_s=round(wall_s, 1), budget_usd=config.train.budget_usd,
+        best=_best_of_run(storage_uri, name, config.checkpoint.keep_best_by))
 
 
 def _check_data(config: Config) -> None:

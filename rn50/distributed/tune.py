@@ -23,6 +23,7 @@ from rn50.distributed.capacity import ResourcesUnavailableError
 from rn50.distributed.driver import fit_run
 from rn50.distributed.ray_adapter import TUNE_LOGGERS, quiet_expected_ends
 from rn50.distributed.ray_setup import init_ray
+from rn50.records import TrialResult
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -128,9 +129,11 @@ def _records(results, spec: SweepSpec, epochs: int) -> list[TrialRecord]:
         history = [] if frame is None or spec.metric not in frame else \
             list(zip(frame["epoch"].astype(int), frame[spec.metric].astype(float)))
         params = {key: result.config[key] for key in spec.space}
-        checkpoint = (result.metrics or {}).get("checkpoint_path", "")
-        records.append(TrialRecord(result.metrics.get("trial_id", "?") if result.metrics else "?",
-                                   params, trial_status(result, epochs), history, checkpoint))
+        # A trial that failed before its first report has no result to read an id from.
+        trial = TrialResult.from_tune(result.metrics) if result.metrics else None
+        records.append(TrialRecord(trial.trial_id if trial else "?", params,
+                                   trial_status(result, epochs), history,
+                                   trial.checkpoint_path if trial else ""))
     return records
 
 
@@ -213,7 +216,8 @@ def _sweep_and_track(spec: SweepSpec, name: str, storage_uri: str,
     best_recipe = storage.join(storage.absolute(storage_uri), name, "best_recipe.yaml")
     storage.write_bytes(best_recipe, best_config.to_yaml().encode())
     parent.end("FINISHED")
-    checkpoint = storage.from_ray_path(best.metrics.get("checkpoint_path", ""), storage_uri)
+    checkpoint = storage.from_ray_path(TrialResult.from_tune(best.metrics).checkpoint_path,
+                                       storage_uri)
     return {"name": name, "metric": spec.metric, "best_value": float(best_value),
             "best_config": best_params, "best_recipe": best_recipe, "checkpoint": checkpoint,
             "mlflow_run_id": parent.run_id,

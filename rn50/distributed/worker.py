@@ -10,6 +10,7 @@ that launches it is `rn50/distributed/driver.py`; everything not Ray-specific li
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.distributed.worker_cpus import resolve_cpu_plan
 from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
 from rn50.io.pricing import CostBasis
+from rn50.records import CheckpointExtras, EpochReport, StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -94,23 +96,21 @@ class _Worker:
     def snapshot(self, epoch: int, steps_done: int) -> dict | None:
         """The checkpoint state on rank 0 (None elsewhere); a collective."""
         samples_done = steps_done * self.config.train.global_batch_size  # at any world size
-        return self.state.snapshot(self.rank, epoch, steps_done, self.config.to_dict(),
-                                   extra={"samples_done": samples_done,
-                                          "world_size": self.world_size,
-                                          "class_names": self.class_names,
-                                          "class_wnids": dataset_classes(self.train_set)[1],
-                                          "best_value": self.best_value,
-                                          **(spent_now(self.cost) if self.rank == 0 else {})})
+        extras = CheckpointExtras(samples_done=samples_done, world_size=self.world_size,
+                                  class_names=self.class_names,
+                                  class_wnids=dataset_classes(self.train_set)[1],
+                                  best_value=self.best_value,
+                                  **(spent_now(self.cost) if self.rank == 0 else {}))
+        return self.state.snapshot(self.rank, epoch, steps_done, self.config.to_dict(), extras)
 
-    def improves_best(self, metrics: dict) -> bool:
+    def improves_best(self, report: EpochReport) -> bool:
         """Whether this epoch's `checkpoint.keep_best_by` metric beats the best so far (and if
         so, remember it)."""
         metric = self.config.checkpoint.keep_best_by
-        if metric == "none" or metrics.get(metric) is None:
+        value = None if metric == "none" else getattr(report, metric)
+        if value is None or (self.best_value is not None and value <= self.best_value):
             return False
-        if self.best_value is not None and metrics[metric] <= self.best_value:
-            return False
-        self.best_value = metrics[metric]
+        self.best_value = value
         return True
 
 
@@ -172,7 +172,7 @@ def _set_up(config: Config, device: torch.device) -> _Worker:
             _log(rank, f"epoch {worker.start_epoch} finishes in the order of the checkpoint's "
                        f"{worker.resumed_order} micro-batches per step, split in "
                        f"{config.micro_batches_per_step}: each of its samples once")
-        worker.best_value = resumed.get("best_value")
+        worker.best_value = CheckpointExtras.from_state(resumed).best_value
     return worker
 
 
@@ -218,21 +218,25 @@ def _train(worker: _Worker, run: RunContext) -> None:
             worker.device, config, log=lambda message: _log(rank, f"epoch {epoch} {message}"),
             start_step=skip, after_step=after_step, on_step_metrics=log_step_metrics,
             micro_slots=worker.slots)
-        metrics = {"epoch": epoch, "train_loss": stats.loss, **_validate(worker, epoch), "lr": lr,
-                   "images_per_s": stats.images_per_s, "skipped_images": stats.skipped_images,
-                   "train_crop_px": crop_px}
-        _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + eta.epoch_done())
+        epoch_report = EpochReport(epoch=epoch, train_loss=stats.loss, **_validate(worker, epoch),
+                                   lr=lr, images_per_s=stats.images_per_s,
+                                   skipped_images=stats.skipped_images, train_crop_px=crop_px)
+        _log(rank, " ".join(f"{k}={v:.4g}" for k, v in epoch_report.metrics().items())
+             + eta.epoch_done())
         if rank == 0 and epoch in logged:
             _log(rank, f"epoch {epoch} is in MLflow already, from a start whose checkpoint of it "
                        "was lost: not logged twice")
         elif rank == 0:
-            run.tracker.log_metrics(_mlflow_names(metrics), step=epoch)
+            run.tracker.log_metrics(epoch_report.mlflow_metrics(), step=epoch)
         last = epoch == config.train.epochs - 1
-        best = worker.improves_best(metrics)  # the best is always checkpointed, to be kept
+        best = worker.improves_best(epoch_report)  # the best is always checkpointed, to be kept
         stop = budget.stop_after(epoch, last)  # the next epoch would pass train.budget_usd
+        # The run's last report says why it ends: Ray's final result carries it to the driver.
+        reason = StopReason.BUDGET if stop else StopReason.FINISHED if last else None
+        epoch_report = dataclasses.replace(epoch_report, stop_reason=reason.value if reason else "")
         wants_checkpoint = best or last or stop or (epoch + 1) % config.checkpoint.every_epochs == 0
-        report(metrics, worker.snapshot(epoch, worker.steps_per_epoch) if wants_checkpoint
-               else None, rank, keep_as_best=best)
+        report(epoch_report.metrics(), worker.snapshot(epoch, worker.steps_per_epoch)
+               if wants_checkpoint else None, rank, keep_as_best=best)
         saves.saved()
         if stop:  # checkpointed above; the driver reports the stop and a rerun continues
             break
@@ -286,8 +290,8 @@ def _load_resume_state(rank: int) -> dict | None:
         state = ckpt.load_state((run[0], chosen))
     unregistered = latest is None or posixpath.basename(chosen) > posixpath.basename(latest.path)
     world_size = ray.train.get_context().get_world_size()
-    _log(rank, f"resumed from {chosen} (epoch {state['epoch']}, {state.get('steps_done', '?')} "
-               f"steps done, saved by {state.get('world_size', '?')} workers, now {world_size})"
+    saved = CheckpointExtras.from_state(state).describe(state.get("steps_done"))
+    _log(rank, f"resumed from {chosen} (epoch {state['epoch']}, {saved}, now {world_size})"
                + (", newer than Ray's record of the run" if unregistered else ""))
     return state
 
@@ -297,16 +301,9 @@ def _epochs_in_mlflow(run: RunContext) -> set[int]:
     and lost it before its checkpoint landed: the redone epoch is not logged twice; at the same
     world size its figures are the same to the bit)."""
     try:
-        return run.tracker.logged_steps("val/top1")
+        return run.tracker.logged_steps(EpochReport.mlflow_name("val_top1"))
     except Exception as err:  # noqa: BLE001 - MLflow down must never stop training
         logger.warning("could not read the run's MLflow history (%s): epochs are logged as "
                        "they end", err)
         return set()
 
-
-def _mlflow_names(metrics: dict) -> dict:
-    # Per epoch, at the epoch as step; train/loss, lr and images_per_s are per step (the engine).
-    names = {"train_loss": "train/epoch_loss", "val_top1": "val/top1", "val_top5": "val/top5",
-             "val_loss": "val/loss", "val_top1_ema": "val/top1_ema", "lr": "epoch/lr",
-             "images_per_s": "epoch/images_per_s"}
-    return {names.get(k, k): v for k, v in metrics.items() if k != "epoch"}

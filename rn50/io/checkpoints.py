@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rn50.io import storage
+from rn50.records import check_state_version
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -100,10 +101,12 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     """Verify and load a local checkpoint's state dict (weights_only, so no code runs)."""
     verify(Path(directory))
     try:
-        return torch.load(Path(directory) / STATE_FILE, map_location=map_location,
-                          weights_only=True)
+        state = torch.load(Path(directory) / STATE_FILE, map_location=map_location,
+                           weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
         raise CheckpointError(f"checkpoint {directory} could not be loaded: {err}") from None
+    # Not a CheckpointError: a newer format is no broken copy to skip for an older one.
+    return check_state_version(state, f"checkpoint {directory}")
 
 
 def upload_with_retries(upload: Callable[[], Location], name: str,

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rn50.config import Config
+from rn50.records import EpochReport
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from torch import nn
 
 RUN_KEY_TAG = "rn50.run_key"
-CURVE_METRICS = ("train/epoch_loss", "val/top1", "val/top5", "epoch/lr")
+CURVE_METRICS = tuple(EpochReport.mlflow_name(field)  # the names the worker logs them by
+                      for field in ("train_loss", "val_top1", "val_top5", "lr"))
 
 
 def resolve_tracking_uri(configured: str = "") -> str:

@@ -27,6 +27,7 @@ from rn50.data.class_names import imagenet_names, imagenet_wnids, readable_class
 from rn50.data.small_datasets import DIGITS_CLASSES, IMAGENETTE_SYNSETS
 from rn50.serve.inference import Classifier
 from rn50.core.model import build_model
+from rn50.records import CheckpointExtras
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def class_labels_for(config: Config,
 
     Checkpoints written before names were readable hold wnids as `class_names`: they are
     mapped to names here, so every consumer (demo, gallery, exports) shows names."""
-    count, state = config.data.num_classes, state or {}
-    labels = state.get("class_names") or _labels_from_data(config.data)
+    count = config.data.num_classes
+    saved = CheckpointExtras.from_state(state) if state else CheckpointExtras()
+    labels = saved.class_names or _labels_from_data(config.data)
     if labels is None and count == 1000:
         labels = imagenet_wnids()
     if not labels or len(labels) != count:
@@ -85,8 +87,8 @@ def class_labels_for(config: Config,
             log.warning("found %d class names for %d classes; using indices", len(labels), count)
         return [str(i) for i in range(count)], None
     names, wnids = readable_classes(list(labels))
-    saved = state.get("class_wnids")
-    return names, list(saved) if saved and len(saved) == count else wnids
+    saved_wnids = saved.class_wnids
+    return names, list(saved_wnids) if saved_wnids and len(saved_wnids) == count else wnids
 
 
 def class_names_for(config: Config, state: dict[str, Any] | None = None) -> list[str]:

@@ -14,6 +14,7 @@ from rn50.core.training_state import (TrainingState, capture_rng_state, fingerpr
                                       restore_rng_state)
 from rn50.config import ModelConfig
 from rn50.core.model import build_model
+from rn50.records import CheckpointExtras
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_snapshot_is_taken_on_rank_0_only():
     assert training.snapshot(1, 0, 3, {}) is None
     torch.manual_seed(4)
     expected = capture_rng_state()
-    state = training.snapshot(0, 0, 3, {"a": 1}, extra={"class_names": ["x"]})
+    state = training.snapshot(0, 0, 3, {"a": 1}, extra=CheckpointExtras(class_names=["x"]))
     assert state["steps_done"] == 3 and state["class_names"] == ["x"] and len(state["rng"]) == 1
     assert torch.equal(state["rng"][0]["torch"], expected["torch"])
 

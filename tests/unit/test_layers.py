@@ -2,8 +2,9 @@
 
 Layers, lowest first; a module may import from its own layer and the ones before it:
 
-    config      rn50.config(_sections, _validation), .errors, .search_space: typed config,
-                                                recipes, sweeps, the run's permanent errors
+    config      rn50.config(_sections, _validation), .errors, .search_space, .records: typed
+                                                config, recipes, sweeps, the run's permanent
+                                                errors, the records coming back from Ray
     io          rn50.io.*                       storage (local/S3), MLflow tracking, backups
     data        rn50.data.*                     datasets, transforms, loaders, ImageNet shards
     core        rn50.core.*                     model, schedule, loop, what a checkpoint holds
@@ -55,7 +56,7 @@ def layer_of(module: str) -> str | None:
     if module in ALIASES:
         return "aliases"
     if module in ("rn50", "rn50.config", "rn50.config_sections", "rn50.config_validation",
-                  "rn50.errors", "rn50.search_space"):
+                  "rn50.errors", "rn50.search_space", "rn50.records"):
         return "config"
     parts = module.split(".")
     if parts[0] == "rn50" and len(parts) > 1 and parts[1] in LAYERS:
