@@ -36,8 +36,8 @@ ALIASES = {"rn50.demo", "rn50.export", "rn50.checkpoint", "rn50.mlflow_backup", 
 TRACKING = "rn50/io/tracking.py"
 STORE = "rn50/io/checkpoints.py"
 RESOLVER = ("rn50/io/storage.py", "rn50/io/s3.py")
-CHECKPOINT_NAMES = re.compile(r"state\.pt|manifest\.json|checkpoint_manager_snapshot|"
-                              r"(STATE_FILE|MANIFEST_FILE|BEST_DIR|CHECKPOINT_DIR_NAME)")
+CHECKPOINT_NAMES = re.compile(r"state\.pt\b|manifest\.json|checkpoint_manager_snapshot|"
+                              r"\b(STATE_FILE|MANIFEST_FILE|BEST_DIR|CHECKPOINT_DIR_NAME)\b")
 # Files that name another `manifest.json`: the prepared data set's, not a checkpoint's.
 DATA_MANIFEST = {"rn50/data/imagenet_shards.py", "rn50/prepare_imagenet.py"}
 URI_HEAD = re.compile(r"(s3|file)://$")
