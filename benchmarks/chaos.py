@@ -115,7 +115,8 @@ def record(args, chaos: Chaos, report: dict, failure: str, straight_s: float,
         "same_run": "one run took every fault: elastic (1-2 workers) and still the fixed-size "
                     "maths (2 micro-batches per step on 1 worker or 2 are the same arithmetic), "
                     "so its final weights are compared with the straight fixed-size run's",
-        "finished": report["finished"], "failure": failure, "fault_log": faults, "resume_log": report["resumes"],
+        "finished": report["finished"], "failure": failure, "fault_log": faults,
+        "resume_log": report["resumes"],
         "steps_never_trained": report["steps_never_trained"],
         "epochs_logged": report.get("epochs_logged")}
     argv = [sys.argv[0], *sys.argv[1:]]
