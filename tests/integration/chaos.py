@@ -133,8 +133,8 @@ class Chaos(Faults):
 
     def step_s(self) -> float:
         """The run's recent time per step, undisturbed (the median over its last 20 steps)."""
-        gaps = sorted((b[0] - a[0]) / (b[1] - a[1])
-                      for a, b in zip(self._arrivals[-21:], self._arrivals[-20:]))
+        recent = self._arrivals[-21:]
+        gaps = sorted((b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(recent, recent[1:]))
         return gaps[len(gaps) // 2] if gaps else 0.0
 
     def regained(self, steps: int, since: int) -> bool:
