@@ -9,8 +9,9 @@ again, the newest checkpoint torn in storage, another job holding a CPU for a wh
 The same maths on a fixed two workers, never interrupted, runs first: the chaos run must end on
 its weights, bit for bit. Writes benchmarks/results/chaos.json.
 
-    python benchmarks/chaos.py                      # 22 faults of 7 kinds (~20 min on 2 cores)
-    python benchmarks/chaos.py --faults 3 --out /tmp/chaos.json   # a smoke run
+    python -m benchmarks.chaos                      # 22 faults of 7 kinds (~10 min on 2 cores)
+    python -m benchmarks.chaos --epochs 20          # room for all 22 (the 8-epoch run ran out)
+    python -m benchmarks.chaos --faults 3 --out /tmp/chaos.json   # a smoke run
 """
 import argparse
 import os
@@ -20,15 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks, rn50, tests
-
 from benchmarks.results import write_result
-from rn50.io.local_servers import S3Server
 from tests.integration.chaos import KINDS, Chaos, draw_plan
 from tests.integration.chaos_account import account
 from tests.integration.fake_cluster import FakeCluster
 from tests.integration.faults import fingerprint
 from tests.integration.jobs import epochs_logged, reference_maths, run_job
+from tools.local_servers import S3Server
 
 
 def straight_run(work: Path, epochs: int) -> str:
