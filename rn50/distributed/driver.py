@@ -111,6 +111,10 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
             with capacity.ray_train_env(config.scaling.start_check_s,
                                         config.checkpoint.preemption_poll_s):
                 return build_trainer(run, name, storage_uri, callbacks, market).fit()
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
+            # The Train controller actor may run on any node; when that node goes away, its run
+            # is still in storage, so it resumes as after a ControllerError.
+            error, message = err, f"its node went away: {type(err).__name__}"
         except TrainingFailedError as err:
             failure = ray_adapter.classify(err)
             if failure.kind == "no_resources":
@@ -121,14 +125,14 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
                 raise stop from err
             if failure.kind != "controller":
                 raise
-            logger.warning("Train controller failed (%s); waiting for storage, then resuming",
-                           failure.message)
-            _wait_for_storage(storage_uri, timeout_s=600)
-            now = _progress(storage_uri, name)
-            failures = 1 if now != progress else failures + 1  # progress resets the count
-            progress = now
-            if failures > config.checkpoint.max_failures:
-                raise
+            error, message = err, failure.message
+        logger.warning("Train controller failed (%s); waiting for storage, then resuming", message)
+        _wait_for_storage(storage_uri, timeout_s=600)
+        now = _progress(storage_uri, name)
+        failures = 1 if now != progress else failures + 1  # progress resets the count
+        progress = now
+        if failures > config.checkpoint.max_failures:
+            raise error
 
 
 def _progress(storage_uri: str, name: str) -> str | None:
