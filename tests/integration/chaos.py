@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 from rn50.io import storage
 from tests.integration.chaos_faults import Faults
 from tests.integration.fake_cluster import REPO, FakeCluster

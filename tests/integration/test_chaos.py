@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rn50.core import checkpoint as ckpt
+from rn50.io import checkpoints as ckpt
 
 from tests.integration.chaos import Chaos, draw_plan
 from tests.integration.chaos_account import account
