@@ -130,7 +130,7 @@ def check_state_version(state: dict[str, Any], where: str = "checkpoint") -> dic
 
 
 SPENT_FIELDS = ("spent_usd", "spent_run_s")
-"""The extras the manifest summary copies too (rn50.core.checkpoint.SPENT_KEYS)."""
+"""The extras the manifest summary copies too (rn50.io.checkpoints.SPENT_KEYS)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from rn50.distributed import capacity, cluster_view, cost, ray_errors
 from rn50.distributed.contexts import RunContext
 from rn50.distributed.fit_ladder import Action, Outcome, RetryLadder
 from rn50.distributed.ray_adapter import ElasticRunPolicy, RunPolicy, Trainer
-from rn50.distributed.ray_errors import TrainingFailedError
 from rn50.distributed.ray_setup import init_ray
 from rn50.distributed.worker_entry import train_loop_per_worker
 from rn50.errors import PermanentError
@@ -112,7 +111,7 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
             with capacity.ray_train_env(config.scaling.start_check_s,
                                         config.checkpoint.preemption_poll_s):
                 return build_trainer(run, name, storage_uri, callbacks, market).fit()
-        except TrainingFailedError as err:
+        except ray_errors.FIT_ERRORS as err:
             failure = ray_errors.classify(err)
             progress = None
             if failure.kind is Outcome.CONTROLLER:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.train.v2._internal.exceptions import (InsufficientClusterResourcesError,
                                                WorkerGroupStartupFailedError,
                                                WorkerGroupStartupTimeoutError)
@@ -19,6 +20,7 @@ from rn50.distributed.fit_ladder import Outcome
 from rn50.errors import PermanentError
 
 RAY_EXCEPTIONS = {
+    "ray.exceptions": ("ActorDiedError", "ActorUnavailableError"),
     "ray.train.v2._internal.exceptions": ("InsufficientClusterResourcesError",
                                           "WorkerGroupStartupFailedError",
                                           "WorkerGroupStartupTimeoutError"),
@@ -26,7 +28,7 @@ RAY_EXCEPTIONS = {
 }
 """Every Ray exception class used here, by the module it is imported from."""
 
-__all__ = ["ControllerError", "Failure", "InsufficientClusterResourcesError",
+__all__ = ["ControllerError", "FIT_ERRORS", "Failure", "InsufficientClusterResourcesError",
            "PermanentRunFailure", "StartGaveUp", "TrainingFailedError", "WorkerGroupError",
            "WorkerGroupStartupFailedError", "WorkerGroupStartupTimeoutError", "classify",
            "permanent_in"]
@@ -66,8 +68,16 @@ def permanent_in(error: BaseException | None) -> PermanentRunFailure | None:
     return None
 
 
-def classify(error: TrainingFailedError) -> Failure:
-    """What `TorchTrainer.fit()` raised, as a `Failure`."""
+FIT_ERRORS = (TrainingFailedError, ActorDiedError, ActorUnavailableError)
+"""What `TorchTrainer.fit()` raises when a run fails: Ray Train's own error, or the Train
+controller actor's when the node it ran on went away (it may run on any node)."""
+
+
+def classify(error: Exception) -> Failure:
+    """What `TorchTrainer.fit()` raised (one of `FIT_ERRORS`), as a `Failure`."""
+    if isinstance(error, (ActorDiedError, ActorUnavailableError)):
+        # The run is still in storage: it resumes as after a ControllerError.
+        return Failure(Outcome.CONTROLLER, f"its node went away: {type(error).__name__}")
     cause = error.controller_failure if isinstance(error, ControllerError) else error
     if isinstance(cause, StartGaveUp):
         return Failure(Outcome.NO_RESOURCES, str(cause), 4)

@@ -39,13 +39,14 @@ def small(tmp_path, epochs=2):
 REFERENCE_EPOCHS = 5
 
 
-def reference_maths(digits_root: Path) -> list[str]:
-    """The overrides that fix the maths of the reference run and of the runs compared with it."""
-    return [f"data.root={digits_root}", f"train.epochs={REFERENCE_EPOCHS}",
+def reference_maths(digits_root: Path, epochs: int = REFERENCE_EPOCHS) -> list[str]:
+    """The overrides that fix the maths of the reference run and of the runs compared with it
+    (`epochs` other than 5 for a longer run: benchmarks/chaos.py)."""
+    return [f"data.root={digits_root}", f"train.epochs={epochs}",
             "data.max_train_samples=512", "data.max_val_samples=64", "train.global_batch_size=32",
             "optim.lr_reference_batch_size=32", "tracking.log_model=false",
             "schedule.warmup_epochs=0", "schedule.decay=step",
-            f"schedule.step_milestones_epochs=[{REFERENCE_EPOCHS - 1}]", "schedule.step_gamma=30"]
+            f"schedule.step_milestones_epochs=[{epochs - 1}]", "schedule.step_gamma=30"]
 
 
 def result_line(output: str) -> dict:

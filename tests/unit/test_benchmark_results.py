@@ -207,3 +207,21 @@ def test_the_prose_check_catches_hand_typed_figures():
             "retries with back-off (2-30 s)\n")
     assert uncited_in(text, []) == [(1, "13.4 s"), (1, "2.05x"), (2, "0.66"), (7, "2-30 s")]
     assert uncited_in(text, ["back-off (2-30 s"])[-1] == (2, "0.66")
+
+
+def test_the_chaos_results_headline_figures_are_the_counts_of_its_own_logs():
+    """benchmarks/results/chaos.json (benchmarks/chaos.py): the figures docs/fault-tolerance.md
+    cites are the counts of the file's own fault and resume logs, not numbers typed beside them."""
+    record = json.loads((RESULTS / "chaos.json").read_text())
+    figures, faults, resumes = record["figures"], record["fault_log"], record["resume_log"]
+    assert figures["faults"] == len(faults)
+    assert figures["fault_kinds"] == len({fault["kind"] for fault in faults})
+    regained = [fault for fault in faults if fault["time_lost_s"] is not None]
+    assert figures["faults_survived"] == (len(regained) if record["finished"] else 0)
+    assert figures["time_lost_s"] == round(sum(f["time_lost_s"] for f in regained), 1)
+    assert figures["resumes"] == len(resumes)
+    assert figures["resumes_from_verified_checkpoints"] == sum(r["checkpoint_verified"]
+                                                              for r in resumes)
+    assert figures["steps_lost"] >= len(record["steps_never_trained"])
+    assert figures["epochs_logged_once"] == int(
+        record["epochs_logged"] == list(range(figures["epochs"])))

@@ -243,6 +243,24 @@ def test_a_dead_controller_is_restarted_and_progress_resets_the_count(monkeypatc
         driver.fit_run(_run("checkpoint.max_failures=1"), "r", "/tmp/x")
 
 
+def test_a_controller_lost_with_its_node_is_restarted_like_a_failed_one(monkeypatch, quiet_driver):
+    # Red if the job ended when the node hosting the Train controller actor went away (found by
+    # the chaos run: the driver's ray.get of controller.run raised ActorUnavailableError).
+    marks = iter(["c1", "c2", "c3"])
+    monkeypatch.setattr(driver, "_progress", lambda uri, name: next(marks))
+    starts = Starts(ray.exceptions.ActorUnavailableError("node gone", None),
+                    ray.exceptions.ActorDiedError())
+    monkeypatch.setattr(driver, "build_trainer", starts)
+    assert driver.fit_run(_run("checkpoint.max_failures=1"), "r", "/tmp/x") == "result"
+    assert len(starts.calls) == 3
+    marks = iter(["c1", "c1", "c1"])  # no progress between: max_failures still applies
+    monkeypatch.setattr(driver, "_progress", lambda uri, name: next(marks))
+    monkeypatch.setattr(driver, "build_trainer", Starts(ray.exceptions.ActorDiedError(),
+                                                        ray.exceptions.ActorDiedError()))
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        driver.fit_run(_run("checkpoint.max_failures=1"), "r", "/tmp/x")
+
+
 def test_the_trainer_runs_the_start_policy_and_carries_the_preemption_settings(tmp_path):
     run = _run("checkpoint.max_preemption_failures=7", "checkpoint.preemption_grace_s=15",
                "checkpoint.relax_collectives_on_preemption=true")

@@ -42,7 +42,8 @@ def test_the_adapters_ray_exceptions_are_where_it_imports_them_and_still_raised(
     cls = getattr(importlib.import_module(module), name)
     assert cls is getattr(ray_errors, name), f"ray_errors.{name} is not {module}.{name}"
     assert inspect.isclass(cls) and issubclass(cls, BaseException), f"{module}.{name}"
-    assert _raised_in_ray(cls), f"Ray Train no longer raises {module}.{name}"
+    if module != "ray.exceptions":  # Ray core's are raised from its Cython core, not Python
+        assert _raised_in_ray(cls), f"Ray Train no longer raises {module}.{name}"
 
 
 def test_every_ray_exception_the_module_uses_is_listed():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rn50.config import load_config
-from rn50.core.checkpoint import CheckpointError, load_checkpoint, load_newest_good, save_checkpoint
+from rn50.io.checkpoints import CheckpointError, load_checkpoint, load_newest_good, save_checkpoint
 from rn50.core.training_state import TrainingState
 from rn50.records import (STATE_FORMAT_VERSION, STATE_VERSION_KEY, CheckpointExtras,
                           CheckpointFormatError, EpochReport, RecordError, RunSummary, StopReason,
