@@ -195,7 +195,6 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> RunSummary:
         except Exception:
             tracker.finish(succeeded=False)
             raise
-    model = _final_model(result.checkpoint, config)
     summary = run_summary(result, config, name, storage_uri, (tracking_uri, run_id),
                           cost_usd=meter.total_usd or 0.0, wall_s=time.time() - since_s)
     if summary.stopped is StopReason.BUDGET:
@@ -204,9 +203,12 @@ def _train_and_track(config: Config, name: str, storage_uri: str) -> RunSummary:
         tracker.finish(succeeded=False, status="KILLED")
         return summary
     tracker.delete_tag(cost.STOPPED_TAG)  # an earlier start's stop
-    # The most confident mistakes, with Grad-CAM.
-    from rn50.serve.evaluate import log_training_gallery
-    log_training_gallery(tracker, model, config)
+    model = None
+    if config.tracking.log_gallery or config.tracking.log_model:
+        model = _final_model(result.checkpoint, config)
+    if config.tracking.log_gallery:  # the most confident mistakes, with Grad-CAM
+        from rn50.serve.evaluate import log_training_gallery
+        log_training_gallery(tracker, model, config)
     example = torch.zeros(1, 3, config.data.val_crop_px, config.data.val_crop_px)
     tracker.finish(succeeded=True, model=model if config.tracking.log_model else None,
                    example_input=example)

@@ -24,6 +24,7 @@ def common(tmp: Path, epochs: int = 2) -> list[str]:
     return [f"data.root={tmp / 'digits'}", f"train.epochs={epochs}", "data.max_train_samples=256",
             "data.max_val_samples=64", "train.global_batch_size=32",
             "optim.lr_reference_batch_size=32", "tracking.log_model=false",
+            "tracking.log_gallery=false",
             "checkpoint.every_steps=3", "checkpoint.keep_last=3",
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
 

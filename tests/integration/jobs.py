@@ -24,7 +24,8 @@ def small(tmp_path, epochs=2):
     """Overrides that make a demo run take seconds: a subset of digits, few epochs."""
     return [f"data.root={tmp_path / 'digits'}", f"train.epochs={epochs}",
             "data.max_train_samples=256", "data.max_val_samples=128", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false"]
+            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
+            "tracking.log_gallery=false"]
 
 
 # The maths of the runs that a fault interrupts on a cluster (the spot notice, the elastic
@@ -45,6 +46,7 @@ def reference_maths(digits_root: Path, epochs: int = REFERENCE_EPOCHS) -> list[s
     return [f"data.root={digits_root}", f"train.epochs={epochs}",
             "data.max_train_samples=512", "data.max_val_samples=64", "train.global_batch_size=32",
             "optim.lr_reference_batch_size=32", "tracking.log_model=false",
+            "tracking.log_gallery=false",
             "schedule.warmup_epochs=0", "schedule.decay=step",
             f"schedule.step_milestones_epochs=[{epochs - 1}]", "schedule.step_gamma=30"]
 

@@ -6,13 +6,16 @@ suite, the run starts from a copy of the straight run's checkpoint at the end of
 (test_faults.py resumes copies the same way): 32 steps to go under fire.
 
 Red if any step is never trained, a resume starts from a checkpoint that did not verify (or
-skips ahead), an epoch is logged twice, a fault hangs the run, or the final weights differ from
-the fixed-size straight run's (`reference`): 2 micro-batches per step on 1 worker or 2 are the
-same arithmetic, so every fault must cost time only. benchmarks/chaos.py is the long version.
+skips ahead), an epoch is logged twice, the resubmitted driver starts a second MLflow run, a
+fault hangs the run, or the final weights differ from the fixed-size straight run's
+(`reference`): 2 micro-batches per step on 1 worker or 2 are the same arithmetic, so every fault
+must cost time only. benchmarks/chaos.py is the long version. (It took over test_faults.py's
+killed-driver-and-torn-checkpoint run, which asserted the same.)
 """
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from rn50.io import checkpoints as ckpt
 
@@ -67,5 +70,12 @@ def test_three_faults_of_three_kinds_cost_no_step_and_no_bit(reference, cluster,
     assert report["resumes"] and all(r["checkpoint_verified"] for r in report["resumes"]), \
         (report["resumes"], chaos.verified)
     assert epochs_logged(result) == list(range(START_EPOCH, REFERENCE_EPOCHS))
+    # The resubmitted driver found its run's MLflow run again (a second run would hold the
+    # epochs after the kill, and MLflow's history would be split in two).
+    assert "(resumed) at" in output, output[-4000:]
+    client = MlflowClient(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("rn50-demo")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == \
+        [result["mlflow_run_id"]]
     assert fingerprint(result["checkpoint"]) == straight, "not the fixed-size run's weights"
     print("chaos:", {k: v for k, v in report.items() if k != "faults"})

@@ -85,7 +85,7 @@ def _shrunk(recipe: str, data: dict, tmp_path) -> list[str]:
             "train.global_batch_size=8", "train.micro_batch_size=0", *SHRUNK_SCALING,
             "data.train_crop_px=32", "data.val_resize_px=32", "data.val_crop_px=32",
             "data.progressive_min_px=0", "data.loader_workers=0", "train.torch_threads=1",
-            "train.log_every_steps=1", "tracking.log_model=false",
+            "train.log_every_steps=1", "tracking.log_model=false", "tracking.log_gallery=false",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 

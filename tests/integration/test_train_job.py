@@ -145,6 +145,15 @@ def test_a_run_whose_best_epoch_is_not_its_last_keeps_and_uses_that_epoch(refere
     assert all(torch.equal(loaded[name], best[name]) for name in best)
 
 
+def test_a_run_with_its_gallery_off_logs_none(reference):
+    """`tracking.log_gallery=false` (the integration tests' runs, jobs.py) skips the end-of-run
+    gallery; the demo run above, with the default, has its misclassified.png."""
+    _, result, _ = reference
+    client = MlflowClient(result["tracking_uri"])
+    artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
+    assert "recipe.yaml" in artifacts and "misclassified.png" not in artifacts, artifacts
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
     ("train.epochs=ten", "'train.epochs' expects int"),
