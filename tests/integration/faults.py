@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.integration.jobs import REPO
+from tests.integration.jobs import LEAN_TRACKING, REPO
 
 STEPS_PER_EPOCH = 8  # 256 images / global batch 32
 
@@ -23,8 +23,7 @@ def common(tmp: Path, epochs: int = 2) -> list[str]:
     each."""
     return [f"data.root={tmp / 'digits'}", f"train.epochs={epochs}", "data.max_train_samples=256",
             "data.max_val_samples=64", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
-            "tracking.log_gallery=false",
+            "optim.lr_reference_batch_size=32", *LEAN_TRACKING,
             "checkpoint.every_steps=3", "checkpoint.keep_last=3",
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
 

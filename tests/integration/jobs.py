@@ -20,12 +20,18 @@ def run_job(args, env_extra=None, timeout=900):
     return proc.returncode, output, result
 
 
+# What a test run does not need from MLflow (each on for the demo run, test_train_job.py, which
+# checks them): the model logged, the end-of-run gallery (~5 s of the driver's CPU), the system
+# metrics sampler (~3 s of MLflow start-up on each node's first worker, before its first step).
+LEAN_TRACKING = ["tracking.log_model=false", "tracking.log_gallery=false",
+                 "tracking.system_metrics_interval_s=0"]
+
+
 def small(tmp_path, epochs=2):
     """Overrides that make a demo run take seconds: a subset of digits, few epochs."""
     return [f"data.root={tmp_path / 'digits'}", f"train.epochs={epochs}",
             "data.max_train_samples=256", "data.max_val_samples=128", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
-            "tracking.log_gallery=false"]
+            "optim.lr_reference_batch_size=32", *LEAN_TRACKING]
 
 
 # The maths of the runs that a fault interrupts on a cluster (the spot notice, the elastic
@@ -45,8 +51,7 @@ def reference_maths(digits_root: Path, epochs: int = REFERENCE_EPOCHS) -> list[s
     (`epochs` other than 5 for a longer run: benchmarks/chaos.py)."""
     return [f"data.root={digits_root}", f"train.epochs={epochs}",
             "data.max_train_samples=512", "data.max_val_samples=64", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
-            "tracking.log_gallery=false",
+            "optim.lr_reference_batch_size=32", *LEAN_TRACKING,
             "schedule.warmup_epochs=0", "schedule.decay=step",
             f"schedule.step_milestones_epochs=[{epochs - 1}]", "schedule.step_gamma=30"]
 

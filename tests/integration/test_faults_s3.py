@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 
-from tests.integration.jobs import REPO
+from tests.integration.jobs import LEAN_TRACKING, REPO
 
 OUTAGE_S = 15
 
@@ -35,8 +35,7 @@ def test_s3_outage_during_uploads_costs_no_work(s3_server, tmp_path):
     args = [sys.executable, "ray_jobs/train_full.py", "--name", name, "--storage", storage,
             f"data.root={tmp_path / 'digits'}", "train.epochs=3", "data.max_train_samples=256",
             "data.max_val_samples=64", "train.global_batch_size=32",
-            "optim.lr_reference_batch_size=32", "tracking.log_model=false",
-            "tracking.log_gallery=false",
+            "optim.lr_reference_batch_size=32", *LEAN_TRACKING,
             "checkpoint.every_steps=2", "checkpoint.keep_last=2",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     log_path = tmp_path / "job.log"

@@ -24,7 +24,7 @@ from rn50.config import RECIPES_DIR, load_config
 from rn50.data.small_datasets import prepare_digits
 from tests.ilsvrc_fixture import make_hf_parquet, make_ilsvrc
 from tests.integration.fake_cluster import FakeCluster, kill_tree
-from tests.integration.jobs import REPO
+from tests.integration.jobs import LEAN_TRACKING, REPO
 
 pytestmark = pytest.mark.integration
 FIRST_STEP_S = 60
@@ -85,7 +85,7 @@ def _shrunk(recipe: str, data: dict, tmp_path) -> list[str]:
             "train.global_batch_size=8", "train.micro_batch_size=0", *SHRUNK_SCALING,
             "data.train_crop_px=32", "data.val_resize_px=32", "data.val_crop_px=32",
             "data.progressive_min_px=0", "data.loader_workers=0", "train.torch_threads=1",
-            "train.log_every_steps=1", "tracking.log_model=false", "tracking.log_gallery=false",
+            "train.log_every_steps=1", *LEAN_TRACKING,
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
