@@ -81,6 +81,10 @@ def main() -> None:
             report["epochs_logged"] = epochs_logged(result)
             report["fingerprint_equal"] = fingerprint(result["checkpoint"]) == straight
         record(args, chaos, report, failure, straight_s, time.monotonic() - started)
+        if failure:  # the run's own account of what went wrong, kept beside the result
+            kept = Path(args.out or "benchmarks/results/chaos.json").with_suffix(".failed.log")
+            shutil.copyfile(chaos.log_path, kept)
+            print(f"[benchmarks] the failed run's log: {kept}", flush=True)
     finally:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -56,6 +56,24 @@ def reference_maths(digits_root: Path, epochs: int = REFERENCE_EPOCHS) -> list[s
             f"schedule.step_milestones_epochs=[{epochs - 1}]", "schedule.step_gamma=30"]
 
 
+def reference_epoch_end(reference_result: dict, epoch: int) -> Path:
+    """The reference run's checkpoint at the end of `epoch` (it keeps every epoch's): a run that
+    starts from a copy of it goes on from there with the same maths (the cluster tests)."""
+    from rn50.io import checkpoints as ckpt
+    for folder in sorted(Path(reference_result["checkpoint"]).parent.glob("checkpoint_2*")):
+        summary = ckpt.verify(str(folder), hashes=False)["summary"]
+        if summary["epoch"] == epoch and "steps_done" not in summary:
+            return folder
+    raise AssertionError(f"the reference run kept no end-of-epoch-{epoch} checkpoint")
+
+
+def start_from_copy(checkpoint: Path, run_dir: Path) -> None:
+    """Put a copy of `checkpoint` in the (local) storage of the run `run_dir`, as its newest."""
+    import shutil
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint, run_dir / checkpoint.name)
+
+
 def result_line(output: str) -> dict:
     """The RESULT record a job printed (fails the test if there is none)."""
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]

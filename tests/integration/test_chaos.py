@@ -12,18 +12,14 @@ fault hangs the run, or the final weights differ from the fixed-size straight ru
 must cost time only. benchmarks/chaos.py is the long version. (It took over test_faults.py's
 killed-driver-and-torn-checkpoint run, which asserted the same.)
 """
-from pathlib import Path
-
 import pytest
 from mlflow import MlflowClient
-
-from rn50.io import checkpoints as ckpt
 
 from tests.integration.chaos import Chaos, draw_plan
 from tests.integration.chaos_account import account
 from tests.integration.fake_cluster import FakeCluster
 from tests.integration.faults import fingerprint
-from tests.integration.jobs import REFERENCE_EPOCHS, epochs_logged
+from tests.integration.jobs import REFERENCE_EPOCHS, epochs_logged, reference_epoch_end
 
 pytestmark = pytest.mark.integration
 
@@ -44,20 +40,11 @@ def cluster():
         yield started
 
 
-def _epoch_end(run_dir: Path, epoch: int) -> Path:
-    """The straight run's checkpoint at the end of `epoch` (it keeps every epoch's)."""
-    for folder in sorted(run_dir.glob("checkpoint_2*")):
-        summary = ckpt.verify(str(folder), hashes=False)["summary"]
-        if summary["epoch"] == epoch and "steps_done" not in summary:
-            return folder
-    raise AssertionError(f"no end-of-epoch-{epoch} checkpoint in {run_dir}")
-
-
 def test_three_faults_of_three_kinds_cost_no_step_and_no_bit(reference, cluster, tmp_path):
     digits, done, straight = reference
     chaos = Chaos(cluster, tmp_path, digits, REFERENCE_EPOCHS, SEED,
                   draw_plan(SEED, KINDS, len(KINDS)), gap_s=(1.0, 4.0), regain_timeout_s=240,
-                  start_from=_epoch_end(Path(done["checkpoint"]).parent, START_EPOCH - 1))
+                  start_from=reference_epoch_end(done, START_EPOCH - 1))
     result = chaos.run()
     report = account(chaos, result)
     output = chaos.log()

@@ -7,7 +7,9 @@ raylet per node, on this machine, one cluster for the module):
   worker without waiting for a replacement (nor for Ray to notice the node is dead), and grows
   back to two workers when a node joins, with `world_size` over time in MLflow.
 
-Both end on the weights of the same run at a fixed two workers (the session's `reference`),
+Both start from a copy of the reference's checkpoint at the end of epoch 1 (START_EPOCH: the
+3 epochs left have room for the shrink and the growth; the first two would cost the suite ~25 s a
+test) and end on the weights of the same run at a fixed two workers (the session's `reference`),
 bit for bit: 2 micro-batches per step on 1 worker or 2 is the same arithmetic
 (tests/integration/jobs.py says why). Each epoch is logged once, every resume starts from a
 checkpoint that verifies, no step is lost and none is repeated beyond those since that checkpoint.
@@ -25,8 +27,8 @@ from mlflow import MlflowClient
 from rn50.io import checkpoints as ckpt
 from tests.integration.fake_cluster import REPO, FakeCluster, kill_tree
 from tests.integration.faults import fingerprint
-from tests.integration.jobs import (REFERENCE_EPOCHS, epochs_logged, reference_maths,
-                                    result_line)
+from tests.integration.jobs import (REFERENCE_EPOCHS, epochs_logged, reference_epoch_end,
+                                    reference_maths, result_line, start_from_copy)
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +41,12 @@ def cluster():
         yield started
 
 
-def _start_driver(cluster, tmp_path, name, digits, *extra):
-    """The reference's run as an elastic run of 1 to 2 CPU workers, its driver on this machine
-    joined to the cluster (RAY_ADDRESS); the head has no CPU for the workers."""
+def _start_driver(cluster, tmp_path, name, reference, *extra):
+    """The reference's run as an elastic run of 1 to 2 CPU workers from the reference's checkpoint
+    at the end of epoch START_EPOCH - 1, its driver on this machine joined to the cluster
+    (RAY_ADDRESS); the head has no CPU for the workers."""
+    digits, done, _ = reference
+    start_from_copy(reference_epoch_end(done, START_EPOCH - 1), tmp_path / "runs" / name)
     command = [sys.executable, "ray_jobs/train_full.py", "--recipe", "demo", "--name", name,
                "--storage", str(tmp_path / "runs"), *reference_maths(digits),
                "scaling.num_workers=[1,2]", "scaling.resize_check_s=10",
@@ -114,6 +119,7 @@ def _verified_checkpoints(run_dir) -> dict[str, tuple[int, int]]:
 STEP = r"\[rn50 rank0\] epoch (\d+) step (\d+) "
 RESUMED = r"resumed from \S+ \(epoch (\d+), (\d+) steps done, saved by (\d+) workers, now (\d+)\)"
 PER_EPOCH, EVERY_STEPS = 512 // 32, 5  # steps per epoch (jobs.reference_maths); checkpoints
+START_EPOCH = 2  # the runs start where the reference's epoch 1 ended
 PID_STEP = r"pid=(\d+)\)\S* " + STEP
 PID_RESUMED = r"pid=(\d+)\)\S* \[rn50 rank0\] " + RESUMED
 PID_RESUMED_FROM = PID_RESUMED.replace(r"resumed from \S+", r"resumed from (\S+)")
@@ -139,7 +145,7 @@ def test_an_elastic_run_starts_with_what_is_free_and_grows_when_another_job_ends
     """Red if the group were sized from the cluster's totals (Ray 2.60's elastic policy: it asks
     for 2 workers and waits until the other job ends), never grew, or the growth changed the
     maths (the weights would differ from the fixed-size run's)."""
-    digits, _, straight = reference
+    _, _, straight = reference
     other = subprocess.Popen([sys.executable, "-c", HOLDER, cluster.gcs_address],
                              env=cluster.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -147,14 +153,14 @@ def test_an_elastic_run_starts_with_what_is_free_and_grows_when_another_job_ends
     while not said or "holding one CPU" not in said[-1]:  # Ray's connect lines come first
         said.append(other.stdout.readline())
         assert said[-1] and len(said) < 50, f"the other job did not start: {said}"
-    job, log = _start_driver(cluster, tmp_path, "beside", digits, "scaling.resize_check_s=5")
+    job, log = _start_driver(cluster, tmp_path, "beside", reference, "scaling.resize_check_s=5")
     try:
         _wait_for(r"starting the worker group with 1 workers", job, tmp_path, 240)
         _wait_for(STEP, job, tmp_path, 120)
         trained_after_s = time.monotonic() - job.launched
         # A checkpoint in storage first: growing restarts the group from the newest one.
-        _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "beside"), job, tmp_path,
-                    120, "a checkpoint in storage")
+        _wait_until(lambda: len(_verified_checkpoints(tmp_path / "runs" / "beside")) > 1, job,
+                    tmp_path, 120, "a checkpoint in storage beside the copy it started from")
         other.stdin.close()  # the other job ends: its CPU is free
         other.wait(timeout=60)
         _wait_for(r"room for 2 workers now: growing the group from 1", job, tmp_path, 180)
@@ -181,18 +187,19 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(reference, clus
     if it never grows back, if a resume on another world size loses or repeats steps (the weights
     would differ from the fixed-size run's; the step lines would not cover every step), or if
     world_size is not in MLflow over time."""
-    digits, _, straight = reference
+    _, _, straight = reference
     survivor, victim = cluster.added
-    job, log = _start_driver(cluster, tmp_path, "elastic", digits)
-    try:
-        _wait_for(r"checkpoint at epoch 0 step 5", job, tmp_path, 300)  # two workers training
-        _wait_until(lambda: _verified_checkpoints(tmp_path / "runs" / "elastic"), job, tmp_path,
-                    60, "the step-5 checkpoint in storage")
+    job, log = _start_driver(cluster, tmp_path, "elastic", reference)
+    try:  # two workers training:
+        _wait_for(rf"checkpoint at epoch {START_EPOCH} step 5", job, tmp_path, 300)
+        _wait_until(lambda: (START_EPOCH, 5) in _verified_checkpoints(
+            tmp_path / "runs" / "elastic").values(), job, tmp_path, 60,
+            "the step-5 checkpoint in storage")
         newest_at_kill = _global_steps(  # the newest checkpoint in storage
             max(_verified_checkpoints(tmp_path / "runs" / "elastic").values()), PER_EPOCH)
-        killed_at = time.time()
+        killed_at, at_kill = time.time(), len(_log_text(tmp_path))
         kill_tree(cluster.worker_raylets()[victim])  # the node is gone; nothing replaces it
-        shrunk = _wait_for(RESUMED, job, tmp_path, 300)[0]
+        shrunk = _wait_for(RESUMED, job, tmp_path, 300, after=at_kill)[0]
         assert shrunk[2:] == ("2", "1"), shrunk
         at_shrink = len(_log_text(tmp_path))
         _wait_for(STEP, job, tmp_path, 240, after=at_shrink)
@@ -216,7 +223,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it_back(reference, clus
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     shrink_step = history[sizes.index(1)].step
     assert 0 < shrink_step < history[-1].step, [(m.step, m.value) for m in history]
-    shrink, grow = starts[0], next(s for s in starts if s[4] == "2")
+    shrink, grow = starts[1], next(s for s in starts[2:] if s[4] == "2")  # [0]: the copy's
     first_pid = re.search(PID_STEP, output).group(1)
     # The shrink resumed from the newest checkpoint that was in storage when the node went.
     assert _global_steps(shrink[1:3], PER_EPOCH) >= newest_at_kill, (shrink, newest_at_kill)
@@ -235,7 +242,8 @@ def _check_no_work_lost(output: str, result: dict, straight: str):
     steps done, saved by, now) tuples)."""
     assert fingerprint(result["checkpoint"]) == straight, "not the fixed-size run's weights"
     assert result["epochs"] == REFERENCE_EPOCHS, result
-    assert epochs_logged(result) == list(range(REFERENCE_EPOCHS)), epochs_logged(result)
+    assert epochs_logged(result) == list(range(START_EPOCH, REFERENCE_EPOCHS)), \
+        epochs_logged(result)
     trained: dict[str, int] = {}  # a group's rank 0 pid -> global steps the group had done
     order: dict[str, None] = {}  # the groups' rank 0 pids, in the order they appeared
     resumes: dict[str, tuple] = {}  # pid -> (folder, epoch, steps, saved by, now)
@@ -248,13 +256,14 @@ def _check_no_work_lost(output: str, result: dict, straight: str):
         elif resume := re.search(PID_RESUMED_FROM, line):
             resumes.setdefault(resume.group(1), resume.groups()[1:])
             order.setdefault(resume.group(1))
-    assert set(range(1, REFERENCE_EPOCHS * PER_EPOCH + 1)) <= {
+    assert set(range(START_EPOCH * PER_EPOCH + 1, REFERENCE_EPOCHS * PER_EPOCH + 1)) <= {
         _global_steps(m[1:], PER_EPOCH, True) for m in re.findall(PID_STEP, output)}, \
         "a step no group trained"
     groups = list(order)
     for pid, (folder, epoch, steps, _, _) in resumes.items():
         assert SEEN_VERIFIED.get(folder) == (int(epoch), int(steps)), (folder, SEEN_VERIFIED)
-        reached = max(trained.get(g, 0) for g in groups[:groups.index(pid)])
+        reached = max((trained.get(g, 0) for g in groups[:groups.index(pid)]),
+                      default=START_EPOCH * PER_EPOCH)  # the first group: the copy's point
         point = _global_steps((epoch, steps), PER_EPOCH)
         assert point <= reached <= point + 2 * EVERY_STEPS, (pid, point, reached)
     return trained, [(pid, *rest[1:]) for pid, rest in resumes.items()]
@@ -267,8 +276,9 @@ def _record(**figures) -> None:
         return
     from benchmarks.results import write_result
     write_result("elastic", {k: round(v, 1) for k, v in figures.items()}, context={
-        "setup": "head + 2 raylets (1 CPU each) on the 2-core machine, demo recipe 5 epochs of "
-                 "16 steps (tests/integration/jobs.py reference_maths), scaling.num_workers="
+        "setup": "head + 2 raylets (1 CPU each) on the 2-core machine, demo recipe epochs 2-4 "
+                 "of 5 (from the fixed-size run's epoch-1 checkpoint), 16 steps each "
+                 "(tests/integration/jobs.py reference_maths), scaling.num_workers="
                  "[1,2], start_timeout_s 45, resize_check_s 10, checkpoint.every_steps 5, local "
                  "storage; compared with the same run at a fixed 2 workers"},
         argv=["-m", "pytest", "tests/integration/test_elastic_cluster.py"])
