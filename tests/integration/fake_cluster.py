@@ -113,6 +113,9 @@ class FakeCluster:
     node_ip: str = ""
     # False: a plain head without the autoscaler, whose nodes are the ones `add_node` starts.
     autoscaling: bool = True
+    # The head's Ray node id: the fake provider's for an autoscaling head, else Ray's own (read
+    # once the head is up).
+    head_node_id: str = HEAD_NODE_ID
 
     @property
     def dashboard(self) -> str:
@@ -169,6 +172,8 @@ class FakeCluster:
             self.stop()
             raise RuntimeError(f"ray start --head failed ({proc.returncode}):\n"
                                f"{(proc.stdout + proc.stderr)[-4000:]}")
+        if not self.autoscaling:  # a plain head's node id is Ray's own: its raylet, the only one
+            self.head_node_id = next(iter(self._raylets()))
 
     def add_node(self, num_cpus: int = 1, timeout_s: float = 120) -> str:
         """`ray start --address` one more node (a raylet on free ports); its Ray node id."""
@@ -201,14 +206,16 @@ class FakeCluster:
         return with_descendants(roots)
 
     def worker_raylets(self) -> dict[str, int]:
-        """{node id: raylet pid} for the live fake worker nodes (the autoscaler's nodes)."""
+        """{node id: raylet pid} for the live worker nodes (added, or the autoscaler's): never
+        the head's (a fault that takes a node must not take the head, the drivers' node)."""
+        return {node: pid for node, pid in self._raylets().items() if node != self.head_node_id}
+
+    def _raylets(self) -> dict[str, int]:
         raylets = {}
         for pid in self.processes():
             line = cmdline(pid)
             if "/raylet/raylet " in line and "--node_id=" in line:
-                node_id = line.split("--node_id=", 1)[1].split()[0]
-                if node_id != HEAD_NODE_ID:
-                    raylets[node_id] = pid
+                raylets[line.split("--node_id=", 1)[1].split()[0]] = pid
         return raylets
 
     @staticmethod
