@@ -185,3 +185,28 @@ def _job(job_id: str, jobs: dict) -> str:
     entrypoint = str(jobs.get(job_id, "") or "")
     shown = entrypoint if len(entrypoint) <= 80 else entrypoint[:77] + "..."
     return f"job {job_id}" + (f" ({shown})" if shown else "")
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups of this driver's job that hold no live actor; their ids.
+
+    For a run that is its job's only training run, between two `fit()`s after its Train
+    controller died: Ray ties the worker group's placement group to the job, not to the
+    controller that made it, so a dead controller's group (its workers gone with it) stays
+    reserved until the driver exits, and the next start would wait for the job's own CPUs."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors, list_placement_groups
+    context = ray.get_runtime_context()
+    job, address = context.get_job_id(), context.gcs_address
+    groups = list_placement_groups(address, filters=[("creator_job_id", "=", job)], detail=True,
+                                   raise_on_missing_output=False)
+    in_use = {actor.placement_group_id for actor in list_actors(
+        address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)}
+    removed = []
+    for group in groups:
+        if group.state != "REMOVED" and group.placement_group_id not in in_use:
+            remove_placement_group(PlacementGroup(
+                ray.PlacementGroupID.from_hex(group.placement_group_id)))
+            removed.append(group.placement_group_id)
+    return removed
+

@@ -95,12 +95,15 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
                                              "MKL_NUM_THREADS": threads}}))
 
 
-def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None):
+def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None = None,
+            sole_run_of_job: bool = True):
     """`fit()` until the run ends; return Ray's result. What happens after each `fit()` that
     raised is `fit_ladder.RetryLadder`'s decision: a dead Train controller (a storage outage
     kills it) is resumed from the newest checkpoint; a start that gave up raises
     `ResourcesUnavailableError`, a worker error no restart fixes `PermanentError` (the start
-    policy in the controller decides both, ray_adapter), anything else Ray's own error."""
+    policy in the controller decides both, ray_adapter), anything else Ray's own error.
+    `sole_run_of_job`: no other run shares this driver's Ray job (a sweep's trials do), so a dead
+    controller's leftover placement groups are this run's to remove."""
     config = run.config
     capacity.refuse_if_never_fits(config.scaling)
     market = capacity.initial_market(config.scaling)
@@ -119,12 +122,26 @@ def fit_run(run: RunContext, name: str, storage_uri: str, callbacks: list | None
                                failure.message)
                 _wait_for_storage(storage_uri, timeout_s=600)
                 progress = _progress(storage_uri, name)
+                if sole_run_of_job:
+                    _release_dead_controllers_groups()
             decision = ladder.after(failure.kind, progress)
             if decision.action is Action.GIVE_UP:
                 stop = _stop_error(decision.reason, failure)
                 if stop is None:
                     raise  # Ray's own error says what failed
                 raise stop from err
+
+
+def _release_dead_controllers_groups() -> None:
+    """Free what the dead controller's worker group still reserves (capacity.py says why)."""
+    try:
+        removed = capacity.release_orphaned_placement_groups()
+    except Exception as err:  # noqa: BLE001 - the start policy still names any holder it meets
+        logger.warning("could not list this job's placement groups: %s", err)
+        return
+    if removed:
+        logger.warning("removed %d placement group(s) the dead Train controller left reserved: %s",
+                       len(removed), ", ".join(group[:12] for group in removed))
 
 
 def _stop_error(reason: StopReason | None, failure: ray_errors.Failure) -> Exception | None:

@@ -60,7 +60,8 @@ def train_trial(params: dict, spec: SweepSpec, sweep: SweepContext) -> None:
               "rn50.sweep": sweep.name})
     try:
         fit_run(RunContext(config, sweep.tracking_uri, tracker.run_id),
-                f"{sweep.name}-{trial_id}", sweep.trials_storage, callbacks=[TuneReportCallback()])
+                f"{sweep.name}-{trial_id}", sweep.trials_storage, callbacks=[TuneReportCallback()],
+                sole_run_of_job=False)  # the sweep's trials share its driver's job
     except ResourcesUnavailableError:
         tracker.finish(succeeded=False)
         raise
