@@ -209,4 +209,3 @@ def release_orphaned_placement_groups() -> list[str]:
                 ray.PlacementGroupID.from_hex(group.placement_group_id)))
             removed.append(group.placement_group_id)
     return removed
-

@@ -15,12 +15,11 @@ import signal
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from rn50.io.checkpoints import load_checkpoint, save_checkpoint
 from tests.integration.faults import (STEPS_PER_EPOCH, common, fingerprint, kill_job, result_of,
                                       start_job, summaries, train_worker_pids, wait_until)
-from tests.integration.jobs import run_job
+from tests.integration.jobs import epochs_logged, run_job
 
 
 # Every regularizer of the 75-80% recipes on at once: their random draws (augmentation policy,
@@ -55,13 +54,6 @@ def _copies_removed(request):
         for run in (tmp / "runs").iterdir():
             if run.is_dir() and run.name != "straight":
                 shutil.rmtree(run)
-
-
-def _epochs_logged(result: dict) -> list[int]:
-    """The epochs of the run's val/top1 history in MLflow, in order."""
-    history = MlflowClient(result["tracking_uri"]).get_metric_history(result["mlflow_run_id"],
-                                                                      "val/top1")
-    return sorted(metric.step for metric in history)
 
 
 def _mid_epoch_checkpoint(run_dir, epoch: int, steps_done: int):
@@ -134,7 +126,7 @@ def test_a_killed_worker_and_a_failed_controller_resume_to_identical_weights(str
     result = result_of(output)
     assert fingerprint(result["checkpoint"]) == fingerprint(reference["checkpoint"])
     assert fingerprint(result["best_checkpoint"]) == fingerprint(reference["best_checkpoint"])
-    assert _epochs_logged(result) == [0, 1]  # each epoch once in MLflow, failures or not
+    assert epochs_logged(result) == [0, 1]  # each epoch once in MLflow, failures or not
 
 
 def _same(a, b) -> bool:
