@@ -10,6 +10,7 @@ import ray
 import ray.train
 
 from rn50.io import checkpoints as ckpt
+from rn50.io import staging
 from rn50.core.background_save import save_in_background
 
 UploadObserver = Callable[[float, float], None]
@@ -28,7 +29,7 @@ def report(metrics: dict, state: dict | None, rank: int,
     # thread (rn50.core.background_save), Ray's upload thread waits for them, uploads the folder
     # and deletes it afterwards. The manifest inside is what makes a half-written or
     # half-uploaded copy unloadable.
-    directory = ckpt.staging_folder()
+    directory = staging.staging_folder()
     written = save_in_background(directory, state, summary=metrics)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,

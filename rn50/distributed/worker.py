@@ -42,6 +42,7 @@ from rn50.distributed.run_metrics import (EpochClock, quiet_ray_console, step_me
 from rn50.distributed.save_schedule import MidEpochSaves
 from rn50.distributed.worker_cpus import resolve_cpu_plan
 from rn50.distributed.worker_device import pick_device, report_device, wrap_ddp
+from rn50.io import staging
 from rn50.io.pricing import CostBasis
 from rn50.records import CheckpointExtras, EpochReport, StopReason
 
@@ -118,6 +119,7 @@ def train_loop_per_worker(run: RunContext) -> None:
     """The training loop every Ray Train worker runs."""
     quiet_ray_console(run.config.train.ray_log_level)
     device = pick_device(run.config)  # before anything else: a node without its GPU stops here
+    staging.remove_orphaned()  # a killed worker's unsent checkpoints would fill the node's disk
     with system_metrics(run):
         worker = _set_up(run.config, device)
         worker.cost = run.cost

@@ -17,7 +17,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import pyarrow.fs as pafs
 import torch
 
-from rn50.io import storage
+from rn50.io import staging, storage
 from rn50.records import check_state_version
 
 STATE_FILE = "state.pt"
@@ -139,7 +138,7 @@ def checkpoints_newest_first(run: str | Location, also: tuple[str, ...] = ()) ->
 def _load_from(filesystem: pafs.FileSystem, path: str) -> dict[str, Any]:
     if isinstance(filesystem, pafs.LocalFileSystem):
         return load_checkpoint(path)
-    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as local:
+    with staging.download_folder() as local:
         pafs.copy_files(path, local, source_filesystem=filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
         return load_checkpoint(local)
@@ -233,11 +232,6 @@ def checkpoint_names(run_uri: str) -> list[str]:
 def files_bytes(manifest: dict[str, Any]) -> int:
     """Total size of the files a checkpoint's manifest lists."""
     return sum(entry["size"] for entry in manifest["files"].values())
-
-
-def staging_folder() -> str:
-    """A new local folder to write a checkpoint into before it is uploaded."""
-    return tempfile.mkdtemp(prefix="rn50-ckpt-")
 
 
 def best_checkpoint(run_uri: str) -> str | None:

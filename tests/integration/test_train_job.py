@@ -92,7 +92,9 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     # is logged in MLflow's safe format, so MLflow does not warn about pickle.
     error_level = re.compile(r"\[[\d-]+ [\d:,]+ E \d+ \d+\]"  # Ray's C++ log lines
                              r"|\sERROR\s|Saving pytorch model by Pickle")
-    said = [line for line in output.splitlines() if error_level.search(line)]
+    # Ray's disk monitor judges the machine, not the run: a CI host over 95% full said so here.
+    said = [line for line in output.splitlines()
+            if error_level.search(line) and "file_system_monitor" not in line]
     assert not said, said
     assert _files_containing(ray_tmp, "'PreemptionWatcher'"), "Ray logged no PreemptionWatcher line"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
