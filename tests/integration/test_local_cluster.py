@@ -3,7 +3,8 @@ for `ray job submit ... train_full.py`. One node gets a spot interruption notice
 metadata service: its spot watcher drains it, the run checkpoints at once, the node is killed at
 the action time, and the run completes from that checkpoint on a node the autoscaler launched to
 replace it, ending on the weights of the same run never interrupted (the session's `reference`),
-bit for bit, each epoch logged once.
+bit for bit, each epoch logged once. To fit the suite, the run starts from a copy of the
+reference's checkpoint at the end of epoch 1 (START_EPOCH), as the elastic and chaos runs do.
 (A node lost without any notice is, to Ray Train, a worker group failure: `test_faults.py` kills a
 training worker by pid.)
 """
@@ -22,11 +23,13 @@ from rn50.io import checkpoints as ckpt
 from tests.fake_imds import NOTICE, FakeImds
 from tests.integration.fake_cluster import RAY, REPO, FakeCluster, kill_tree
 from tests.integration.faults import fingerprint
-from tests.integration.jobs import REFERENCE_EPOCHS, epochs_logged, reference_maths, result_line
+from tests.integration.jobs import (REFERENCE_EPOCHS, epochs_logged, reference_epoch_end,
+                                    reference_maths, result_line, start_from_copy)
 
 pytestmark = pytest.mark.integration
 
 GPU_TYPE = "gpu.a100x8.spot"  # what the autoscaler should pick for accelerator_type=A100
+START_EPOCH = 2  # the run starts where the reference's epoch 1 ended: 3 epochs to go
 
 
 @pytest.fixture
@@ -112,9 +115,10 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
     """The rehearsal of a spot interruption on autoscaled nodes: notice, drain, checkpoint, the
     node taken at the action time, a replacement launched, the run resumed and completed on the
     uninterrupted run's weights (the world size does not change: a bit-exact resume)."""
-    # 20 s from the notice to the action time: the 5-epoch run is still training when it comes.
+    # 20 s from the notice to the action time: the run is still training when it comes.
     name, deadline_s, check_every = "noticed", 20, 2
-    digits, _, straight = reference
+    digits, done, straight = reference
+    start_from_copy(reference_epoch_end(done, START_EPOCH - 1), tmp_path / "runs" / name)
     job, log = _submit(fake_cluster, tmp_path, name, digits, extra=[
         "train.log_every_steps=1", "checkpoint.every_steps=0",
         # Epoch ends checkpoint as the recipe says: a run that went on after the notice resumes
@@ -123,12 +127,14 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
         "checkpoint.preemption_poll_s=1", "checkpoint.keep_last=10",
         "checkpoint.max_failures=0"])  # a preemption must not use up max_failures
     steps, watchers, servers = StepLog(tmp_path / "job.log", 512 // 32), [], []
+    first_step = START_EPOCH * steps.steps_per_epoch
     run_dir, seen = tmp_path / "runs" / name, set()
     try:
         def two_nodes_training():
             steps.poll()
             raylets = fake_cluster.worker_raylets()
-            return raylets if len(raylets) >= 2 and steps.done_at(time.time()) >= 4 else None
+            training = steps.done_at(time.time()) >= first_step + 4
+            return raylets if len(raylets) >= 2 and training else None
         # The head has CPU 0 and no GPU: the two workers can only run on autoscaled nodes.
         raylets = _wait(two_nodes_training, job, 300, "2 worker nodes and training", tmp_path)
         assert {fake_cluster.node_type(r) for r in raylets.values()} == {GPU_TYPE}
@@ -175,7 +181,7 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
           f"{at_notice}, in the checkpoint {in_checkpoint}")
     assert delay_s < deadline_s, "the checkpoint must be in storage before the node goes"
     # Every step completed before the notice is in the checkpoint.
-    assert in_checkpoint >= at_notice > 0 and in_checkpoint % check_every == 0
+    assert in_checkpoint >= at_notice > first_step and in_checkpoint % check_every == 0
     # The run resumes from the notice's checkpoint, or from a newer one when training went on
     # (an epoch ended) between the notice and the action time: nothing before the notice is lost.
     resumed = re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done", output)
@@ -187,7 +193,7 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
     assert result["epochs"] == REFERENCE_EPOCHS
     # Nothing lost, nothing counted twice: the uninterrupted run's weights, each epoch once.
     assert fingerprint(result["checkpoint"]) == straight
-    assert epochs_logged(result) == list(range(REFERENCE_EPOCHS))
+    assert epochs_logged(result) == list(range(START_EPOCH, REFERENCE_EPOCHS))
     assert ckpt.verify(resumed_from, hashes=False)["summary"]["epoch"] == int(resumed_epoch)
     drained = [p.read_text() for p in sorted(tmp_path.glob("watcher-*.log"))]
     victim_log = (tmp_path / f"watcher-{victim_id[-5:]}.log").read_text()
