@@ -18,6 +18,7 @@ from tests.integration.faults import summaries
 from tests.integration.jobs import REFERENCE_EPOCHS, run_job
 
 pytestmark = pytest.mark.integration
+DEMO_EPOCHS = load_config("demo").train.epochs
 
 
 def _files_containing(root: Path, secret: str) -> list[str]:
@@ -38,7 +39,7 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
          f"data.root={tmp_path / 'digits'}"], env)
     assert code == 0, output[-4000:]
     assert result["val_top1"] >= 90.0, result
-    assert result["epochs"] == 8 and result["checkpoint"].startswith(f"s3://{s3_server.bucket}/runs/demo-s3/")
+    assert result["epochs"] == DEMO_EPOCHS and result["checkpoint"].startswith(f"s3://{s3_server.bucket}/runs/demo-s3/")
 
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url,
                       aws_access_key_id=s3_server.access_key,
@@ -58,12 +59,12 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     devices = {k: v for k, v in run.data.tags.items() if k.startswith("device/node-")}
     assert len(devices) == 1 and list(devices.values())[0].startswith("cpu (torch "), devices
     history = client.get_metric_history(run.info.run_id, "val/top1")
-    assert sorted(m.step for m in history) == list(range(8))
+    assert sorted(m.step for m in history) == list(range(DEMO_EPOCHS))
     # The best epoch's checkpoint is kept apart and named in RESULT beside the last one.
     assert result["best_val_top1"] == pytest.approx(max(m.value for m in history))
     assert result["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/runs/demo-s3/best/")
     for metric in ("train/epoch_loss", "val/top5", "epoch/lr", "epoch/images_per_s"):
-        assert len(client.get_metric_history(run.info.run_id, metric)) == 8, metric
+        assert len(client.get_metric_history(run.info.run_id, metric)) == DEMO_EPOCHS, metric
     # Per step, every train.log_every_steps steps, at the global step: an input-bound run shows.
     per_step = {name: sorted(client.get_metric_history(run.info.run_id, name),
                              key=lambda m: m.step)
@@ -82,7 +83,7 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     # A console a person can read: one line per epoch with its ETA, none of Ray Train's
     # per-report and per-checkpoint lines (they stay in Ray's log files).
     epoch_lines = [line for line in output.splitlines() if "val_top1=" in line]
-    assert len(epoch_lines) == 8 and all(" eta " in line for line in epoch_lines), epoch_lines
+    assert len(epoch_lines) == DEMO_EPOCHS and all(" eta " in line for line in epoch_lines), epoch_lines
     assert "Reporting training result" not in output and "Checkpoint successfully" not in output
     # ... but kept in Ray's log files, not dropped (a raised logger level would pass the above).
     for line in ("Reporting training result", "Checkpoint successfully created"):
