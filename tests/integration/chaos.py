@@ -216,7 +216,8 @@ class Chaos(Faults):
                 if self.driver.poll() is not None or self.steps_done() >= last:
                     break  # too near the end for a fault to land
                 self._inject(queue)
-            self.driver.wait(timeout=finish_timeout_s)
+            # Still noting checkpoints: a restart after the last fault resumes from one of them.
+            self.wait(lambda: self.driver.poll() is not None, finish_timeout_s, "the run's end")
         finally:
             self.stop_helpers()
         from tests.integration.faults import result_of
