@@ -83,7 +83,8 @@ def test_demo_recipe_learns_on_s3_and_lands_in_mlflow(tmp_path, s3_server, mlflo
     # A console a person can read: one line per epoch with its ETA, none of Ray Train's
     # per-report and per-checkpoint lines (they stay in Ray's log files).
     epoch_lines = [line for line in output.splitlines() if "val_top1=" in line]
-    assert len(epoch_lines) == DEMO_EPOCHS and all(" eta " in line for line in epoch_lines), epoch_lines
+    assert len(epoch_lines) == DEMO_EPOCHS, epoch_lines
+    assert all(" eta " in line for line in epoch_lines), epoch_lines
     assert "Reporting training result" not in output and "Checkpoint successfully" not in output
     # ... but kept in Ray's log files, not dropped (a raised logger level would pass the above).
     for line in ("Reporting training result", "Checkpoint successfully created"):
