@@ -118,7 +118,8 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
     # 20 s from the notice to the action time: the run is still training when it comes.
     name, deadline_s, check_every = "noticed", 20, 2
     digits, done, straight = reference
-    start_from_copy(reference_epoch_end(done, START_EPOCH - 1), tmp_path / "runs" / name)
+    start = reference_epoch_end(done, START_EPOCH - 1)
+    start_from_copy(start, tmp_path / "runs" / name)
     job, log = _submit(fake_cluster, tmp_path, name, digits, extra=[
         "train.log_every_steps=1", "checkpoint.every_steps=0",
         # Epoch ends checkpoint as the recipe says: a run that went on after the notice resumes
@@ -184,7 +185,8 @@ def test_spot_notice_drains_the_node_the_run_checkpoints_and_moves_on(reference,
     assert in_checkpoint >= at_notice > first_step and in_checkpoint % check_every == 0
     # The run resumes from the notice's checkpoint, or from a newer one when training went on
     # (an epoch ended) between the notice and the action time: nothing before the notice is lost.
-    resumed = re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done", output)
+    resumed = [found for found in re.findall(r"resumed from (\S+) \(epoch (\d+), (\d+) steps done",
+                                             output) if Path(found[0]).name != start.name]
     assert resumed, output[-4000:]
     resumed_from, resumed_epoch, resumed_steps = resumed[0]
     assert Path(resumed_from).name >= folder.name, (resumed, folder.name)
