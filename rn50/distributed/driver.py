@@ -52,7 +52,7 @@ def build_trainer(run: RunContext, name: str, storage_uri: str, callbacks: list 
     handling, checkpoint retention, and rn50's start policy in its controller."""
     config = run.config
     checkpoint = config.checkpoint
-    filesystem, storage_path = storage.resolve_storage(storage_uri)
+    filesystem, storage_path = storage.resolve_storage(storage_uri, patient=True)
     # `auto` threads are set on each worker (worker_cpus); OMP_NUM_THREADS only starts them off.
     threads = str(config.train.torch_threads if config.train.torch_threads != AUTO
                   else config.scaling.cpus_per_worker if not config.scaling.use_gpu else 1)

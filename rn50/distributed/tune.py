@@ -74,7 +74,7 @@ def _tuner(spec: SweepSpec, sweep: SweepContext, concurrency: int) -> ray.tune.T
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(train_trial, spec=spec, sweep=sweep),
         {"CPU": 0, "memory": 256 * 1024 * 1024})
-    filesystem, storage_path = storage.resolve_storage(sweep.storage_uri)
+    filesystem, storage_path = storage.resolve_storage(sweep.storage_uri, patient=True)
     run_config = ray.tune.RunConfig(name=sweep.name, storage_path=storage_path,
                                     storage_filesystem=filesystem)
     restore_path = os.path.join(storage_path, sweep.name)

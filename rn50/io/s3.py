@@ -19,6 +19,11 @@ DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 RETRY_ATTEMPTS = 3
+# Ray's own storage calls (the Train controller's snapshot after each checkpoint, pruning old
+# checkpoints, Ray's upload) retry nothing themselves: one refused connection fails the
+# controller, and a new controller and worker group start from the newest checkpoint. The SDK's
+# default strategy backs off 50 ms, doubling, over these attempts: ~50 s of outage ridden out.
+PATIENT_RETRY_ATTEMPTS = 11
 
 
 class StorageError(RuntimeError):
@@ -73,17 +78,19 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(SCHEME)
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem from the standard AWS_* environment, with short timeouts."""
+def s3_filesystem(patient: bool = False) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem from the standard AWS_* environment, with short timeouts; a
+    `patient` one retries a failed connection for ~50 s (PATIENT_RETRY_ATTEMPTS)."""
     key = os.environ.get("AWS_ACCESS_KEY_ID", "")
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     if bool(key) != bool(secret):
         raise StorageError("only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set "
                            "both, or neither to use the instance profile / default credential "
                            "chain")
+    retry = (pafs.AwsDefaultS3RetryStrategy(max_attempts=PATIENT_RETRY_ATTEMPTS) if patient
+             else pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
     options: dict = dict(region=region(), connect_timeout=CONNECT_TIMEOUT_S,
-                         request_timeout=REQUEST_TIMEOUT_S,
-                         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
+                         request_timeout=REQUEST_TIMEOUT_S, retry_strategy=retry)
     if key:  # no keys: leave them out so pyarrow walks its default chain (IAM role on EC2)
         options.update(access_key=key, secret_key=secret,
                        session_token=os.environ.get("AWS_SESSION_TOKEN") or None)

@@ -66,12 +66,13 @@ def _in_job_scratch(path: str) -> bool:
     return f"{os.sep}runtime_resources{os.sep}" in _local(path)
 
 
-def resolve_storage(storage: str) -> tuple[pafs.FileSystem | None, str]:
-    """(filesystem, path) as Ray's RunConfig wants: (None, /abs/path) or (S3, bucket/prefix)."""
+def resolve_storage(storage: str, patient: bool = False) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) as Ray's RunConfig wants: (None, /abs/path) or (S3, bucket/prefix);
+    `patient` for the one handed to Ray, whose own calls ride out a short S3 outage with it."""
     if not storage:
         raise StorageError(f"no storage given: pass {SUPPORTED}")
     if is_s3(storage):
-        return s3_filesystem(), split_s3(storage)
+        return s3_filesystem(patient), split_s3(storage)
     if storage.startswith(FILE_SCHEME):  # as pyarrow reads it: file:///abs/path is a local path
         storage = urlsplit(storage).path
     if "://" in storage:

@@ -1,4 +1,5 @@
 """rn50.io.storage against a real S3 server (SeaweedFS) and the local filesystem; no mocks."""
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -144,3 +145,27 @@ def test_s3_server_stops_and_restarts_with_its_data(s3_env):
     finally:
         s3_env.start()
     assert storage.read_bytes(uri) == b"survives a restart"
+
+
+def test_the_filesystem_handed_to_ray_rides_out_a_short_outage(s3_env):
+    # Ray's controller writes its snapshot through this filesystem after every checkpoint, with no
+    # retry of its own: red if a refused connection fails it at once (the chaos run's controller
+    # restarts) or if the quick one, used for checks that must fail fast, waits too.
+    uri = f"s3://{s3_env.bucket}/patient/{uuid.uuid4().hex[:8]}.json"
+    patient, path = storage.resolve_storage(uri, patient=True)
+    quick, _ = storage.resolve_storage(uri)
+    s3_env.stop()
+    restart = threading.Timer(5.0, s3_env.start)
+    restart.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            with quick.open_output_stream(path) as out:
+                out.write(b"{}")
+        assert time.monotonic() - started < 5, "the quick filesystem waited out the outage"
+        with patient.open_output_stream(path) as out:
+            out.write(b'{"written": "after the restart"}')
+        assert time.monotonic() - started > 5, "written while the server was down?"
+    finally:
+        restart.join()
+    assert storage.read_bytes(uri) == b'{"written": "after the restart"}'
