@@ -25,6 +25,7 @@ from rn50.io.s3 import StorageError, credentials_note, endpoint_url, is_s3, regi
 
 __all__ = ["StorageError"]  # re-exported: callers catch storage.StorageError
 log = logging.getLogger(__name__)
+SLOW_ATTEMPT_S = 10.0  # a storage call this slow is worth a line: an outage was ridden out
 Location = tuple[pafs.FileSystem, str]
 T = TypeVar("T")
 FILE_SCHEME = "file://"
@@ -166,10 +167,17 @@ def locate(where: str | Path | Location) -> Location:
 
 def with_retries(what: str, action: Callable[[], T], attempts: int) -> T:
     """`action()`, retried with back-off (2, 4, 8, ... 30 s) on OSError, a storage blip; any
-    other error is final at once."""
+    other error is final at once. An attempt that succeeds only after SLOW_ATTEMPT_S (the S3
+    client handed to Ray retries connections itself, for most of a minute) says so."""
     for attempt in range(1, attempts + 1):
+        started_s = time.monotonic()
         try:
-            return action()
+            result = action()
+            took_s = time.monotonic() - started_s
+            if took_s >= SLOW_ATTEMPT_S:
+                log.warning("%s took %.0f s (attempt %d/%d): the storage was slow or "
+                            "unreachable for a while", what, took_s, attempt, attempts)
+            return result
         except OSError as err:
             if attempt == attempts:
                 raise

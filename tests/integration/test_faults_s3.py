@@ -6,6 +6,7 @@ costs no work: no restart, no resume. The run must finish, and what ends up in s
 verify against its manifests.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,7 +53,9 @@ def test_s3_outage_during_uploads_costs_no_work(s3_server, tmp_path):
                 job.kill()
     output = log_path.read_text()
     assert code == 0, output[-6000:]
-    assert "failed (attempt 1/" in output, "the outage never hit an upload: the test proved nothing"
+    # The outage hit an upload: retried by rn50, or ridden out by the S3 client handed to Ray.
+    hit = "failed (attempt 1/" in output or re.search(r"checkpoint upload \S+ took \d+ s", output)
+    assert hit, "the outage never hit an upload: the test proved nothing"
     # No work was lost to it: no worker group restarted, no controller failed, nothing resumed.
     assert "resumed from" not in output and "[FailurePolicy]" not in output, output[-6000:]
     assert "Train controller failed" not in output, output[-6000:]

@@ -1,6 +1,7 @@
 """Checkpoint files: round trip, manifest integrity, fingerprint, CLI."""
 import random
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +290,15 @@ def test_the_best_checkpoint_is_kept_apart_found_first_and_marked(tmp_path, caps
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith(f"best/{second.name}") and lines[-1].endswith("<- best")
     assert not any(line.endswith("<- best") for line in lines[:-1])
+
+
+def test_a_storage_call_that_succeeds_only_slowly_says_so(monkeypatch, caplog):
+    # The S3 client handed to Ray rides out an outage inside one attempt: red if that wait is
+    # silent, or if a quick call is reported as slow.
+    from rn50.io import storage
+    monkeypatch.setattr(storage, "SLOW_ATTEMPT_S", 0.2)
+    with caplog.at_level("WARNING", logger="rn50.io.storage"):
+        assert storage.with_retries("checkpoint upload quick", lambda: 1, 3) == 1
+        assert storage.with_retries("checkpoint upload slow", lambda: time.sleep(0.3) or 2, 3) == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("checkpoint upload slow took 0 s (attempt 1/3)")
