@@ -41,6 +41,7 @@ RESPONSES = {"restart": RESUMED,
              "preemption checkpoint": re.compile(
                  r"checkpoint at epoch \d+ step \d+ \(preemption\)"),
              "upload retry": re.compile(r"failed \(attempt \d+/"),
+             "outage ridden out": re.compile(r"took \d+ s \(attempt \d+/\d+\): the storage"),
              "controller restart": re.compile(r"Train controller failed")}
 
 
