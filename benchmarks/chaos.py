@@ -9,7 +9,7 @@ again, the newest checkpoint torn in storage, another job holding a CPU for a wh
 The same maths on a fixed two workers, never interrupted, runs first: the chaos run must end on
 its weights, bit for bit. Writes benchmarks/results/chaos.json.
 
-    python -m benchmarks.chaos                      # 22 faults of 7 kinds, 20 epochs (~40 min)
+    python -m benchmarks.chaos                      # 22 faults of 7 kinds, 24 epochs (~30 min)
     python -m benchmarks.chaos --epochs 8           # shorter: its faults may run out of steps
     python -m benchmarks.chaos --faults 3 --out /tmp/chaos.json   # a smoke run
 """
@@ -62,7 +62,7 @@ def main() -> None:
     cli.add_argument("--faults", type=int, default=22)
     cli.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS),
                      help=f"comma-separated, from {','.join(KINDS)}")
-    cli.add_argument("--epochs", type=int, default=20)
+    cli.add_argument("--epochs", type=int, default=24)
     cli.add_argument("--gap-s", type=float, nargs=2, default=(1.0, 4.0),
                      help="a fault comes this long (drawn) after the run got over the last")
     cli.add_argument("--out", help="write here instead of benchmarks/results/chaos.json")
