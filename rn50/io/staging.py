@@ -25,14 +25,18 @@ def _owner_prefix() -> str:
     return f"{PREFIX}{socket.gethostname()}-"
 
 
+def _this_process_prefix() -> str:
+    return f"{_owner_prefix()}{os.getpid()}-"
+
+
 def staging_folder() -> str:
     """A new local folder, named after this process, to write a checkpoint into before upload."""
-    return tempfile.mkdtemp(prefix=f"{_owner_prefix()}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=_this_process_prefix())
 
 
 def download_folder() -> tempfile.TemporaryDirectory:
     """A local folder, named after this process, that is deleted when its `with` block ends."""
-    return tempfile.TemporaryDirectory(prefix=f"{_owner_prefix()}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=_this_process_prefix())
 
 
 def remove_orphaned(root: str | Path | None = None) -> int:
