@@ -23,7 +23,6 @@ from rn50.io import checkpoints as ckpt
 from rn50.io import mlflow_backup, storage, tracking
 from rn50.config import Config
 from rn50.config_sections import AUTO
-from rn50.core.model import build_model
 from rn50.data.preflight import check_data
 from rn50.distributed import capacity, cluster_view, cost, ray_errors
 from rn50.distributed.contexts import RunContext
@@ -39,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 def _final_model(result_checkpoint, config: Config):
     """Rebuild the trained model from the final checkpoint (for MLflow)."""
+    # Imported here: torchvision (with torch._dynamo) is ~2 s of every driver's start, and a run
+    # that logs neither its model nor its gallery never needs it.
+    from rn50.core.model import build_model
     with result_checkpoint.as_directory() as directory:
         state = ckpt.load_checkpoint(directory)  # verified against its manifest first
     model = build_model(config.model, config.data.num_classes)

@@ -2,6 +2,7 @@
 storage, a run's files replaced. Shared by the fault tests."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ def common(tmp: Path, epochs: int = 2) -> list[str]:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
 
 
+@functools.cache  # a checkpoint folder never changes once written; each call is ~5 s of CPU
 def fingerprint(checkpoint: str) -> str:
     """SHA-256 of a checkpoint's weights, through the documented CLI."""
     proc = subprocess.run([sys.executable, "-m", "rn50.checkpoint", "fingerprint", checkpoint],
