@@ -204,6 +204,9 @@ def quiet_driver(monkeypatch):
     monkeypatch.setattr(driver.capacity, "refuse_if_never_fits", lambda scaling: None)
     monkeypatch.setattr(driver.capacity, "initial_market", lambda scaling: "spot")
     monkeypatch.setattr(driver, "_wait_for_storage", lambda uri, timeout_s: None)
+    # After a controller's death the driver frees its placement groups: Ray's state API, which
+    # would start a local Ray in this process (tests/unit/conftest.py turns that start off).
+    monkeypatch.setattr(driver.capacity, "release_orphaned_placement_groups", lambda: [])
     monkeypatch.delenv(capacity.START_TIMEOUT_ENV, raising=False)
     return tags
 
