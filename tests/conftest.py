@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
 # The integration modules that hold no wall-clock bound (a start within a minute, a fallback
 # within seconds, a budget reckoned from epoch times): they run first, while the unit tests run
 # beside them; the rest follow in name order.
@@ -14,8 +13,9 @@ UNHURRIED_FIRST = ("test_train_job", "test_faults", "test_tune_sweep", "test_pre
                    "test_evaluate_job")
 
 
-def _folder(item) -> str:
-    return Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+def _folder(nodeid: str) -> str:
+    """`unit` or `integration`: the folder of a test's node id (tests/<folder>/test_x.py::...)."""
+    return nodeid.split("::", 1)[0].split("/")[1]
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -30,7 +30,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByFolder(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return nodeid.split("::", 1)[0].split("/")[1]  # tests/<folder>/test_x.py
+            return _folder(nodeid)
 
     return ByFolder(config, log)
 
@@ -39,10 +39,11 @@ def pytest_collection_modifyitems(config, items):
     """The integration modules without a wall-clock bound first (UNHURRIED_FIRST)."""
     def rank(item) -> int:
         module = Path(str(item.fspath)).stem
-        if _folder(item) == "integration" and module in UNHURRIED_FIRST:
+        if _folder(item.nodeid) == "integration" and module in UNHURRIED_FIRST:
             return UNHURRIED_FIRST.index(module)
         return len(UNHURRIED_FIRST)
     items.sort(key=rank)  # stable: the rest keep their order, each module's tests theirs
+
 
 # Ray's own pollers, shortened for the suite's ~60 jobs (every test's subprocess, `ray start` and
 # job inherits them; a user's cluster keeps Ray's defaults). Ray Train's controller looks at its

@@ -15,7 +15,8 @@ UNIT_NICENESS = 10
 
 @pytest.fixture(scope="session", autouse=True)
 def _beside_the_integration_tests():
-    """Lower this process's CPU priority (and its children's) when it shares the machine."""
+    """Lower this process's CPU priority (and its children's) when it shares the machine with
+    the integration tests; keep Ray from starting in it, in any case."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.nice(max(0, UNIT_NICENESS - os.nice(0)))
     from ray._private import auto_init_hook
