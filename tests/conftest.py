@@ -1,5 +1,5 @@
 """Fixtures every test folder shares; how the suite's two halves run side by side; the Ray
-polling intervals of the suite's clusters."""
+polling intervals and worker priority of the suite's clusters."""
 import os
 import shutil
 from pathlib import Path
@@ -54,6 +54,11 @@ def pytest_collection_modifyitems(config, items):
 # clusters. Neither changes what the product does, only how soon Ray notices.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
+# Ray runs its workers (the training processes among them) at nice 15 (RAY_worker_niceness), below
+# the unit tests' nice 10 (tests/unit/conftest.py): beside them the unit tests took three parts of
+# a contended core and the demo job that ran at the same time went from 174 s to 324 s. At nice 0
+# the suite's training runs out-rank the unit tests as the rest of the integration half does.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="module")
