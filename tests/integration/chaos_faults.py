@@ -94,20 +94,27 @@ class Faults:
         return {"resubmitted_after_s": round(after_s, 1)}
 
     def torn_checkpoint(self) -> dict | None:
-        """The newest checkpoint cut to half its state file in storage (an upload torn by a
-        crash), then a training worker SIGKILLed: the restart must skip it for an older one."""
-        good = self.note_checkpoints(recheck=True)
-        if len(good) < 2 or not self.train_workers():
+        """A training worker SIGKILLed, then the newest checkpoint in storage cut to half its
+        state file (an upload torn by the crash): the restart must skip it for an older one.
+        Torn once the old group is gone and before the new one reads storage: its surviving
+        rank can still finish an upload begun before the kill, which would be the newest."""
+        if len(self.note_checkpoints(recheck=True)) < 2 or not self.train_workers():
             return None
-        filesystem, state = self.run_location()[0], f"{good[0]}/state.pt"
-        self.torn.add(good[0].rsplit("/", 1)[1])
+        old_group = set(self.train_workers())
+        # The tear stands even when no worker is there to kill (a group between restarts): the
+        # next start must skip it all the same.
+        killed = self.worker_kill() or {}
+        deadline = time.monotonic() + 60
+        while old_group & set(self.train_workers()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        newest = self.note_checkpoints(recheck=True)[0]
+        filesystem, state = self.run_location()[0], f"{newest}/state.pt"
+        self.torn.add(newest.rsplit("/", 1)[1])
         with filesystem.open_input_stream(state) as stream:
             half = stream.read(filesystem.get_file_info(state).size // 2)
         with filesystem.open_output_stream(state) as stream:
             stream.write(half)
-        # The tear stands even when no worker is there to kill (a group between restarts): the
-        # next start must skip it all the same.
-        return {"checkpoint_torn": good[0].rsplit("/", 1)[1], **(self.worker_kill() or {})}
+        return {"checkpoint_torn": newest.rsplit("/", 1)[1], **killed}
 
     def cpu_hog(self) -> dict | None:
         """Another job takes one CPU of the cluster as soon as one is free, holds it a while."""

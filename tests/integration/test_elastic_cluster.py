@@ -7,12 +7,13 @@ raylet per node, on this machine, one cluster for the module):
   worker without waiting for a replacement (nor for Ray to notice the node is dead), and grows
   back to two workers when a node joins, with `world_size` over time in MLflow.
 
-Both start from a copy of the reference's checkpoint at the end of epoch 1 (START_EPOCH: the
-3 epochs left have room for the shrink and the growth; the first two would cost the suite ~25 s a
-test) and end on the weights of the same run at a fixed two workers (the session's `reference`),
-bit for bit: 2 micro-batches per step on 1 worker or 2 is the same arithmetic
-(tests/integration/jobs.py says why). Each epoch is logged once, every resume starts from a
-checkpoint that verifies, no step is lost and none is repeated beyond those since that checkpoint.
+Both start from a copy of the reference's checkpoint at the end of its first epoch (START_EPOCH:
+the 4 epochs left have room for the shrink and the growth where a step takes 0.4 s; the whole
+run would cost the suite ~10 s more a test) and end on the weights of the same run at a fixed
+two workers (the session's `reference`), bit for bit: 2 micro-batches per step on 1 worker or 2
+is the same arithmetic (tests/integration/jobs.py says why). Each epoch is logged once, every
+resume starts from a checkpoint that verifies, no step is lost and none is repeated beyond those
+since that checkpoint.
 """
 import os
 import re
@@ -128,7 +129,7 @@ def _verified_checkpoints(run_dir) -> dict[str, tuple[int, int]]:
 STEP = r"\[rn50 rank0\] epoch (\d+) step (\d+) "
 RESUMED = r"resumed from \S+ \(epoch (\d+), (\d+) steps done, saved by (\d+) workers, now (\d+)\)"
 PER_EPOCH, EVERY_STEPS = 512 // 32, 5  # steps per epoch (jobs.reference_maths); checkpoints
-START_EPOCH = 2  # the runs start where the reference's epoch 1 ended
+START_EPOCH = 1  # the runs start where the reference's epoch 0 ended
 PID_STEP = r"pid=(\d+)\)\S* " + STEP
 PID_RESUMED = r"pid=(\d+)\)\S* \[rn50 rank0\] " + RESUMED
 PID_RESUMED_FROM = PID_RESUMED.replace(r"resumed from \S+", r"resumed from (\S+)")

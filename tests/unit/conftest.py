@@ -1,6 +1,7 @@
 """The unit tests run beside the integration tests (tests/conftest.py): at a lower CPU priority,
 so they take what the integration tests leave idle and barely slow the ones timed by a deadline
-(a nice of 10 weighs ~1/10 of a normal process when both want a core; 19 would starve the unit
+(a nice of 10 weighs ~1/10 of a normal process when both want a core, Ray's training workers
+included: the suite runs them at nice 0, tests/conftest.py; 19 would starve the unit
 tests' own few-second timeouts while a training run holds both cores); and without Ray: a call
 that would start a local Ray on its own (Ray's auto-init) raises instead. Such a Ray, left up in
 this process for the session, is a second Ray instance on the machine beside the integration
